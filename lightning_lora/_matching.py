@@ -1,0 +1,37 @@
+"""How module paths are matched against user patterns.
+
+A list of names matches a path when the path equals a name or ends with ``"." + name``
+(``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``). A single string other than
+``"all-linear"`` is a regex matched against the whole path. These are PEFT's rules too, so an
+adapter config means the same thing here and there.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+
+def matches_suffix(path: str, name: str) -> bool:
+    return path == name or path.endswith("." + name)
+
+
+@lru_cache(maxsize=1024)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
+
+
+def matches_any(path: str, patterns: list[str] | str | None) -> bool:
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        return _compiled(patterns).fullmatch(path) is not None
+    return any(matches_suffix(path, name) for name in patterns)
+
+
+def pattern_value(path: str, pattern_map: dict[str, int | float], default: int | float) -> int | float:
+    """The value of the first key of ``pattern_map`` that matches ``path`` as a suffix regex."""
+    for pattern, value in pattern_map.items():
+        if _compiled(rf"(.*\.)?(?:{pattern})").fullmatch(path):
+            return value
+    return default

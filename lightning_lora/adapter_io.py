@@ -1,0 +1,284 @@
+"""Adapter tensors and PEFT's on-disk format.
+
+A saved adapter is a directory with ``adapter_config.json`` and ``adapter_model.safetensors``,
+keyed as PEFT keys them (``base_model.model.<path>.lora_A.weight``), so ``PeftModel.from_pretrained``
+reads ours and ``load_adapter`` reads PEFT's. Loading checks every key and shape before it writes
+anything into the model: it loads all of the adapter or none of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lightning_lora import __version__
+from lightning_lora._io import atomic_write, atomic_write_bytes
+from lightning_lora._matching import matches_suffix, pattern_value
+from lightning_lora.config import LoRAConfig
+from lightning_lora.inject import (
+    _under,
+    backbone_fingerprint,
+    find_modules_to_save,
+    find_targets,
+    inject_lora,
+    lora_state,
+    require_lora_state,
+)
+from lightning_lora.layers import LoRALinear, base_features, is_supported_base
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+# PEFT features that change the math; an adapter using one cannot be loaded as plain LoRA.
+_UNSUPPORTED_PEFT_FLAGS = ("use_dora", "use_qalora", "lora_bias", "layer_replication", "trainable_token_indices")
+
+
+def _is_adapter_param(name: str, config: LoRAConfig, to_save: list[str], lora_paths: set[str]) -> bool:
+    if ".lora_a." in f".{name}" or ".lora_b." in f".{name}":
+        return True
+    if _under(name, to_save):
+        return True
+    if name.rpartition(".")[2] != "bias":
+        return False
+    if config.bias == "all":
+        return True
+    return config.bias == "lora_only" and name.endswith(".base_layer.bias") and name[: -len(".base_layer.bias")] in lora_paths
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors (LoRA A/B, biases and ``modules_to_save`` per config), keyed by module path.
+
+    Never holds a frozen backbone weight. Tensors are detached but not copied.
+    """
+    state = require_lora_state(model, "adapter_state_dict")
+    lora_paths = set(state.targets)
+    return {
+        name: param.detach()
+        for name, param in model.named_parameters()
+        if _is_adapter_param(name, state.config, state.modules_to_save, lora_paths)
+    }
+
+
+def to_peft_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {_PEFT_PREFIX + _to_peft_name(key): value for key, value in state_dict.items()}
+
+
+def from_peft_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state_dict.items():
+        if not key.startswith(_PEFT_PREFIX):
+            raise ValueError(f"Adapter key {key!r} does not start with {_PEFT_PREFIX!r}: this is not a PEFT LoRA adapter file.")
+        name = key[len(_PEFT_PREFIX) :]
+        name = re.sub(r"\.lora_A(\.[^.]+)?\.weight$", ".lora_a.weight", name)  # PEFT may keep the adapter name
+        name = re.sub(r"\.lora_B(\.[^.]+)?\.weight$", ".lora_b.weight", name)
+        out[name] = value
+    return out
+
+
+def _to_peft_name(name: str) -> str:
+    return name.replace(".lora_a.weight", ".lora_A.weight").replace(".lora_b.weight", ".lora_B.weight")
+
+
+def peft_config_dict(model: nn.Module, base_model_name_or_path: str | None = None) -> dict[str, Any]:
+    """``adapter_config.json`` content for ``model``'s adapter, in PEFT's LoraConfig fields."""
+    state = require_lora_state(model, "peft_config_dict")
+    config = state.config
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": _peft_target_modules(model, state.targets, state.modules_to_save),
+        "exclude_modules": None,
+        "bias": config.bias,
+        "modules_to_save": state.modules_to_save or None,
+        "use_rslora": config.use_rslora,
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
+        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers),
+        "init_lora_weights": True if config.init == "kaiming" else "gaussian",
+        "inference_mode": True,
+        "use_dora": False,
+    }
+
+
+def _peft_target_modules(model: nn.Module, targets: list[str], to_save: list[str]) -> list[str] | str:
+    """Target names PEFT will resolve to exactly ``targets``: the short names if they suffice, else one regex."""
+    wrapped = set(targets)
+    inside_lora = tuple(f"{t}." for t in targets)
+    candidates = [
+        name
+        for name, module in model.named_modules()
+        if name and is_supported_base(module) and not name.startswith(inside_lora) and not _under(name, to_save)
+    ]
+    short = sorted({t.rpartition(".")[2] for t in targets})
+    if {c for c in candidates if any(matches_suffix(c, s) for s in short)} == wrapped:
+        return short
+    return "|".join(re.escape(t) for t in sorted(targets))
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Write ``model``'s adapter to ``directory`` in PEFT's format, each file atomically.
+
+    ``state_dict`` overrides the tensors (e.g. gathered from FSDP shards); keys as in ``adapter_state_dict``.
+    """
+    state = require_lora_state(model, "save_adapter")
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"`directory`={str(directory)!r} is a file; save_adapter needs a directory path.")
+    tensors = adapter_state_dict(model) if state_dict is None else state_dict
+    peft_tensors = {key: value.detach().to("cpu").contiguous() for key, value in to_peft_keys(tensors).items()}
+    metadata = {
+        "format": "pt",
+        "lightning_lora_version": __version__,
+        "backbone_fingerprint": backbone_fingerprint(model),
+        "quantization": json.dumps(state.quantization.to_dict() if state.quantization else None),
+        "lora_config": json.dumps(state.config.to_dict()),
+    }
+    config = peft_config_dict(model, base_model_name_or_path)
+    atomic_write(directory / ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(peft_tensors, tmp, metadata=metadata))
+    atomic_write_bytes(directory / ADAPTER_CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    return directory
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
+    """(PEFT config dict, tensors keyed by module path, safetensors metadata) of a saved adapter."""
+    directory = Path(directory)
+    config_path, weights_path = directory / ADAPTER_CONFIG_NAME, directory / ADAPTER_WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"`directory`={str(directory)!r} has no {path.name}: an adapter directory holds "
+                f"{ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME} (as written by save_adapter or PEFT's save_pretrained)."
+            )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{str(config_path)!r} is not valid JSON ({err}); the file is corrupted: re-export the adapter.") from None
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{str(config_path)!r} describes peft_type={config.get('peft_type') if isinstance(config, dict) else config!r}; only LoRA adapters load here.")
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(
+            f"{str(weights_path)!r} cannot be read as safetensors ({err}): the file is truncated or corrupted. "
+            "Re-export the adapter or restore it from a checkpoint."
+        ) from None
+    return config, from_peft_keys(tensors), metadata
+
+
+def lora_config_from_peft(config: dict[str, Any]) -> LoRAConfig:
+    """The LoRAConfig an ``adapter_config.json`` stands for; rejects PEFT features plain LoRA lacks."""
+    for flag in _UNSUPPORTED_PEFT_FLAGS:
+        if config.get(flag):
+            raise ValueError(f"The adapter uses PEFT's `{flag}`={config[flag]!r}, which lightning_lora does not implement; export it from PEFT without it.")
+    init = config.get("init_lora_weights", True)
+    return LoRAConfig(
+        r=config.get("r", 8),
+        alpha=config.get("lora_alpha", 8),
+        dropout=config.get("lora_dropout", 0.0),
+        target_modules=config.get("target_modules") or "all-linear",
+        exclude_modules=config.get("exclude_modules"),
+        bias=config.get("bias", "none"),
+        modules_to_save=config.get("modules_to_save"),
+        init="gaussian" if init == "gaussian" else "kaiming",
+        use_rslora=bool(config.get("use_rslora", False)),
+        rank_pattern=dict(config.get("rank_pattern") or {}),
+        alpha_pattern=dict(config.get("alpha_pattern") or {}),
+    )
+
+
+def expected_adapter_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes ``adapter_state_dict`` would hold after ``inject_lora(model, config)``, without injecting."""
+    if lora_state(model) is not None:
+        return {key: tuple(value.shape) for key, value in adapter_state_dict(model).items()}
+    to_save = find_modules_to_save(model, config)
+    targets = find_targets(model, config, skip=to_save)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in targets:
+        in_features, out_features = base_features(model.get_submodule(path))
+        r = int(pattern_value(path, config.rank_pattern, config.r))
+        shapes[f"{path}.lora_a.weight"] = (r, in_features)
+        shapes[f"{path}.lora_b.weight"] = (out_features, r)
+    lora_paths = set(targets)
+    for name, param in model.named_parameters():
+        # Biases of a layer about to be wrapped move under ".base_layer".
+        parent, _, leaf = name.rpartition(".")
+        wrapped = f"{parent}.base_layer.{leaf}" if parent in lora_paths else name
+        if ".lora_" not in name and _is_adapter_param(wrapped, config, to_save, lora_paths):
+            shapes[wrapped] = tuple(param.shape)
+    return shapes
+
+
+def check_adapter_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a ValueError naming the first problem if ``tensors`` is not exactly the ``expected`` keys and shapes."""
+    missing = [key for key in expected if key not in tensors]
+    unexpected = [key for key in tensors if key not in expected]
+    if missing or unexpected:
+        raise ValueError(
+            f"The adapter in {source} does not fit this model: {len(missing)} missing keys (first: {missing[:3]}) and "
+            f"{len(unexpected)} unexpected keys (first: {unexpected[:3]}). It was saved from another architecture or "
+            "LoRA config (target_modules, bias, modules_to_save); load it into the model it was trained on."
+        )
+    for key, shape in expected.items():
+        got = tuple(tensors[key].shape)
+        if got != shape:
+            hint = ""
+            if key.endswith((".lora_a.weight", ".lora_b.weight")):
+                rank_dim = 0 if key.endswith(".lora_a.weight") else 1
+                if got[1 - rank_dim] == shape[1 - rank_dim]:
+                    hint = f" The adapter has rank r={got[rank_dim]} here, the model r={shape[rank_dim]}: build the model with the adapter's r."
+            raise ValueError(f"The adapter in {source} does not fit this model: {key!r} has shape {got} in the file, {shape} in the model.{hint}")
+        if not tensors[key].is_floating_point():
+            raise ValueError(f"The adapter in {source} holds {key!r} as {tensors[key].dtype}; adapter tensors must be floating point.")
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load a saved adapter (ours or PEFT's) into ``model``, all or nothing.
+
+    A model without LoRA gets it injected from the adapter's config first. Every key and shape is
+    checked before anything is written.
+
+    Example::
+
+        model = load_adapter(AutoModelForCausalLM.from_pretrained(path), "adapters/run1")
+    """
+    peft_config, tensors, _ = read_adapter(directory)
+    state = lora_state(model)
+    config = lora_config_from_peft(peft_config) if state is None else state.config
+    check_adapter_tensors(expected_adapter_shapes(model, config), tensors, source=repr(str(directory)))
+    if state is None:
+        inject_lora(model, config)
+    load_adapter_state_dict(model, tensors, source=repr(str(directory)))
+    return model
+
+
+@torch.no_grad()
+def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "the state dict") -> None:
+    """Copy adapter tensors (keys as in ``adapter_state_dict``) into ``model``, after checking all of them."""
+    params = adapter_state_dict(model)
+    check_adapter_tensors({key: tuple(value.shape) for key, value in params.items()}, tensors, source)
+    for key, param in params.items():
+        param.copy_(tensors[key].to(device=param.device, dtype=param.dtype))

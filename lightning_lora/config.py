@@ -1,0 +1,158 @@
+"""Configuration of LoRA adapters and of backbone quantization.
+
+Both are plain dataclasses: jsonargparse turns the field docstrings into ``--help`` text and YAML
+keys, and every cross-field check lives in ``__post_init__`` so a bad value fails where it is set.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+
+BiasMode = Literal["none", "all", "lora_only"]
+InitMode = Literal["kaiming", "gaussian"]
+QuantMode = Literal["nf4", "fp4", "int8"]
+
+_BIAS_MODES = ("none", "all", "lora_only")
+_INIT_MODES = ("kaiming", "gaussian")
+_QUANT_MODES = ("nf4", "fp4", "int8")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _check_patterns(name: str, patterns: list[str] | str | None) -> None:
+    if patterns is None:
+        return
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"`{name}` must be a list of module names or one regex string, got {patterns!r}.")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"`{name}` entry {pattern!r} is not a valid regex ({err}). Escape special characters.") from None
+
+
+@dataclass
+class LoRAConfig:
+    """What to adapt and how.
+
+    Example::
+
+        config = LoRAConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"])
+        inject_lora(model, config)
+    """
+
+    r: int = 8
+    """Rank of the update ``B @ A``."""
+    alpha: float = 16.0
+    """Scale numerator: the update is multiplied by ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input, in [0, 1)."""
+    target_modules: list[str] | str = "all-linear"
+    """Module names matched as a dotted-path suffix, one regex matched against the full path, or 'all-linear'."""
+    exclude_modules: list[str] | str | None = None
+    """Modules never adapted, in the same forms as ``target_modules``."""
+    bias: BiasMode = "none"
+    """Which biases train and are saved: 'none', 'all', or 'lora_only' (those of adapted layers)."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full and saved with the adapter, e.g. a classifier head (dotted-path suffixes)."""
+    init: InitMode = "kaiming"
+    """Init of A: 'kaiming' (uniform, a=sqrt(5), as nn.Linear) or 'gaussian' (std 1/r). B starts at zero."""
+    use_rslora: bool = False
+    """Scale by alpha / sqrt(r) (rank-stabilized LoRA) instead of alpha / r."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module rank overrides: regex (matched as a path suffix) -> r."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-module alpha overrides: regex (matched as a path suffix) -> alpha."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"`r` must be a positive integer, got {self.r!r}. Typical values are 4 to 64.")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise ValueError(f"`alpha` must be a positive number, got {self.alpha!r}. A common choice is 2 * r.")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}. Use 0.0 to disable it.")
+        if self.bias not in _BIAS_MODES:
+            raise ValueError(f"`bias` must be one of {_BIAS_MODES}, got {self.bias!r}.")
+        if self.init not in _INIT_MODES:
+            raise ValueError(f"`init` must be one of {_INIT_MODES}, got {self.init!r}.")
+        if isinstance(self.target_modules, (list, tuple)) and len(self.target_modules) == 0:
+            raise ValueError("`target_modules` is empty: name at least one module, e.g. ['q_proj', 'v_proj'], or use 'all-linear'.")
+        if self.target_modules != "all-linear":
+            _check_patterns("target_modules", self.target_modules)
+        _check_patterns("exclude_modules", self.exclude_modules)
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str):
+                self.modules_to_save = [self.modules_to_save]
+            _check_patterns("modules_to_save", list(self.modules_to_save))
+        for name, pattern_map, kind in (("rank_pattern", self.rank_pattern, int), ("alpha_pattern", self.alpha_pattern, (int, float))):
+            if not isinstance(pattern_map, dict):
+                raise TypeError(f"`{name}` must be a dict of regex -> value, got {pattern_map!r}.")
+            _check_patterns(name, list(pattern_map))
+            for key, value in pattern_map.items():
+                if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+                    raise ValueError(f"`{name}[{key!r}]` must be a positive number, got {value!r}.")
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class QuantizationConfig:
+    """How to quantize the frozen backbone with bitsandbytes.
+
+    Example::
+
+        inject_lora(model, LoRAConfig(r=16), QuantizationConfig(mode="nf4"))
+    """
+
+    mode: QuantMode = "nf4"
+    """'nf4' or 'fp4' (4-bit, QLoRA) or 'int8' (LLM.int8())."""
+    double_quant: bool = True
+    """Quantize the 4-bit block scales too (saves ~0.37 bit per parameter)."""
+    compute_dtype: str | None = None
+    """Matmul dtype of 4-bit layers: 'bfloat16', 'float16' or 'float32'. Default: bfloat16 on CUDA, float32 on CPU."""
+    skip_modules: list[str] | None = None
+    """Linear layers kept in full precision (dotted-path suffixes), besides the output head."""
+    quant_storage: str = "uint8"
+    """Storage dtype of packed 4-bit weights; set it to the FSDP dtype ('bfloat16') when sharding with FSDP1."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in _QUANT_MODES:
+            raise ValueError(f"`mode` must be one of {_QUANT_MODES}, got {self.mode!r}.")
+        if not isinstance(self.double_quant, bool):
+            raise TypeError(f"`double_quant` must be True or False, got {self.double_quant!r}.")
+        if self.compute_dtype is not None and _dtype_name(self.compute_dtype) not in _DTYPES:
+            raise ValueError(f"`compute_dtype` must be one of {sorted(_DTYPES)} or None, got {self.compute_dtype!r}.")
+        if self.compute_dtype is not None:
+            self.compute_dtype = _dtype_name(self.compute_dtype)
+        if _dtype_name(self.quant_storage) not in (*_DTYPES, "uint8"):
+            raise ValueError(f"`quant_storage` must be 'uint8', 'bfloat16', 'float16' or 'float32', got {self.quant_storage!r}.")
+        self.quant_storage = _dtype_name(self.quant_storage)
+        if isinstance(self.skip_modules, str):
+            self.skip_modules = [self.skip_modules]
+        _check_patterns("skip_modules", self.skip_modules)
+
+    def resolved_compute_dtype(self, device: torch.device | str | None) -> torch.dtype:
+        if self.compute_dtype is not None:
+            return _DTYPES[self.compute_dtype]
+        on_cuda = device is not None and torch.device(device).type == "cuda"
+        return torch.bfloat16 if on_cuda else torch.float32
+
+    def storage_dtype(self) -> torch.dtype:
+        return torch.uint8 if self.quant_storage == "uint8" else _DTYPES[self.quant_storage]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _dtype_name(dtype: str | torch.dtype) -> str:
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).removeprefix("torch.")
+    return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)

@@ -1,0 +1,211 @@
+"""Put LoRA into a model: pick the target layers, quantize, wrap, freeze the rest.
+
+Every check runs before the model is touched, so a bad config leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lightning_lora import quantization
+from lightning_lora._matching import matches_any, pattern_value
+from lightning_lora.config import LoRAConfig, QuantizationConfig
+from lightning_lora.layers import LoRALinear, is_supported_base, lora_layers
+
+# Last path components of classification / LM heads that "all-linear" and quantization leave alone.
+_HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "embed_out"})
+_STATE_ATTR = "_lightning_lora"
+
+
+@dataclass
+class LoRAState:
+    """What ``inject_lora`` did to a model; kept on the model for saving, merging and checks."""
+
+    config: LoRAConfig
+    quantization: QuantizationConfig | None
+    targets: list[str]
+    modules_to_save: list[str] = field(default_factory=list)
+    quantized: list[str] = field(default_factory=list)
+
+
+def lora_state(model: nn.Module) -> LoRAState | None:
+    return getattr(model, _STATE_ATTR, None)
+
+
+def require_lora_state(model: nn.Module, caller: str) -> LoRAState:
+    state = lora_state(model)
+    if state is None:
+        raise ValueError(f"`{caller}` got a model without LoRA: call `inject_lora(model, LoRAConfig(...))` first.")
+    return state
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Module paths of the output head(s): the model's output embeddings and the usual head names."""
+    heads = {name for name, _ in model.named_modules() if name.rpartition(".")[2] in _HEAD_NAMES}
+    get_output = getattr(model, "get_output_embeddings", None)
+    if callable(get_output):
+        try:
+            out = get_output()
+        except (NotImplementedError, AttributeError):
+            out = None
+        if isinstance(out, nn.Module):
+            heads.update(name for name, module in model.named_modules() if module is out)
+    return heads
+
+
+def _under(path: str, roots: list[str]) -> bool:
+    return any(path == root or path.startswith(root + ".") for root in roots)
+
+
+def find_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str]:
+    if not config.modules_to_save:
+        return []
+    names = [name for name, _ in model.named_modules() if name]
+    found = []
+    for pattern in config.modules_to_save:
+        hits = [name for name in names if matches_any(name, [pattern])]
+        if not hits:
+            raise ValueError(
+                f"`modules_to_save` entry {pattern!r} matches no module of {type(model).__name__}. "
+                f"Top-level modules are {[n for n in names if '.' not in n]}; name one by its path suffix, e.g. 'classifier'."
+            )
+        found.extend(hit for hit in hits if not _under(hit, found))
+    return found
+
+
+def find_targets(model: nn.Module, config: LoRAConfig, skip: list[str] = ()) -> list[str]:
+    """Paths of the layers ``config`` adapts, validated: raises with the candidates when nothing fits."""
+    heads = output_head_names(model)
+    candidates = [name for name, module in model.named_modules() if name and is_supported_base(module)]
+    if config.target_modules == "all-linear":
+        matched = [name for name in candidates if name not in heads]
+    else:
+        matched = [name for name, _ in model.named_modules() if name and matches_any(name, config.target_modules)]
+        unsupported = [name for name in matched if not is_supported_base(model.get_submodule(name))]
+        if unsupported:
+            kinds = {name: type(model.get_submodule(name)).__name__ for name in unsupported[:3]}
+            raise ValueError(
+                f"`target_modules`={config.target_modules!r} matches modules that are not linear layers: {kinds}. "
+                "LoRA wraps nn.Linear, Conv1D, Linear4bit and Linear8bitLt; narrow the pattern to those."
+            )
+    matched = [name for name in matched if not matches_any(name, config.exclude_modules) and not _under(name, list(skip))]
+    if not matched:
+        suffixes = sorted({name.rpartition(".")[2] for name in candidates})
+        raise ValueError(
+            f"`target_modules`={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) matches no "
+            f"linear layer of {type(model).__name__}. Linear layers here are named {suffixes}; "
+            "pick from those, or use 'all-linear'."
+        )
+    if any(isinstance(model.get_submodule(name), LoRALinear) for name in matched):
+        raise ValueError("The model already has LoRA layers: `inject_lora` was called twice. Inject once, or call it on a fresh model.")
+    return matched
+
+
+def inject_lora(model: nn.Module, config: LoRAConfig, quantization_config: QuantizationConfig | None = None) -> nn.Module:
+    """Wrap the targeted layers of ``model`` in LoRA layers and freeze everything else, in place.
+
+    With ``quantization_config``, the model's ``nn.Linear`` layers (except the output head and
+    ``modules_to_save``) are first replaced by bitsandbytes layers, one at a time.
+
+    Example::
+
+        model = inject_lora(model, LoRAConfig(r=8, target_modules=["q_proj", "v_proj"]))
+        print(parameter_summary(model))
+    """
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"`config` must be a LoRAConfig, got {type(config).__name__}: build one with LoRAConfig(r=..., ...).")
+    if quantization_config is not None and not isinstance(quantization_config, QuantizationConfig):
+        raise TypeError(f"`quantization_config` must be a QuantizationConfig or None, got {type(quantization_config).__name__}.")
+    if lora_state(model) is not None or lora_layers(model):
+        raise ValueError("The model already has LoRA layers: `inject_lora` was called twice. Inject once, or call it on a fresh model.")
+    to_save = find_modules_to_save(model, config)
+    targets = find_targets(model, config, skip=to_save)
+    quantized: list[str] = []
+    if quantization_config is not None:
+        quantization._bnb()  # fail now, with the install hint, before anything changes
+        skip = output_head_names(model) | {name for name, _ in model.named_modules() if _under(name, to_save)}
+        quantized = quantization.quantize_model(model, quantization_config, skip=skip)
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        layer = LoRALinear(
+            base,
+            r=int(pattern_value(name, config.rank_pattern, config.r)),
+            alpha=float(pattern_value(name, config.alpha_pattern, config.alpha)),
+            dropout=config.dropout,
+            use_rslora=config.use_rslora,
+            init=config.init,
+        )
+        setattr(parent, child, layer)
+    _unfreeze_extras(model, config, to_save)
+    setattr(model, _STATE_ATTR, LoRAState(config, quantization_config, targets, to_save, quantized))
+    return model
+
+
+def _unfreeze_extras(model: nn.Module, config: LoRAConfig, to_save: list[str]) -> None:
+    for name, param in model.named_parameters():
+        leaf = name.rpartition(".")[2]
+        if ".lora_a." in f".{name}" or ".lora_b." in f".{name}":
+            param.requires_grad_(True)
+        elif _under(name, to_save):
+            param.requires_grad_(True)
+        elif leaf == "bias" and config.bias == "all":
+            param.requires_grad_(True)
+        elif leaf == "bias" and config.bias == "lora_only" and name.endswith(".base_layer.bias"):
+            param.requires_grad_(True)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that train, for ``configure_optimizers``: ``AdamW(trainable_parameters(model))``."""
+    return [param for param in model.parameters() if param.requires_grad]
+
+
+def _numel(model: nn.Module) -> tuple[int, int]:
+    trainable = total = 0
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            count = param.numel()
+            if name == "weight" and quantization.is_4bit(module):
+                count = quantization.quantized_numel(module)  # packed storage holds two 4-bit values a byte
+            total += count
+            trainable += count if param.requires_grad else 0
+    return trainable, total
+
+
+def parameter_summary(model: nn.Module) -> str:
+    """One line: trainable / total parameters and the trainable percentage."""
+    trainable, total = _numel(model)
+    percent = 100.0 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {percent:.4f}"
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    trainable, total = _numel(model)
+    return {"trainable": trainable, "total": total}
+
+
+def backbone_fingerprint(model: nn.Module) -> str:
+    """A hash of the frozen backbone's module paths, parameter shapes and layer types.
+
+    Two models with the same architecture and size share it; the adapter does not affect it.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for module_name, module in model.named_modules():
+        if isinstance(module, LoRALinear) or ".lora_a" in module_name or ".lora_b" in module_name:
+            continue
+        clean = module_name.replace(".base_layer", "")
+        for name, param in module.named_parameters(recurse=False):
+            shape = (module.out_features, module.in_features) if name == "weight" and quantization.is_4bit(module) else tuple(param.shape)
+            digest.update(f"{clean}.{name}:{shape};".encode())
+    return digest.hexdigest()[:16]
+
+

@@ -1,0 +1,159 @@
+"""The LoRA layer: a frozen base linear plus a trainable low-rank update.
+
+    y = base(x) + scale * B(A(dropout(x)))        A: (r, in), B: (out, r), scale = alpha / r
+
+(Hu et al., 2021, "LoRA", eq. 3). A starts like an ``nn.Linear`` weight (kaiming-uniform, a=sqrt(5)),
+B starts at zero, so a freshly wrapped model computes exactly what the base model computes.
+The base may be an ``nn.Linear``, transformers' GPT-2 ``Conv1D`` (weight stored (in, out)), or a
+bitsandbytes ``Linear4bit`` / ``Linear8bitLt``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_lora import quantization
+
+
+def base_features(base: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a supported base layer."""
+    if _is_conv1d(base):
+        in_features, out_features = base.weight.shape  # Conv1D stores (in, out)
+        return in_features, out_features
+    return base.in_features, base.out_features
+
+
+def is_supported_base(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module) or quantization.is_quantized(module)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D, matched by name so the core needs no transformers import.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+class LoRALinear(nn.Module):
+    """Wraps a base linear layer and adds ``scale * lora_b(lora_a(dropout(x)))`` to its output.
+
+    Example::
+
+        layer = LoRALinear(nn.Linear(64, 32), r=4, alpha=8)
+        assert torch.equal(layer(x), layer.base_layer(x))  # B is zero at init
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if not is_supported_base(base_layer):
+            raise TypeError(
+                f"LoRALinear cannot wrap {type(base_layer).__name__}: supported bases are nn.Linear, "
+                "transformers Conv1D and bitsandbytes Linear4bit / Linear8bitLt."
+            )
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_features(base_layer)
+        self.r = r
+        self.alpha = alpha
+        self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.fan_in_fan_out = _is_conv1d(base_layer)
+        device = base_layer.weight.device
+        self.lora_a = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_b = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.enabled = True
+        self._quantized_snapshot: dict[str, Any] | None = None
+        self.reset_lora_parameters(init)
+
+    def reset_lora_parameters(self, init: str = "kaiming") -> None:
+        if init == "gaussian":
+            nn.init.normal_(self.lora_a.weight, std=1.0 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.merged or not self.enabled:
+            return out
+        a, b = self.lora_a.weight, self.lora_b.weight
+        if a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            a, b = a.to(x.dtype), b.to(x.dtype)  # cast the small adapter, not the activation
+        h = F.linear(self.dropout(x), a)  # (..., r)
+        if out.dtype == h.dtype and out.dim() >= 2:
+            # One fused kernel: out + scale * h @ B^T, written into the base output's shape.
+            return torch.addmm(out.reshape(-1, self.out_features), h.reshape(-1, self.r), b.t(), alpha=self.scale).view(out.shape)
+        return out + (F.linear(h, b) * self.scale).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scale * B @ A`` as float32, laid out like ``nn.Linear.weight``: (out, in)."""
+        return (self.lora_b.weight.float() @ self.lora_a.weight.float()) * self.scale
+
+    @torch.no_grad()
+    def merge(self) -> float | None:
+        """Fold the update into the base weight. Returns the relative rounding error for quantized bases."""
+        if self.merged:
+            return None
+        delta = self.delta_weight()
+        error = None
+        base = self.base_layer
+        if quantization.is_quantized(base):
+            self._quantized_snapshot = quantization.snapshot_quantized(base)
+            target = quantization.dequantize_weight(base) + delta.to(base.weight.device)
+            quantization.requantize_weight(base, target)
+            rounded = quantization.dequantize_weight(base)
+            error = ((rounded - target).norm() / target.norm().clamp_min(1e-12)).item()
+        else:
+            base.weight += (delta.t() if self.fan_in_fan_out else delta).to(base.weight.dtype)
+        self.merged = True
+        return error
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge``. Quantized bases get their original quantized weight back, bit for bit."""
+        if not self.merged:
+            return
+        base = self.base_layer
+        if quantization.is_quantized(base):
+            quantization.restore_quantized(base, self._quantized_snapshot)
+            self._quantized_snapshot = None
+        else:
+            delta = self.delta_weight()
+            base.weight -= (delta.t() if self.fan_in_fan_out else delta).to(base.weight.dtype)
+        self.merged = False
+
+    def merged_weight(self) -> torch.Tensor:
+        """The base weight plus the update, float32, in the base layer's own layout; the layer is left as is.
+
+        For quantized bases the update is added to the dequantized original weight, so the result
+        carries no second rounding (unlike the weight ``merge`` writes back).
+        """
+        base = self.base_layer
+        if not quantization.is_quantized(base):
+            if self.merged:
+                return base.weight.detach().float()
+            weight = base.weight.detach().float()
+        else:
+            weight = quantization.dequantize_weight(base, self._quantized_snapshot if self.merged else None)
+        delta = self.delta_weight().to(weight.device)
+        return weight + (delta.t() if self.fan_in_fan_out else delta)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}, merged={self.merged}"
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every LoRA layer of ``model`` by its module path."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}

@@ -1,0 +1,95 @@
+"""Merge LoRA updates into the base weights, undo it, switch LoRA off, export merged weights."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from lightning_lora import quantization
+from lightning_lora.inject import require_lora_state
+from lightning_lora.layers import lora_layers
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA update into its base weight (idempotent); the forward then costs what the base costs.
+
+    Quantized bases are dequantized, updated and quantized again, which rounds the update; a warning
+    states the measured relative error. ``unmerge_lora`` restores the original quantized weight exactly.
+    """
+    require_lora_state(model, "merge_lora")
+    errors = [error for layer in lora_layers(model).values() if (error := layer.merge()) is not None]
+    if errors:
+        warnings.warn(
+            f"Merged LoRA into {len(errors)} quantized layers by dequantize -> add -> requantize. Measured relative "
+            f"rounding error of the merged weights (||W_q - (W + dW)|| / ||W + dW||): max {max(errors):.3e}, "
+            f"mean {sum(errors) / len(errors):.3e}. For exact merged weights export with `merged_state_dict` instead.",
+            stacklevel=2,
+        )
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Take merged updates back out of the base weights (idempotent)."""
+    require_lora_state(model, "unmerge_lora")
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+    return model
+
+
+@contextmanager
+def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone inside the block: ``with disable_lora(model): base_out = model(x)``."""
+    layers = list(lora_layers(model).values())
+    if not layers:
+        raise ValueError("`disable_lora` got a model without LoRA layers: call `inject_lora` first.")
+    if any(layer.merged for layer in layers):
+        raise ValueError("`disable_lora` needs unmerged LoRA layers: call `unmerge_lora(model)` first.")
+    previous = [layer.enabled for layer in layers]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer, enabled in zip(layers, previous):
+            layer.enabled = enabled
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of the plain (LoRA-free, unquantized) model with every update merged in.
+
+    Keys are those of the original model, so the result loads with ``strict=True`` into a fresh
+    copy of the architecture. Quantized layers are dequantized; the update is added in float32 to
+    the dequantized weight, so no second rounding happens. ``dtype`` casts floating tensors (default:
+    the dtype of the model's first floating parameter that is not a LoRA or quantized weight).
+    """
+    require_lora_state(model, "merged_state_dict")
+    layers = lora_layers(model)
+    quantized = {name: module for name, module in model.named_modules() if quantization.is_quantized(module)}
+    if dtype is None:
+        dtype = next(
+            (p.dtype for n, p in model.named_parameters() if p.is_floating_point() and ".lora_" not in n),
+            torch.float32,
+        )
+    out: dict[str, torch.Tensor] = {}
+    skip_prefixes = tuple(f"{name}." for name in (*layers, *quantized))
+    for key, value in model.state_dict().items():
+        if key.startswith(skip_prefixes):
+            continue
+        out[key] = value.to(dtype) if value.is_floating_point() else value
+    for name, layer in layers.items():
+        out[f"{name}.weight"] = layer.merged_weight().to(dtype)
+        if layer.base_layer.bias is not None:
+            out[f"{name}.bias"] = layer.base_layer.bias.detach().to(dtype)
+    for name, module in quantized.items():
+        if name.endswith(".base_layer") and name[: -len(".base_layer")] in layers:
+            continue
+        out[f"{name}.weight"] = quantization.dequantize_weight(module).to(dtype)
+        if module.bias is not None:
+            out[f"{name}.bias"] = module.bias.detach().to(dtype)
+    return out
+

@@ -1,0 +1,199 @@
+"""Everything that touches bitsandbytes. The only module that imports it, lazily.
+
+Facts this relies on (bitsandbytes 0.50): a ``Params4bit`` / ``Int8Params`` built with
+``requires_grad=False`` quantizes itself inside ``.to(device)``, on CPU as on CUDA; the 4-bit
+``quant_state`` is neither a parameter nor a buffer.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from lightning_lora.config import QuantizationConfig
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+
+@functools.cache
+def _bnb() -> ModuleType:
+    try:
+        import bitsandbytes
+    except Exception as err:  # ImportError, or a broken native library
+        raise RuntimeError(
+            f"Quantization needs a working bitsandbytes, but importing it failed: {err}. "
+            "Install it with `pip install bitsandbytes>=0.45`, or pass `quantization=None` / `quantize=None`."
+        ) from err
+    return bitsandbytes
+
+
+def bitsandbytes_available() -> bool:
+    try:
+        _bnb()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _bnb_classes() -> tuple[type, ...]:
+    """The quantized layer classes, or () while bitsandbytes was never imported (then no model has them)."""
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None or not hasattr(bnb, "nn"):
+        return ()
+    return (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+
+
+def is_4bit(module: nn.Module) -> bool:
+    classes = _bnb_classes()
+    return bool(classes) and isinstance(module, classes[0])
+
+
+def is_8bit(module: nn.Module) -> bool:
+    classes = _bnb_classes()
+    return bool(classes) and isinstance(module, classes[1])
+
+
+def is_quantized(module: nn.Module) -> bool:
+    classes = _bnb_classes()
+    return bool(classes) and isinstance(module, classes)
+
+
+def quantize_linear(linear: nn.Linear, config: QuantizationConfig, device: torch.device | str | None = None) -> nn.Module:
+    """A bitsandbytes copy of ``linear`` on ``device`` (default: where ``linear`` lives)."""
+    bnb = _bnb()
+    device = torch.device(device) if device is not None else linear.weight.device
+    if device.type == "meta":
+        raise ValueError(
+            "`quantize_linear` got a layer on the meta device: its weights do not exist yet. "
+            "Materialize the model (e.g. `model.to_empty(device=...)` and load weights) before quantizing."
+        )
+    has_bias = linear.bias is not None
+    weight = linear.weight.detach()
+    if config.mode == "int8":
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False, threshold=6.0, device="meta")
+        layer.weight = bnb.nn.Int8Params(weight.to(torch.float16), requires_grad=False, has_fp16_weights=False)
+    else:
+        compute_dtype = config.resolved_compute_dtype(device)
+        layer = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=has_bias,
+            compute_dtype=compute_dtype,
+            compress_statistics=config.double_quant,
+            quant_type=config.mode,
+            quant_storage=config.storage_dtype(),
+            device="meta",
+        )
+        layer.weight = bnb.nn.Params4bit(
+            weight,
+            requires_grad=False,
+            compress_statistics=config.double_quant,
+            quant_type=config.mode,
+            quant_storage=config.storage_dtype(),
+        )
+    if has_bias:
+        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    layer.train(linear.training)
+    return layer.to(device)  # quantization happens here, one layer at a time
+
+
+def quantize_model(
+    model: nn.Module,
+    quantization: QuantizationConfig,
+    *,
+    skip: set[str] | frozenset[str] = frozenset(),
+    device: torch.device | str | None = None,
+) -> list[str]:
+    """Replace each ``nn.Linear`` of ``model`` by its bitsandbytes version, in place.
+
+    Layers are converted one at a time, and the full-precision weight of each is dropped as soon as
+    its quantized copy exists, so peak memory stays near the quantized size. ``skip`` holds full
+    module paths to leave alone (the output head, ``modules_to_save``); ``quantization.skip_modules``
+    adds suffix patterns. Returns the paths that were quantized.
+    """
+    from lightning_lora._matching import matches_any  # local: keeps import order one-way
+
+    quantized: list[str] = []
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or name in skip or matches_any(name, quantization.skip_modules):
+            continue
+        parent, child = _parent_of(model, name)
+        setattr(parent, child, quantize_linear(module, quantization, device))
+        quantized.append(name)
+    if quantized and hasattr(model, "config"):
+        # PEFT and transformers look at these flags to pick their quantized code paths.
+        model.is_loaded_in_4bit = quantization.mode != "int8"
+        model.is_loaded_in_8bit = quantization.mode == "int8"
+    return quantized
+
+
+def dequantize_weight(module: nn.Module, snapshot: dict[str, Any] | None = None) -> torch.Tensor:
+    """The (out, in) float32 weight a quantized layer computes with (or that of a ``snapshot_quantized``)."""
+    bnb = _bnb()
+    weight = snapshot["weight"] if snapshot else module.weight
+    if is_4bit(module):
+        quant_state = snapshot["quant_state"] if snapshot else module.weight.quant_state or module.quant_state
+        return bnb.functional.dequantize_4bit(weight.data, quant_state).float()
+    if is_8bit(module):
+        scales = snapshot["SCB"] if snapshot else None
+        if scales is None:
+            scales = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
+        return bnb.functional.int8_vectorwise_dequant(weight.data, scales).float()
+    raise TypeError(f"`dequantize_weight` expects a bitsandbytes Linear4bit or Linear8bitLt, got {type(module).__name__}.")
+
+
+def requantize_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Quantize the full-precision ``weight`` (out, in) into ``module``, keeping its format."""
+    bnb = _bnb()
+    device = module.weight.device
+    if is_4bit(module):
+        old = module.weight
+        new = bnb.nn.Params4bit(
+            weight.to(torch.float32).cpu() if device.type == "cpu" else weight.to(torch.float32),
+            requires_grad=False,
+            compress_statistics=old.compress_statistics,
+            quant_type=old.quant_type,
+            quant_storage=old.quant_storage,
+            blocksize=old.blocksize,
+        )
+        module.weight = new.to(device)
+        module.quant_state = module.weight.quant_state
+    elif is_8bit(module):
+        module.weight = bnb.nn.Int8Params(weight.to(torch.float16).cpu(), requires_grad=False, has_fp16_weights=False).to(device)
+        module.state.CB = None  # forward moves the new CB/SCB from the weight into the state
+        module.state.SCB = None
+    else:
+        raise TypeError(f"`requantize_weight` expects a bitsandbytes layer, got {type(module).__name__}.")
+
+
+def snapshot_quantized(module: nn.Module) -> dict[str, Any]:
+    """Everything needed to restore a quantized layer's weight bit for bit (see ``restore_quantized``)."""
+    if is_8bit(module):
+        return {"weight": module.weight, "CB": module.state.CB, "SCB": module.state.SCB}
+    return {"weight": module.weight, "quant_state": getattr(module, "quant_state", None)}
+
+
+def restore_quantized(module: nn.Module, snapshot: dict[str, Any]) -> None:
+    module.weight = snapshot["weight"]
+    if is_8bit(module):
+        module.state.CB, module.state.SCB = snapshot["CB"], snapshot["SCB"]
+    else:
+        module.quant_state = snapshot["quant_state"]
+
+
+def quantized_numel(module: nn.Module) -> int:
+    """Parameters a quantized layer's weight stands for (packed 4-bit storage holds several per element)."""
+    weight = module.weight
+    if is_4bit(module):
+        return module.in_features * module.out_features
+    return weight.numel()
+
+
+def _parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
