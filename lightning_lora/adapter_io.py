@@ -60,11 +60,22 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     state = require_lora_state(model, "adapter_state_dict")
     lora_paths = set(state.targets)
-    return {
-        name: param.detach()
-        for name, param in model.named_parameters()
-        if _is_adapter_param(name, state.config, state.modules_to_save, lora_paths)
-    }
+    out = {}
+    for name, param in model.named_parameters():
+        name = _unwrapped_name(name)
+        if _is_adapter_param(name, state.config, state.modules_to_save, lora_paths):
+            out[name] = param.detach()
+    return out
+
+
+# Path components that FSDP and activation checkpointing insert when they wrap a submodule.
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _unwrapped_name(name: str) -> str:
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
 
 
 def to_peft_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -77,6 +88,10 @@ def from_peft_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
         if not key.startswith(_PEFT_PREFIX):
             raise ValueError(f"Adapter key {key!r} does not start with {_PEFT_PREFIX!r}: this is not a PEFT LoRA adapter file.")
         name = key[len(_PEFT_PREFIX) :]
+        if ".original_module." in name or ".modules_to_save." in name:
+            # PEFT's bias="all" also saves the biases inside its modules_to_save wrapper: the frozen original
+            # and a duplicate of the trained copy, which it saves unwrapped as well. Keep the unwrapped one.
+            continue
         name = re.sub(r"\.lora_A(\.[^.]+)?\.weight$", ".lora_a.weight", name)  # PEFT may keep the adapter name
         name = re.sub(r"\.lora_B(\.[^.]+)?\.weight$", ".lora_b.weight", name)
         out[name] = value
@@ -122,7 +137,11 @@ def _peft_target_modules(model: nn.Module, targets: list[str], to_save: list[str
     candidates = [
         name
         for name, module in model.named_modules()
-        if name and is_supported_base(module) and not name.startswith(inside_lora) and not _under(name, to_save)
+        # The wrapped layers are LoRALinear now; their base layers are not PEFT targets.
+        if name
+        and (isinstance(module, LoRALinear) or is_supported_base(module))
+        and not name.startswith(inside_lora)
+        and not _under(name, to_save)
     ]
     short = sorted({t.rpartition(".")[2] for t in targets})
     if {c for c in candidates if any(matches_suffix(c, s) for s in short)} == wrapped:

@@ -1,0 +1,268 @@
+"""Shared plumbing for the DataModules: argument checks, file reading, seeded splits, padding.
+
+Nothing here imports Lightning or the rest of ``lightning_lora``; transformers is imported
+lazily, only when a tokenizer has to be loaded from a directory.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import json
+import os
+import random
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+EncodingErrors = Literal["strict", "replace", "ignore"]
+_ENCODING_ERRORS = ("strict", "replace", "ignore")
+TABLE_EXTENSIONS = (".csv", ".jsonl", ".json")
+IGNORE_INDEX = -100  # the label value torch's cross_entropy skips (its default ignore_index)
+
+
+# --- argument checks (cheap, run in __init__) ---------------------------------------------
+
+
+def check_path(path: str, extensions: Sequence[str]) -> None:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file path string, got {path!r}.")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"path {path!r} does not exist or is not a file; check the path.")
+    if os.path.splitext(str(path))[1].lower() not in extensions:
+        raise ValueError(
+            f"path {path!r} has an unsupported extension; use one of {list(extensions)} "
+            "(rename the file if its content already has that format)."
+        )
+
+
+def check_tokenizer(tokenizer: str | PreTrainedTokenizerBase) -> None:
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        return
+    if not isinstance(tokenizer, (str, os.PathLike)):
+        raise TypeError(
+            f"tokenizer must be a local directory path or a PreTrainedTokenizerBase, got {tokenizer!r}."
+        )
+    if not os.path.isdir(tokenizer):
+        raise FileNotFoundError(
+            f"tokenizer {tokenizer!r} is not a local directory; pass the folder that holds "
+            "tokenizer.json / tokenizer_config.json (hub downloads are not used)."
+        )
+
+
+def check_positive(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def check_fraction(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}.")
+
+
+def check_common(
+    batch_size: int, val_fraction: float, seed: int, num_workers: int, encoding_errors: str
+) -> None:
+    check_positive("batch_size", batch_size)
+    check_fraction("val_fraction", val_fraction)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}.")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}.")
+    if encoding_errors not in _ENCODING_ERRORS:
+        raise ValueError(f"encoding_errors must be one of {list(_ENCODING_ERRORS)}, got {encoding_errors!r}.")
+
+
+# --- tokenizer ------------------------------------------------------------------------------
+
+
+def load_tokenizer(tokenizer: str | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Return ``tokenizer`` itself, or load it from a local directory (never from the hub)."""
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The pad id: the tokenizer's pad token, else its EOS, else 0 (masked by attention_mask)."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    return 0
+
+
+# --- file reading ---------------------------------------------------------------------------
+
+
+def read_text(path: str, encoding_errors: str) -> str:
+    """Decode ``path`` as UTF-8 (a BOM is dropped), naming the first bad byte on failure."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[bom:].decode("utf-8", errors=encoding_errors)
+    except UnicodeDecodeError as err:
+        offset = bom + err.start
+        line = raw.count(b"\n", 0, offset) + 1
+        raise ValueError(
+            f"path {path!r} is not valid UTF-8: byte 0x{raw[offset]:02x} at byte offset {offset} "
+            f"(line {line}) with encoding_errors={encoding_errors!r}. Re-encode the file as UTF-8, or pass "
+            "encoding_errors='replace' to read undecodable bytes as U+FFFD."
+        ) from None
+
+
+Row = dict[str, Any]
+
+
+def read_rows(path: str, encoding_errors: str) -> tuple[list[Row], list[int]]:
+    """Read a CSV (header row) or JSON Lines file into dicts, with each row's line number.
+
+    A ``.json`` file may also be a single JSON array of objects.
+    """
+    text = read_text(path, encoding_errors)
+    if os.path.splitext(path)[1].lower() == ".csv":
+        rows, lines = _read_csv(path, text)
+    elif os.path.splitext(path)[1].lower() == ".json" and text.lstrip().startswith("["):
+        rows, lines = _read_json_array(path, text)
+    else:
+        rows, lines = _read_jsonl(path, text)
+    if not rows:
+        raise ValueError(f"path {path!r} has no data rows; add rows (CSV needs a header line plus rows).")
+    return rows, lines
+
+
+def _read_csv(path: str, text: str) -> tuple[list[Row], list[int]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows: list[Row] = []
+    lines: list[int] = []
+    for row in reader:
+        if None in row or None in row.values():
+            raise ValueError(
+                f"path {path!r}: the CSV row ending on line {reader.line_num} has a different number of "
+                f"fields than the header {reader.fieldnames!r}; quote fields that contain commas."
+            )
+        rows.append(row)
+        lines.append(reader.line_num)
+    return rows, lines
+
+
+def _read_jsonl(path: str, text: str) -> tuple[list[Row], list[int]]:
+    rows: list[Row] = []
+    lines: list[int] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"path {path!r}: line {number} is not valid JSON ({err.msg}): {line[:80]!r}. "
+                "Each line must be one JSON object."
+            ) from None
+        if not isinstance(row, dict):
+            raise ValueError(f"path {path!r}: line {number} is {row!r}, not a JSON object; write one object per line.")
+        rows.append(row)
+        lines.append(number)
+    return rows, lines
+
+
+def _read_json_array(path: str, text: str) -> tuple[list[Row], list[int]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"path {path!r}: line {err.lineno} is not valid JSON ({err.msg}); fix the file.") from None
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise ValueError(f"path {path!r}: item {i} is {row!r}, not a JSON object; use a list of objects.")
+    return data, list(range(1, len(data) + 1))  # items, not lines, for a JSON array
+
+
+def require_columns(path: str, rows: list[Row], lines: list[int], columns: dict[str, str]) -> None:
+    """Check every row has each column; ``columns`` maps parameter name -> column name."""
+    present = list(rows[0])
+    for parameter, column in columns.items():
+        if column not in present:
+            raise ValueError(
+                f"{parameter}={column!r} is not a column of path {path!r}; the columns are {present!r}. "
+                f"Pass {parameter}= one of them."
+            )
+    for row, line in zip(rows, lines):
+        for parameter, column in columns.items():
+            if row.get(column) is None:
+                raise ValueError(
+                    f"path {path!r}: line {line} has no value for {parameter}={column!r} "
+                    f"(it has {list(row)!r}); fill it in or drop the row."
+                )
+
+
+# --- splitting ------------------------------------------------------------------------------
+
+
+def split_indices(
+    n: int, fractions: Sequence[float], seed: int, path: str
+) -> tuple[list[int], list[list[int]]]:
+    """Shuffle ``range(n)`` with ``seed``; carve held-out splits off the front, the rest is train.
+
+    Each held-out split gets ``max(1, round(n * fraction))`` indices when its fraction is > 0, so
+    it is never empty. Returns ``(train, [held_out_0, held_out_1, ...])``.
+    """
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    sizes = [max(1, round(n * f)) if f > 0 else 0 for f in fractions]
+    if n - sum(sizes) < 1:
+        raise ValueError(
+            f"path {path!r} gives {n} examples, too few for a non-empty train split plus held-out splits "
+            f"of sizes {sizes} (fractions {list(fractions)!r}); add data or lower val_fraction/test_fraction."
+        )
+    held_out = []
+    start = 0
+    for size in sizes:
+        held_out.append(order[start : start + size])
+        start += size
+    return order[start:], held_out
+
+
+# --- datasets and collation -----------------------------------------------------------------
+
+
+class ListDataset(Dataset):
+    """A map-style dataset over a list of pre-tokenized examples (dicts of int lists)."""
+
+    def __init__(self, examples: list[dict[str, Any]]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.examples[index]
+
+
+class PadCollator:
+    """Right-pad each key to the longest sequence in the batch; plain class so workers can pickle it.
+
+    ``pad_values`` maps each sequence key to its pad value; ``attention_mask`` is padded with 0.
+    Keys not in ``pad_values`` (scalars such as class labels) are stacked into a LongTensor.
+    """
+
+    def __init__(self, pad_values: dict[str, int]) -> None:
+        self.pad_values = pad_values
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(ex["input_ids"]) for ex in examples)
+        batch: dict[str, torch.Tensor] = {}
+        for key in examples[0]:
+            if key in self.pad_values:
+                pad = self.pad_values[key]
+                batch[key] = torch.tensor(
+                    [ex[key] + [pad] * (longest - len(ex[key])) for ex in examples], dtype=torch.long
+                )  # (batch, longest)
+            else:
+                batch[key] = torch.tensor([ex[key] for ex in examples], dtype=torch.long)  # (batch,)
+        return batch

@@ -1,0 +1,160 @@
+"""TextDataModule: raw text, tokenized, concatenated and cut into fixed-size blocks for causal-LM training."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+from transformers import PreTrainedTokenizerBase
+
+from lightning_lora.data._common import (
+    EncodingErrors,
+    check_common,
+    check_path,
+    check_positive,
+    check_tokenizer,
+    load_tokenizer,
+    read_rows,
+    read_text,
+    require_columns,
+    split_indices,
+)
+
+_EXTENSIONS = (".txt", ".jsonl", ".json")
+
+
+class TextDataModule(LightningDataModule):
+    """Causal language modelling on a ``.txt`` file or a JSONL file with a ``text_column`` column.
+
+    A ``.txt`` file is one stream: its lines (newlines kept) are tokenized and joined. A JSONL file is one
+    document per row, each followed by the tokenizer's EOS token (when it has one) so the model sees document
+    boundaries. No other special tokens are added. The token stream is cut into ``block_size`` blocks (the
+    incomplete tail is dropped); the blocks are shuffled with ``seed``, the first
+    ``max(1, round(n_blocks * val_fraction))`` are validation and the rest train.
+
+    Batches are ``input_ids``, ``attention_mask`` (all ones) and ``labels`` (equal to ``input_ids``; the model
+    shifts them), each ``(batch, block_size)``.
+
+    Example::
+
+        dm = TextDataModule("corpus.txt", "path/to/tokenizer", block_size=128)
+        dm.setup("fit")
+        batch = next(iter(dm.train_dataloader()))  # batch["input_ids"].shape == (8, 128)
+    """
+
+    def __init__(
+        self,
+        path: str,
+        tokenizer: str | PreTrainedTokenizerBase,
+        block_size: int = 256,
+        batch_size: int = 8,
+        val_fraction: float = 0.1,
+        seed: int = 42,
+        num_workers: int = 0,
+        encoding_errors: EncodingErrors = "strict",
+        text_column: str = "text",
+    ) -> None:
+        """
+        Args:
+            path: Plain text file (.txt), or JSON Lines file with a text column.
+            tokenizer: Local tokenizer directory, or a tokenizer object.
+            block_size: Tokens per training sequence.
+            batch_size: Sequences per batch.
+            val_fraction: Fraction of the blocks held out for validation, in [0, 1).
+            seed: Seed of the shuffle that decides which blocks are held out.
+            num_workers: DataLoader worker processes.
+            encoding_errors: How to treat non-UTF-8 bytes: "strict" (error), "replace" (U+FFFD) or "ignore".
+            text_column: Column holding each document, for JSONL files.
+        """
+        super().__init__()
+        check_path(path, _EXTENSIONS)
+        check_tokenizer(tokenizer)
+        check_common(batch_size, val_fraction, seed, num_workers, encoding_errors)
+        check_positive("block_size", block_size)
+        self.save_hyperparameters(ignore=None if isinstance(tokenizer, str) else ["tokenizer"])
+        self.path = str(path)
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.num_workers = num_workers
+        self.encoding_errors = encoding_errors
+        self.text_column = text_column
+        self._tokenizer_arg = tokenizer
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self.train_dataset: _BlockDataset | None = None
+        self.val_dataset: _BlockDataset | None = None
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self._tokenizer_arg)
+        return self._tokenizer
+
+    def prepare_data(self) -> None:
+        # Only validates the file on rank 0 so a bad file fails fast; setup builds state on every rank.
+        self._read_documents()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        documents, separate = self._read_documents()
+        ids = self.tokenizer(documents, add_special_tokens=False)["input_ids"]
+        eos = self.tokenizer.eos_token_id
+        stream = [token for doc in ids for token in (doc + [eos] if separate and eos is not None else doc)]
+        n_blocks = len(stream) // self.block_size
+        if n_blocks == 0:
+            raise ValueError(
+                f"path {self.path!r} gives {len(stream)} tokens, fewer than one block of block_size="
+                f"{self.block_size!r}; lower block_size or add text."
+            )
+        blocks = torch.tensor(stream[: n_blocks * self.block_size], dtype=torch.long).view(n_blocks, self.block_size)
+        train, (val,) = split_indices(n_blocks, [self.val_fraction], self.seed, self.path)
+        self.train_dataset = _BlockDataset(blocks[train])
+        self.val_dataset = _BlockDataset(blocks[val])
+
+    def _read_documents(self) -> tuple[list[str], bool]:
+        """The texts to tokenize, and whether they are separate documents (EOS between them)."""
+        if os.path.splitext(self.path)[1].lower() == ".txt":
+            lines = read_text(self.path, self.encoding_errors).splitlines(keepends=True)
+            if not any(line.strip() for line in lines):
+                raise ValueError(f"path {self.path!r} has no text; add text to the file.")
+            return lines, False
+        rows, lines = read_rows(self.path, self.encoding_errors)
+        require_columns(self.path, rows, lines, {"text_column": self.text_column})
+        return [str(row[self.text_column]) for row in rows], True
+
+    def _dataloader(self, dataset: _BlockDataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("Call setup() before asking for a dataloader.")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._dataloader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_fraction == 0:
+            return []  # no validation split: Lightning skips validation
+        return self._dataloader(self.val_dataset, shuffle=False)
+
+
+class _BlockDataset(Dataset):
+    """Rows of a ``(n_blocks, block_size)`` token tensor as causal-LM examples."""
+
+    def __init__(self, blocks: torch.Tensor) -> None:
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        block = self.blocks[index]  # (block_size,)
+        return {"input_ids": block, "attention_mask": torch.ones_like(block), "labels": block}
