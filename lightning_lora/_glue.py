@@ -99,6 +99,11 @@ class LoRAController:
         module = self.backbone_of(pl_module)
         return module is not None and lora_state(module) is not None
 
+    def inject_after_configure_model(self, pl_module: nn.Module, device: torch.device | None) -> None:
+        """The last chance before the strategy wraps the model and the optimizer is built."""
+        self.maybe_inject(pl_module, device)
+        self.require_injected(pl_module)
+
     def require_injected(self, pl_module: nn.Module) -> nn.Module:
         module = self.backbone_of(pl_module)
         if module is None or lora_state(module) is None:

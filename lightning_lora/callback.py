@@ -112,7 +112,7 @@ class LoRACallback(Callback):
         if controller.adapter_only_checkpoint:
             pl_module.strict_loading = False  # the checkpoint lacks the frozen backbone by design
         if not controller.maybe_inject(pl_module, device):
-            run_after(pl_module, "configure_model", lambda *_: controller.maybe_inject(pl_module, device))
+            run_after(pl_module, "configure_model", lambda *_: controller.inject_after_configure_model(pl_module, device))
         run_before(pl_module, "on_load_checkpoint", lambda checkpoint: controller.validate_checkpoint(checkpoint, pl_module))
         if distributed.strategy_kind(trainer) == "fsdp":
             pl_module.configure_gradient_clipping = functools.partial(fsdp_safe_clipping, trainer, pl_module)

@@ -76,7 +76,7 @@ class LoRAMixin:
         if controller.adapter_only_checkpoint:
             self.strict_loading = False
         if not controller.maybe_inject(self, device):
-            run_after(self, "configure_model", lambda *_: controller.maybe_inject(self, device))
+            run_after(self, "configure_model", lambda *_: controller.inject_after_configure_model(self, device))
         if distributed.strategy_kind(self.trainer) == "fsdp":
             self.configure_gradient_clipping = functools.partial(fsdp_safe_clipping, self.trainer, self)
 
