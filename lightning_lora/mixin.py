@@ -111,8 +111,11 @@ class LoRAMixin:
         return save_adapter(self.lora_model, directory, state_dict=tensors)
 
     def load_adapter(self, directory: str | os.PathLike) -> nn.Module:
-        """Load a saved adapter (ours or PEFT's) into the backbone, all or nothing."""
-        return load_adapter(self.lora_model, directory)
+        """Load a saved adapter (ours or PEFT's) into the backbone, all or nothing; injects LoRA first if needed."""
+        module = self.lora_controller.backbone_of(self)
+        if module is None:
+            raise RuntimeError(f"`self.{self.lora_backbone}` is not built yet: call load_adapter after the backbone exists.")
+        return load_adapter(module, directory)
 
     def merge_lora(self) -> nn.Module:
         return merge_lora(self.lora_model)
