@@ -11,6 +11,11 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
+from torch import nn
+
+# Last path components of classification / LM heads that "all-linear" and quantization leave alone.
+_HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "embed_out"})
+
 
 def matches_suffix(path: str, name: str) -> bool:
     return path == name or path.endswith("." + name)
@@ -35,3 +40,17 @@ def pattern_value(path: str, pattern_map: dict[str, int | float], default: int |
         if _compiled(rf"(.*\.)?(?:{pattern})").fullmatch(path):
             return value
     return default
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Module paths of the output head(s): the model's output embeddings and the usual head names."""
+    heads = {name for name, _ in model.named_modules() if name.rpartition(".")[2] in _HEAD_NAMES}
+    get_output = getattr(model, "get_output_embeddings", None)
+    if callable(get_output):
+        try:
+            out = get_output()
+        except (NotImplementedError, AttributeError):
+            out = None
+        if isinstance(out, nn.Module):
+            heads.update(name for name, module in model.named_modules() if module is out)
+    return heads

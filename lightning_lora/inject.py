@@ -11,12 +11,10 @@ import torch
 from torch import nn
 
 from lightning_lora import quantization
-from lightning_lora._matching import matches_any, pattern_value
+from lightning_lora._matching import matches_any, output_head_names, pattern_value
 from lightning_lora.config import LoRAConfig, QuantizationConfig
 from lightning_lora.layers import LoRALinear, is_supported_base, lora_layers
 
-# Last path components of classification / LM heads that "all-linear" and quantization leave alone.
-_HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "embed_out"})
 _STATE_ATTR = "_lightning_lora"
 
 
@@ -40,20 +38,6 @@ def require_lora_state(model: nn.Module, caller: str) -> LoRAState:
     if state is None:
         raise ValueError(f"`{caller}` got a model without LoRA: call `inject_lora(model, LoRAConfig(...))` first.")
     return state
-
-
-def output_head_names(model: nn.Module) -> set[str]:
-    """Module paths of the output head(s): the model's output embeddings and the usual head names."""
-    heads = {name for name, _ in model.named_modules() if name.rpartition(".")[2] in _HEAD_NAMES}
-    get_output = getattr(model, "get_output_embeddings", None)
-    if callable(get_output):
-        try:
-            out = get_output()
-        except (NotImplementedError, AttributeError):
-            out = None
-        if isinstance(out, nn.Module):
-            heads.update(name for name, module in model.named_modules() if module is out)
-    return heads
 
 
 def _under(path: str, roots: list[str]) -> bool:
@@ -125,7 +109,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, quantization_config: Quant
     targets = find_targets(model, config, skip=to_save)
     quantized: list[str] = []
     if quantization_config is not None:
-        quantization._bnb()  # fail now, with the install hint, before anything changes
+        quantization.require_bitsandbytes("quantization_config", quantization_config)  # fail before anything changes
         skip = output_head_names(model) | {name for name, _ in model.named_modules() if _under(name, to_save)}
         quantized = quantization.quantize_model(model, quantization_config, skip=skip)
 

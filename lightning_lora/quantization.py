@@ -7,6 +7,7 @@ Facts this relies on (bitsandbytes 0.50): a ``Params4bit`` / ``Int8Params`` buil
 
 from __future__ import annotations
 
+import copy
 import functools
 import sys
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,18 @@ def _bnb() -> ModuleType:
             "Install it with `pip install bitsandbytes>=0.45`, or pass `quantization=None` / `quantize=None`."
         ) from err
     return bitsandbytes
+
+
+def require_bitsandbytes(parameter: str, value: object) -> None:
+    """Raise a ValueError naming the argument that asked for quantization when bitsandbytes is unusable."""
+    try:
+        _bnb()
+    except RuntimeError as err:
+        raise ValueError(
+            f"`{parameter}`={value!r} asks for bitsandbytes quantization, but importing bitsandbytes failed: "
+            f"{err.__cause__!r}. Install it with `pip install bitsandbytes>=0.45`, or pass `{parameter}=None` to train "
+            "in full precision."
+        ) from err.__cause__
 
 
 def bitsandbytes_available() -> bool:
@@ -95,6 +108,7 @@ def quantize_linear(linear: nn.Linear, config: QuantizationConfig, device: torch
             compress_statistics=config.double_quant,
             quant_type=config.mode,
             quant_storage=config.storage_dtype(),
+            module=layer,  # quantizing sets layer.quant_state, which forward re-attaches when FSDP drops it
         )
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
@@ -112,12 +126,15 @@ def quantize_model(
     """Replace each ``nn.Linear`` of ``model`` by its bitsandbytes version, in place.
 
     Layers are converted one at a time, and the full-precision weight of each is dropped as soon as
-    its quantized copy exists, so peak memory stays near the quantized size. ``skip`` holds full
-    module paths to leave alone (the output head, ``modules_to_save``); ``quantization.skip_modules``
-    adds suffix patterns. Returns the paths that were quantized.
+    its quantized copy exists, so peak memory stays near the quantized size. The output head(s) stay
+    in full precision, as transformers keeps them; ``skip`` holds more full module paths to leave alone
+    (``modules_to_save``); ``quantization.skip_modules`` adds suffix patterns. Returns the paths that
+    were quantized.
     """
-    from lightning_lora._matching import matches_any  # local: keeps import order one-way
+    from lightning_lora._matching import matches_any, output_head_names  # local: keeps import order one-way
 
+    require_bitsandbytes("quantization", quantization)
+    skip = set(skip) | output_head_names(model)
     quantized: list[str] = []
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or name in skip or matches_any(name, quantization.skip_modules):
@@ -137,14 +154,36 @@ def dequantize_weight(module: nn.Module, snapshot: dict[str, Any] | None = None)
     bnb = _bnb()
     weight = snapshot["weight"] if snapshot else module.weight
     if is_4bit(module):
-        quant_state = snapshot["quant_state"] if snapshot else module.weight.quant_state or module.quant_state
-        return bnb.functional.dequantize_4bit(weight.data, quant_state).float()
+        # The Params4bit carries its own quant_state (a snapshot's weight too); the module's copy is only
+        # a fallback for when FSDP dropped it from the weight, and is None on layers built without `module=`.
+        quant_state = getattr(weight, "quant_state", None) or (snapshot["quant_state"] if snapshot else module.quant_state)
+        data, quant_state = _standard_4bit_layout(weight.data, quant_state)
+        return bnb.functional.dequantize_4bit(data, quant_state).float()
     if is_8bit(module):
         scales = snapshot["SCB"] if snapshot else None
         if scales is None:
             scales = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
         return bnb.functional.int8_vectorwise_dequant(weight.data, scales).float()
     raise TypeError(f"`dequantize_weight` expects a bitsandbytes Linear4bit or Linear8bitLt, got {type(module).__name__}.")
+
+
+def _standard_4bit_layout(data: torch.Tensor, quant_state: Any) -> tuple[torch.Tensor, Any]:
+    """``(data, quant_state)`` in bitsandbytes' standard 4-bit layout, without touching the layer.
+
+    On CPUs with AVX512-BF16, a ``Linear4bit`` forward in eval mode without grad repacks its weight
+    in place (and turns the block scales into bf16); ``dequantize_4bit`` cannot read that layout.
+    Here the packing is undone on copies, keeping the bf16 scales the layer now computes with.
+    """
+    if not getattr(quant_state, "packing_format_for_cpu", False):
+        return data, quant_state
+    bnb = _bnb()
+    state = copy.copy(quant_state)  # the inverse below reassigns the state's fields: keep the layer's intact
+    state.original_nested = False  # do not re-quantize the scales: dequantize with those forward uses
+    data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, state)
+    # Packed scales are (in / blocksize, out) bf16; the standard layout is one float per block, row-major.
+    state.absmax = quant_state.absmax.t().reshape(-1).float()
+    state.dtype = torch.float32
+    return data, state
 
 
 def requantize_weight(module: nn.Module, weight: torch.Tensor) -> None:

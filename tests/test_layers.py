@@ -1,0 +1,253 @@
+"""The LoRA layer: its math, its init, and parity with PEFT (test-only oracle) on whole models.
+
+PEFT comparisons build the base model twice from the same seed, inject ours and PEFT's, copy our
+adapter (with a random, non-zero B) into PEFT's, then compare the output and the gradient of every
+trainable tensor in float32 with rtol 1e-5.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from _models import (
+    copy_adapter_into_peft,
+    peft_param_name,
+    randomize_adapter,
+    tiny_bert_classifier,
+    tiny_gpt2,
+    tiny_llama,
+    token_batch,
+)
+from lightning_lora import LoRAConfig, LoRALinear, inject_lora
+from lightning_lora.inject import lora_state
+from lightning_lora.layers import lora_layers
+
+PARITY = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, name: str = "") -> None:
+    """assert_close with rtol, and atol = rtol x the largest magnitude of ``expected``.
+
+    Our layer fuses ``out + scale * h @ B^T`` into one addmm where PEFT adds separately, so float32
+    rounding differs by ~1 ulp per op; through a backward pass that shows up on entries near zero.
+    """
+    atol = rtol * expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def _randomize_b(layer: LoRALinear, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.lora_b.weight.copy_(torch.randn(layer.lora_b.weight.shape, generator=generator))
+
+
+def test_layer_shapes_scale_and_zero_init():
+    torch.manual_seed(0)
+    base = nn.Linear(64, 32)
+    layer = LoRALinear(base, r=4, alpha=8)
+    assert layer.lora_a.weight.shape == (4, 64)
+    assert layer.lora_b.weight.shape == (32, 4)
+    assert layer.scale == 2.0
+    assert LoRALinear(nn.Linear(64, 32), r=4, alpha=8, use_rslora=True).scale == 4.0  # 8 / sqrt(4)
+    assert torch.count_nonzero(layer.lora_b.weight) == 0
+    assert torch.count_nonzero(layer.lora_a.weight) == 4 * 64
+    bound = 1 / math.sqrt(64)  # kaiming-uniform with a=sqrt(5), as nn.Linear
+    assert layer.lora_a.weight.abs().max() <= bound
+    x = torch.randn(3, 5, 64)
+    assert torch.equal(layer(x), base(x))
+
+
+def test_layer_forward_is_base_plus_scaled_update():
+    torch.manual_seed(0)
+    base = nn.Linear(64, 32)
+    layer = LoRALinear(base, r=4, alpha=12, dropout=0.0)
+    _randomize_b(layer)
+    x = torch.randn(2, 7, 64)
+    a, b = layer.lora_a.weight, layer.lora_b.weight
+    expected = x @ base.weight.T + base.bias + 3.0 * (x @ a.T @ b.T)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.delta_weight(), 3.0 * b @ a)
+
+
+def test_layer_on_conv1d_uses_transposed_weight():
+    torch.manual_seed(0)
+    base = Conv1D(96, 64)  # nf=96 outputs, nx=64 inputs; weight stored (in, out) = (64, 96)
+    nn.init.normal_(base.bias)
+    layer = LoRALinear(base, r=4, alpha=4)
+    assert (layer.in_features, layer.out_features, layer.fan_in_fan_out) == (64, 96, True)
+    _randomize_b(layer)
+    x = torch.randn(2, 3, 64)
+    expected = x @ base.weight + base.bias + x @ layer.lora_a.weight.T @ layer.lora_b.weight.T
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.merged_weight(), base.weight + layer.delta_weight().T)
+
+
+def test_layer_casts_the_adapter_not_the_activation():
+    torch.manual_seed(0)
+    base = nn.Linear(64, 32).to(torch.bfloat16)
+    layer = LoRALinear(base, r=4, alpha=8)
+    _randomize_b(layer)
+    assert layer.lora_a.weight.dtype == torch.float32
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    expected = base(x) + 2.0 * (x @ layer.lora_a.weight.to(torch.bfloat16).T @ layer.lora_b.weight.to(torch.bfloat16).T)
+    torch.testing.assert_close(out, expected)
+
+
+def test_layer_rejects_unsupported_base():
+    with pytest.raises(TypeError, match="LoRALinear cannot wrap LayerNorm: supported bases are nn.Linear"):
+        LoRALinear(nn.LayerNorm(64), r=4, alpha=8)
+
+
+@pytest.mark.parametrize(("init", "peft_init"), [("kaiming", True), ("gaussian", "gaussian")])
+def test_init_matches_peft_bit_for_bit(init, peft_init):
+    # Same seed right before injection -> same A in both libraries (and B is zero in both).
+    base = tiny_llama()
+    torch.manual_seed(5)
+    ours = inject_lora(base, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], init=init))
+    base = tiny_llama()
+    torch.manual_seed(5)
+    peft = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=peft_init))
+    peft_params = dict(peft.named_parameters())
+    for name, layer in lora_layers(ours).items():
+        torch.testing.assert_close(layer.lora_a.weight, peft_params[peft_param_name(f"{name}.lora_a.weight")], rtol=0, atol=0)
+        assert torch.count_nonzero(layer.lora_b.weight) == 0
+    if init == "gaussian":
+        a = torch.cat([layer.lora_a.weight.flatten() for layer in lora_layers(ours).values()])
+        assert abs(a.std().item() - 1 / 4) < 0.02  # std 1/r over 2 layers x (4x64 + 4x64) values
+        assert abs(a.mean().item()) < 0.02
+
+
+# --- parity with PEFT on whole models ---------------------------------------------------------------
+
+LLAMA_QV = ["q_proj", "v_proj"]
+PARITY_CASES = {
+    "llama-r4": (tiny_llama, {"r": 4, "alpha": 8, "target_modules": LLAMA_QV}),
+    "llama-all-linear-r8-a32": (tiny_llama, {"r": 8, "alpha": 32, "target_modules": "all-linear"}),
+    "llama-rslora": (tiny_llama, {"r": 16, "alpha": 8, "target_modules": LLAMA_QV, "use_rslora": True}),
+    "llama-patterns": (
+        tiny_llama,
+        {
+            "r": 4,
+            "alpha": 8,
+            "target_modules": ["q_proj", "v_proj", "down_proj"],
+            "rank_pattern": {"v_proj": 2, r"layers\.1\.mlp\.down_proj": 6},
+            "alpha_pattern": {"q_proj": 3.0},
+        },
+    ),
+    "llama-gaussian": (tiny_llama, {"r": 4, "alpha": 8, "target_modules": LLAMA_QV, "init": "gaussian"}),
+    "llama-regex": (tiny_llama, {"r": 4, "alpha": 8, "target_modules": r".*layers\.1\.self_attn\.(k|o)_proj"}),
+    "gpt2-conv1d": (tiny_gpt2, {"r": 4, "alpha": 8, "target_modules": ["c_attn", "c_proj", "c_fc"]}),
+    "gpt2-bias-all": (tiny_gpt2, {"r": 4, "alpha": 8, "target_modules": ["c_attn"], "bias": "all"}),
+    "bert": (tiny_bert_classifier, {"r": 4, "alpha": 8, "target_modules": ["query", "value"]}),
+    "bert-classifier": (
+        tiny_bert_classifier,
+        {"r": 4, "alpha": 8, "target_modules": ["query", "value", "dense"], "modules_to_save": ["classifier"]},
+    ),
+    "bert-bias-all": (tiny_bert_classifier, {"r": 4, "alpha": 8, "target_modules": ["query", "value"], "bias": "all"}),
+    "bert-bias-lora-only": (
+        tiny_bert_classifier,
+        {"r": 4, "alpha": 8, "target_modules": ["query", "value"], "bias": "lora_only", "modules_to_save": ["classifier"]},
+    ),
+}
+
+
+def peft_config_for(kwargs: dict, fan_in_fan_out: bool = False, **extra) -> LoraConfig:
+    """The PEFT LoraConfig equivalent to ``LoRAConfig(**kwargs)``."""
+    config = LoRAConfig(**kwargs)
+    return LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=config.target_modules,
+        bias=config.bias,
+        modules_to_save=config.modules_to_save,
+        use_rslora=config.use_rslora,
+        rank_pattern=config.rank_pattern,
+        alpha_pattern=config.alpha_pattern,
+        init_lora_weights=True if config.init == "kaiming" else "gaussian",
+        fan_in_fan_out=fan_in_fan_out,
+        **extra,
+    )
+
+
+def build_pair(builder, kwargs: dict, seed: int = 1) -> tuple[nn.Module, nn.Module]:
+    """Ours and PEFT's on two identical bases, with our random adapter copied into PEFT's."""
+    ours = inject_lora(builder(), LoRAConfig(**kwargs))
+    randomize_adapter(ours, seed)
+    peft = get_peft_model(builder(), peft_config_for(kwargs, fan_in_fan_out=builder is tiny_gpt2))
+    copy_adapter_into_peft(ours, peft)
+    return ours, peft
+
+
+def output_and_grads(model: nn.Module, x: torch.Tensor, dropout_seed: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    if dropout_seed is not None:
+        torch.manual_seed(dropout_seed)
+    out = model(x).logits
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    (out * weights).sum().backward()
+    return out.detach(), {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_parity(ours: nn.Module, peft: nn.Module, x: torch.Tensor, dropout_seed: int | None = None, rtol: float = 1e-5) -> None:
+    to_save = lora_state(ours).modules_to_save
+    out, grads = output_and_grads(ours, x, dropout_seed)
+    peft_out, peft_grads = output_and_grads(peft, x, dropout_seed)
+    assert_close_scaled(out, peft_out, rtol, "output")
+    # The same tensors train in both, and each gets the same gradient.
+    assert {peft_param_name(name, to_save) for name in grads} == set(peft_grads)
+    for name, grad in grads.items():
+        assert grad is not None and torch.count_nonzero(grad) > 0, name
+        assert_close_scaled(grad, peft_grads[peft_param_name(name, to_save)], rtol, name)
+
+
+@pytest.mark.parametrize("case", sorted(PARITY_CASES))
+def test_forward_and_grads_match_peft(case):
+    builder, kwargs = PARITY_CASES[case]
+    ours, peft = build_pair(builder, kwargs)
+    ours_targets = set(lora_layers(ours))
+    peft_targets = {name for name, module in peft.base_model.model.named_modules() if isinstance(module, LoraLayer)}
+    assert ours_targets == peft_targets
+    for name, layer in lora_layers(ours).items():
+        peft_layer = peft.base_model.model.get_submodule(name)
+        assert (layer.r, layer.scale) == (peft_layer.r["default"], peft_layer.scaling["default"]), name
+    assert_parity(ours, peft, token_batch())
+
+
+def test_rank_and_alpha_patterns_pick_per_module_values():
+    ours, _ = build_pair(tiny_llama, PARITY_CASES["llama-patterns"][1])
+    got = {name: (layer.r, layer.scale) for name, layer in lora_layers(ours).items()}
+    assert got == {
+        "model.layers.0.self_attn.q_proj": (4, 0.75),
+        "model.layers.0.self_attn.v_proj": (2, 4.0),
+        "model.layers.0.mlp.down_proj": (4, 2.0),
+        "model.layers.1.self_attn.q_proj": (4, 0.75),
+        "model.layers.1.self_attn.v_proj": (2, 4.0),
+        "model.layers.1.mlp.down_proj": (6, 8 / 6),
+    }
+
+
+@pytest.mark.parametrize("builder", [tiny_llama, tiny_bert_classifier], ids=["llama", "bert"])
+def test_dropout_matches_peft_with_same_rng(builder):
+    kwargs = {"r": 4, "alpha": 8, "dropout": 0.3, "target_modules": ["query", "value"] if builder is tiny_bert_classifier else LLAMA_QV}
+    ours, peft = build_pair(builder, kwargs)
+    x = token_batch()
+    assert_parity(ours, peft, x, dropout_seed=123)
+    # Dropout is really active in train mode: another seed changes the output ...
+    out_a, _ = output_and_grads(ours, x, dropout_seed=123)
+    out_b, _ = output_and_grads(ours, x, dropout_seed=124)
+    assert (out_a - out_b).abs().max() > 1e-4
+    # ... and in eval mode it is off, in both.
+    ours.eval()
+    peft.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, peft(x).logits, **PARITY)
