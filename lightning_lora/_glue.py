@@ -42,7 +42,7 @@ class LoRAController:
         if backbone is not None and (not isinstance(backbone, str) or not backbone):
             raise ValueError(f"`backbone` must be the name of a LightningModule attribute (e.g. 'model') or None, got {backbone!r}.")
         if isinstance(max_nonfinite_steps, bool) or not isinstance(max_nonfinite_steps, int) or max_nonfinite_steps < 1:
-            raise ValueError(f"`max_nonfinite_steps` must be a positive integer, got {max_nonfinite_steps!r}.")
+            raise ValueError(f"`max_nonfinite_steps` must be a positive integer, got {max_nonfinite_steps!r}; set it to e.g. 10.")
         self.lora_config = lora_config
         self.quantization_config = quantization_config
         self.backbone = backbone

@@ -28,7 +28,7 @@ def _check_patterns(name: str, patterns: list[str] | str | None) -> None:
     if isinstance(patterns, str):
         patterns = [patterns]
     if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"`{name}` must be a list of module names or one regex string, got {patterns!r}.")
+        raise TypeError(f"`{name}` must be a list of module names or one regex string, got {patterns!r}. Pass e.g. ['q_proj', 'v_proj'].")
     for pattern in patterns:
         try:
             re.compile(pattern)
@@ -71,9 +71,9 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"`r` must be a positive integer, got {self.r!r}. Typical values are 4 to 64.")
+            raise ValueError(f"`r` must be a positive integer, got {self.r!r}. Set it to e.g. 8. Typical values are 4 to 64.")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ValueError(f"`alpha` must be a positive number, got {self.alpha!r}. A common choice is 2 * r.")
+            raise ValueError(f"`alpha` must be a positive number, got {self.alpha!r}. Set it to a positive number. A common choice is 2 * r.")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}. Use 0.0 to disable it.")
         if self.bias not in _BIAS_MODES:
@@ -81,7 +81,7 @@ class LoRAConfig:
         if self.init not in _INIT_MODES:
             raise ValueError(f"`init` must be one of {_INIT_MODES}, got {self.init!r}.")
         if isinstance(self.target_modules, (list, tuple)) and len(self.target_modules) == 0:
-            raise ValueError("`target_modules` is empty: name at least one module, e.g. ['q_proj', 'v_proj'], or use 'all-linear'.")
+            raise ValueError(f"`target_modules` is empty (got {self.target_modules!r}): name at least one module, e.g. ['q_proj', 'v_proj'], or use 'all-linear'.")
         if self.target_modules != "all-linear":
             _check_patterns("target_modules", self.target_modules)
         _check_patterns("exclude_modules", self.exclude_modules)
@@ -91,7 +91,7 @@ class LoRAConfig:
             _check_patterns("modules_to_save", list(self.modules_to_save))
         for name, pattern_map, kind in (("rank_pattern", self.rank_pattern, int), ("alpha_pattern", self.alpha_pattern, (int, float))):
             if not isinstance(pattern_map, dict):
-                raise TypeError(f"`{name}` must be a dict of regex -> value, got {pattern_map!r}.")
+                raise TypeError(f"`{name}` must be a dict of regex -> value, got {pattern_map!r}. Pass e.g. {{'q_proj': 16}}.")
             _check_patterns(name, list(pattern_map))
             for key, value in pattern_map.items():
                 if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:

@@ -102,7 +102,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, quantization_config: Quant
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"`config` must be a LoRAConfig, got {type(config).__name__}: build one with LoRAConfig(r=..., ...).")
     if quantization_config is not None and not isinstance(quantization_config, QuantizationConfig):
-        raise TypeError(f"`quantization_config` must be a QuantizationConfig or None, got {type(quantization_config).__name__}.")
+        raise TypeError(f"`quantization_config` must be a QuantizationConfig or None, got {type(quantization_config).__name__} {quantization_config!r}; pass e.g. QuantizationConfig(mode='nf4').")
     if lora_state(model) is not None or lora_layers(model):
         raise ValueError("The model already has LoRA layers: `inject_lora` was called twice. Inject once, or call it on a fresh model.")
     to_save = find_modules_to_save(model, config)

@@ -25,6 +25,7 @@ from lightning_lora.data._common import (
     require_columns,
     split_indices,
 )
+from lightning_lora.data._resumable import ResumableDataLoader
 
 
 class InstructionDataModule(LightningDataModule):
@@ -211,8 +212,9 @@ class InstructionDataModule(LightningDataModule):
         if dataset is None:
             raise RuntimeError("Call setup() before asking for a dataloader.")
         collator = PadCollator({"input_ids": pad_token_id(self.tokenizer), "attention_mask": 0, "labels": IGNORE_INDEX})
-        return DataLoader(
+        return ResumableDataLoader(
             dataset,
+            seed=self.seed,
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,

