@@ -1,5 +1,5 @@
-"""DDP / FSDP specifics: which quantization a strategy can shard, norm clipping under FSDP, and
-gathering every rank's adapter shard before a rank-zero write.
+"""DDP / FSDP specifics: how to wrap a LoRA model for FSDP1 and FSDP2, which quantization a strategy
+can shard, norm clipping under FSDP, and gathering every rank's adapter shard before a rank-zero write.
 
 Facts from ../shared/PRIOR-ART.md ("Measured: Lightning FSDP with nf4 backbones"): FSDP1 flattens
 tensors of one dtype only, so packed 4-bit weights must be stored in the dtype FSDP flattens
@@ -9,6 +9,7 @@ have ``clip_grad_norm_``; under FSDP2 parameters are DTensors and ``full_tensor(
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -29,6 +30,111 @@ def strategy_kind(trainer_or_strategy: Any) -> str:
     if "DDP" in name:
         return "ddp"
     return "single"
+
+
+def _class_matcher(block_classes: Iterable[type | str]) -> Callable[[nn.Module], bool]:
+    classes = tuple(c for c in block_classes if isinstance(c, type))
+    names = {c for c in block_classes if isinstance(c, str)}
+    if not classes and not names:
+        raise ValueError(f"`block_classes` is empty: name the decoder layer class, e.g. {{LlamaDecoderLayer}} or {{'LlamaDecoderLayer'}}.")
+    return lambda module: isinstance(module, classes) or type(module).__name__ in names
+
+
+def block_classes_of(model: nn.Module) -> set[str]:
+    """Class names of ``model``'s decoder layers, from transformers' ``_no_split_modules`` (e.g. {'LlamaDecoderLayer'})."""
+    for module in model.modules():
+        names = getattr(module, "_no_split_modules", None)
+        if names:
+            return set(names)
+    raise ValueError(
+        f"{type(model).__name__} does not list its decoder layer classes (`_no_split_modules`); pass them, "
+        "e.g. block_classes={LlamaDecoderLayer}."
+    )
+
+
+def _is_trainable_leaf(module: nn.Module) -> bool:
+    """A full-precision linear whose parameters all train: a LoRA A or B (quantized layers subclass nn.Linear)."""
+    from lightning_lora.quantization import is_quantized
+
+    if not isinstance(module, nn.Linear) or is_quantized(module):
+        return False
+    params = list(module.parameters(recurse=False))
+    return bool(params) and all(p.requires_grad for p in params)
+
+
+def lora_fsdp_policy(block_classes: Iterable[type | str]) -> Callable[[nn.Module, bool, int], bool]:
+    """An FSDP1 ``auto_wrap_policy``: one unit per decoder layer, and one per LoRA A / B linear.
+
+    LoRA linears get their own units so that no unit mixes frozen and trainable parameters: with
+    ``use_orig_params=True`` a mixed unit allocates gradients for its whole flat parameter (the frozen
+    4-bit storage too), and with ``False`` FSDP refuses it; and so that fp32 LoRA weights never share a
+    flat parameter with bf16-stored 4-bit weights ("Must flatten tensors with uniform dtype").
+
+    Example::
+
+        strategy = FSDPStrategy(auto_wrap_policy=lora_fsdp_policy({LlamaDecoderLayer}),
+                                activation_checkpointing_policy={LlamaDecoderLayer})
+    """
+    is_block = _class_matcher(list(block_classes))
+
+    def policy(module: nn.Module, recurse: bool, nonwrapped_numel: int = 0) -> bool:
+        if recurse:
+            return True
+        return is_block(module) or _is_trainable_leaf(module)
+
+    return policy
+
+
+def fully_shard_lora(
+    model: nn.Module,
+    block_classes: Iterable[type | str] | None = None,
+    *,
+    mesh: Any = None,
+    mp_policy: Any = None,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """FSDP2: ``fully_shard`` each decoder layer, then the root; call it in ``configure_model`` after LoRA is injected.
+
+    Check the packed 4-bit bytes (``packed_4bit_bytes``) when every tensor of a layer is bf16:
+    FSDP2 has been seen to rewrite NaN bit patterns of bf16-stored NF4 weights (bitsandbytes #1945);
+    fp32 LoRA weights in the same group (``LoRALinear``'s default) avoided it.
+
+    Example (in a LightningModule run with ``ModelParallelStrategy``)::
+
+        def configure_model(self):
+            fully_shard_lora(self.model, {LlamaDecoderLayer}, mesh=self.device_mesh["data_parallel"])
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    is_block = _class_matcher(list(block_classes) if block_classes is not None else block_classes_of(model))
+    kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    blocks = [m for m in model.modules() if is_block(m)]
+    if not blocks:
+        raise ValueError(f"No module of {type(model).__name__} matches `block_classes`={block_classes!r}: name its decoder layer class.")
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+@torch.no_grad()
+def packed_4bit_bytes(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each 4-bit layer's packed weight as bytes on CPU (gathered from every shard under FSDP2).
+
+    For checks that sharding left the quantized weights bit for bit as they were.
+    """
+    from lightning_lora.quantization import is_4bit
+
+    out = {}
+    for name, module in model.named_modules():
+        if is_4bit(module):
+            weight = module.weight
+            if type(weight).__name__ == "DTensor":
+                weight = weight.full_tensor()
+            out[name] = weight.detach().reshape(-1).contiguous().view(torch.uint8).cpu()
+    return out
 
 
 def check_quantization_for_strategy(quantization: QuantizationConfig, pl_module: nn.Module) -> None:
@@ -81,3 +187,56 @@ def gather_adapter_state_dict(trainer: Any, module: nn.Module) -> dict[str, torc
             value = value.full_tensor()
         out[key] = value.detach().to("cpu", copy=True)
     return out
+
+
+def allow_adapter_only_sharded_load(strategy: Any, adapter_keys: Callable[[], set[str]]) -> None:
+    """Let ``strategy.load_checkpoint`` resume a sharded (distributed-checkpoint) adapter-only checkpoint.
+
+    Lightning's FSDPStrategy (``state_dict_type='sharded'``) and ModelParallelStrategy ask
+    ``torch.distributed.checkpoint.load`` for every tensor of the model, so a checkpoint without the
+    frozen backbone fails with "Missing key in checkpoint state_dict" (Lightning #21124). While the
+    strategy loads, the request is cut to the tensors the checkpoint holds; the model then loads only
+    those (``strict_loading`` is False for adapter-only checkpoints). A missing adapter tensor is still
+    an error. Installed once per strategy instance; full-state-dict checkpoints are not touched.
+    """
+    original = strategy.load_checkpoint
+    if getattr(original, "_lightning_lora_wrapped", False):
+        return
+
+    def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        import torch.distributed.checkpoint as dcp
+
+        real_load = dcp.load
+
+        def partial_load(state_dict: dict[str, Any], *load_args: Any, checkpoint_id: Any = None, storage_reader: Any = None, **load_kwargs: Any) -> Any:
+            reader = storage_reader if storage_reader is not None else dcp.FileSystemReader(checkpoint_id)
+            saved = set(reader.read_metadata().state_dict_metadata)
+            dropped = _drop_unsaved(state_dict, saved)
+            required = adapter_keys()
+            missing = sorted(key for key in dropped if any(key == r or key.endswith("." + r) for r in required))
+            if missing:
+                raise ValueError(f"The sharded checkpoint lacks {len(missing)} adapter tensors (first: {missing[0]!r}); it is incomplete or corrupted.")
+            return real_load(state_dict, *load_args, checkpoint_id=checkpoint_id, storage_reader=storage_reader, **load_kwargs)
+
+        dcp.load = partial_load
+        try:
+            return original(checkpoint_path, *args, **kwargs)
+        finally:
+            dcp.load = real_load
+
+    load_checkpoint._lightning_lora_wrapped = True
+    strategy.load_checkpoint = load_checkpoint
+
+
+def _drop_unsaved(state: dict[str, Any], saved: set[str], prefix: str = "") -> list[str]:
+    """Remove, in place, the tensors of a nested state dict that the checkpoint (flat keys ``saved``) lacks."""
+    dropped = []
+    for key in list(state):
+        fqn = f"{prefix}{key}"
+        value = state[key]
+        if isinstance(value, dict):
+            dropped += _drop_unsaved(value, saved, fqn + ".")
+        elif isinstance(value, torch.Tensor) and fqn not in saved:
+            del state[key]
+            dropped.append(fqn)
+    return dropped

@@ -48,7 +48,9 @@ def _train(out: Path, *args: str) -> subprocess.Popen:
 def test_sigkill_mid_epoch_then_resume_gives_the_bit_identical_adapter(tmp_path):
     reference = _train(tmp_path / "reference")
     killed = _train(tmp_path / "killed", "--step-delay", "0.5")
-    _wait_for(tmp_path / "killed" / "ckpt" / "epoch=0-step=3.ckpt", killed)  # 6 batches per epoch: mid-epoch
+    # 6 batches per epoch. last.ckpt is written after each step's own file, so once step 4's file exists
+    # last.ckpt holds step 3 or 4: a kill now is mid-epoch whatever the timing.
+    _wait_for(tmp_path / "killed" / "ckpt" / "epoch=0-step=4.ckpt", killed)
     _kill(killed)
     last = tmp_path / "killed" / "ckpt" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=True)  # plain tensors and types: no pickled code needed

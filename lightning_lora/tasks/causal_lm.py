@@ -1,0 +1,212 @@
+"""CausalLMModule: next-token prediction on a transformers causal LM, ready for LoRACallback and the CLI."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from torchmetrics import Metric
+
+from lightning_lora.tasks._common import (
+    LRSchedule,
+    build_hf_model,
+    check_config_overrides,
+    check_hparams,
+    check_model_arg,
+    configure_adamw,
+    enable_gradient_checkpointing,
+)
+
+IGNORE_INDEX = -100
+# Config fields of models whose logits are not plain ``lm_head(hidden)``; chunked_ce would skip that step.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+class TokenPerplexity(Metric):
+    """exp(total NLL / total scored tokens) over everything seen: the corpus perplexity.
+
+    Equal to ``torchmetrics.text.Perplexity(ignore_index=-100)`` on the logits, but fed with summed token
+    losses, so it also works with ``chunked_ce`` (which never forms the full logits). Not the exp of the
+    mean of per-batch losses, which would weight a short batch like a long one.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("nll_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("tokens", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, nll_sum: torch.Tensor, tokens: torch.Tensor) -> None:
+        self.nll_sum += nll_sum.detach().to(torch.float64)
+        self.tokens += tokens.detach().to(torch.long)
+
+    def compute(self) -> torch.Tensor:
+        return torch.exp(self.nll_sum / self.tokens.clamp_min(1))  # float64: log(compute()) is the mean NLL
+
+
+class CausalLMModule(L.LightningModule):
+    """Fine-tune a causal LM. The backbone is ``self.model`` (an ``AutoModelForCausalLM``), built in
+    ``configure_model`` so it can be created under the strategy's init context.
+
+    Batches are dicts with ``input_ids``, ``attention_mask`` and ``labels`` (``labels == -100`` are not scored,
+    e.g. prompt tokens); the model shifts labels by one. The loss is the mean over scored tokens.
+
+    Example::
+
+        module = CausalLMModule({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                 "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 128})
+        trainer = L.Trainer(max_steps=10, callbacks=[LoRACallback(r=8)])
+        trainer.fit(module, datamodule=InstructionDataModule("data.jsonl", "path/to/tokenizer"))
+    """
+
+    def __init__(
+        self,
+        model: str | dict[str, Any] | None = None,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        lr_schedule: LRSchedule = "constant",
+        torch_dtype: str | None = None,
+        gradient_checkpointing: bool = False,
+        chunked_ce: int = 0,
+        attn_implementation: str | None = None,
+        init_seed: int = 0,
+        config_overrides: dict[str, Any] | None = None,
+    ) -> None:
+        """
+        Args:
+            model: Local pretrained directory (or 'pkg://<package>/<dir>'), or a dict of config fields with
+                'model_type' for random weights (tiny test models). None: set ``self.model`` before fitting.
+            lr: Peak learning rate of AdamW.
+            weight_decay: AdamW weight decay on matrices (LoRA A/B), not on biases.
+            warmup_steps: Linear warmup from 0 to ``lr`` over this many optimizer steps.
+            lr_schedule: 'constant' after warmup, or 'linear' decay to 0 at the last step.
+            torch_dtype: Dtype to load the backbone in: 'bfloat16', 'float16', 'float32'; None keeps the checkpoint's.
+            gradient_checkpointing: Recompute activations in backward (non-reentrant) to save memory.
+            chunked_ce: If > 0, compute the loss over chunks of this many tokens of the final hidden state,
+                never forming the full (tokens, vocab) float32 logits; same loss value.
+            attn_implementation: transformers attention backend, e.g. 'sdpa', 'eager', 'flash_attention_2'.
+            init_seed: Seed of the random weights when ``model`` is a config dict.
+            config_overrides: transformers config fields to change when the model is built, e.g.
+                {"hidden_dropout_prob": 0.0}.
+        """
+        super().__init__()
+        check_model_arg(model)
+        check_hparams(lr, weight_decay, warmup_steps, lr_schedule, torch_dtype)
+        check_config_overrides(config_overrides)
+        if isinstance(chunked_ce, bool) or not isinstance(chunked_ce, int) or chunked_ce < 0:
+            raise ValueError(
+                f"`chunked_ce` must be an integer >= 0 (0 = off), got {chunked_ce!r}. 1024 to 8192 tokens is typical."
+            )
+        self.save_hyperparameters()
+        self.model: nn.Module | None = None
+        self.val_perplexity = TokenPerplexity()
+        self._batch_start: float | None = None
+
+    # --- model ---------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return  # Lightning calls this for every stage; build once
+        if self.hparams.model is None:
+            raise ValueError(
+                "CausalLMModule got `model`=None and no backbone was assigned to `.model`: pass a local model "
+                "directory or a config dict with 'model_type'."
+            )
+        from transformers import AutoModelForCausalLM
+
+        self.model = build_hf_model(
+            AutoModelForCausalLM,
+            self.hparams.model,
+            torch_dtype=self.hparams.torch_dtype,
+            attn_implementation=self.hparams.attn_implementation,
+            init_seed=self.hparams.init_seed,
+            **(self.hparams.config_overrides or {}),
+        )
+        if self.hparams.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (batch, seq, vocab)."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    # --- loss ----------------------------------------------------------------------------------
+
+    def token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed NLL over scored tokens, number of scored tokens) of a batch; labels are shifted here."""
+        labels = batch["labels"][:, 1:]  # (batch, seq - 1): token t predicts token t + 1
+        if self.hparams.chunked_ce > 0:
+            return self._chunked_token_losses(batch, labels)
+        logits = self(batch["input_ids"], batch.get("attention_mask"))[:, :-1]  # (batch, seq - 1, vocab)
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return nll, (labels != IGNORE_INDEX).sum()
+
+    def _chunked_token_losses(self, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Full logits are (tokens, vocab) in float32: 4 GiB for 8 x 1024 tokens of a 128k vocabulary, often more
+        # than the whole QLoRA model. Here only the scored positions go through the head, `chunked_ce` at a time,
+        # and each chunk runs under activation checkpointing so its logits are freed at once and recomputed in
+        # backward: peak extra memory is one chunk's logits. Per-token losses are summed, as the plain path
+        # does, so the value is the same (up to float summation order).
+        config = self.model.config
+        for name in _LOGIT_TRANSFORMS:
+            if getattr(config, name, None) not in (None, 1, 1.0):
+                raise ValueError(
+                    f"`chunked_ce` needs logits = lm_head(hidden), but this model's config sets {name}="
+                    f"{getattr(config, name)!r}; use chunked_ce=0 for {type(self.model).__name__}."
+                )
+        outputs = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+        hidden = outputs.last_hidden_state[:, :-1]  # (batch, seq - 1, hidden)
+        scored = labels != IGNORE_INDEX
+        hidden, targets = hidden[scored], labels[scored]  # (tokens, hidden), (tokens,)
+        head = self.model.get_output_embeddings()
+        nll = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, targets.numel(), self.hparams.chunked_ce):
+            end = start + self.hparams.chunked_ce
+            nll = nll + checkpoint(_chunk_nll, head, hidden[start:end], targets[start:end], use_reentrant=False)
+        return nll, scored.sum()
+
+    # --- steps ---------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        nll, tokens = self.token_losses(batch)
+        loss = nll / tokens.clamp_min(1)
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        nll, tokens = self.token_losses(batch)
+        self.val_perplexity.update(nll, tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        # Token-weighted over the whole validation set: loss = total NLL / total tokens. compute() sums both over
+        # all ranks first, so every rank holds the same value; sync_dist only averages equal numbers.
+        perplexity = self.val_perplexity.compute()
+        self.log("val_loss", perplexity.log().float(), prog_bar=True, sync_dist=True)
+        self.log("val_perplexity", perplexity.float(), sync_dist=True)
+        self.val_perplexity.reset()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        if self._batch_start is None:
+            return
+        seconds = time.perf_counter() - self._batch_start
+        mask = batch.get("attention_mask")
+        tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        # Real (non-pad) tokens through forward, backward and the optimizer step, on this process.
+        self.log("train_tokens_per_s", tokens / max(seconds, 1e-9), on_step=True, on_epoch=False)
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        return configure_adamw(self, hp.lr, hp.weight_decay, hp.warmup_steps, hp.lr_schedule)
+
+
+def _chunk_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")

@@ -1,0 +1,228 @@
+"""Low-memory loading and the distributed code paths that run on CPU (gloo).
+
+- ``build_quantized_model`` gives the same packed 4-bit bytes, the same other weights and the same
+  outputs as building the full model and quantizing it, from one safetensors file or a sharded
+  directory; its random init is seeded and has HF's init std.
+- FSDP2 (``ModelParallelStrategy``) runs on CPU with gloo: two ranks train a quantized tiny Llama
+  through ``LoRACallback``, the adapter gathered from both shards equals the one each rank saw
+  (full tensors), and the packed NF4 bytes each layer holds are those from before sharding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from _models import tiny_llama, token_batch
+from lightning_lora import QuantizationConfig, quantize_model
+from lightning_lora.loading import build_quantized_model
+from lightning_lora.quantization import bitsandbytes_available, is_4bit
+
+pytestmark = pytest.mark.skipif(not bitsandbytes_available(), reason="bitsandbytes is not usable here")
+
+NF4 = QuantizationConfig(mode="nf4", compute_dtype="bfloat16")
+
+
+def _reference(dtype: torch.dtype = torch.bfloat16):
+    """tiny_llama's weights in a model built as from_pretrained builds it (inv_freq stays float32)."""
+    source = tiny_llama()
+    model = AutoModelForCausalLM.from_config(source.config, dtype=dtype).train()
+    model.load_state_dict(source.state_dict())
+    return model
+
+
+def _bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().contiguous().view(torch.uint8)
+
+
+def _assert_same_model(expected, actual) -> None:
+    expected_params, actual_params = dict(expected.named_parameters()), dict(actual.named_parameters())
+    assert expected_params.keys() == actual_params.keys()
+    for name, param in expected_params.items():
+        assert param.dtype == actual_params[name].dtype, name
+        assert torch.equal(_bytes(param), _bytes(actual_params[name])), name
+    for name, buffer in expected.named_buffers():
+        assert torch.equal(buffer, dict(actual.named_buffers())[name]), name
+    for name, module in expected.named_modules():
+        if is_4bit(module):
+            other = actual.get_submodule(name)
+            assert is_4bit(other), name
+            assert torch.equal(module.weight.quant_state.absmax, other.weight.quant_state.absmax), name
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "sharded-dir"])
+def test_loaded_model_equals_model_built_then_quantized(tmp_path, sharded):
+    reference = _reference()
+    state = {k: v.contiguous() for k, v in reference.state_dict().items()}
+    if sharded:  # two files, split between the layers: each block reads only its own tensors
+        first = {k: v for k, v in state.items() if ".layers.1." not in k}
+        save_file(first, tmp_path / "model-00001-of-00002.safetensors")
+        save_file({k: v for k, v in state.items() if k not in first}, tmp_path / "model-00002-of-00002.safetensors")
+        checkpoint = tmp_path
+    else:
+        checkpoint = tmp_path / "model.safetensors"
+        save_file(state, checkpoint)
+
+    loaded = build_quantized_model(reference.config, NF4, device="cpu", offload_to=None, checkpoint=checkpoint).train()
+    quantized = quantize_model(reference, NF4, skip={"lm_head"}, device="cpu")
+
+    assert len(quantized) == 14 and all(is_4bit(loaded.get_submodule(name)) for name in quantized)
+    assert loaded.lm_head.weight.dtype == torch.bfloat16 and not is_4bit(loaded.lm_head)
+    assert loaded.is_loaded_in_4bit is True
+    _assert_same_model(reference, loaded)
+    ids = token_batch()
+    torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, rtol=0, atol=0)
+
+
+def test_config_directory_with_weights_is_the_checkpoint(tmp_path):
+    reference = _reference()
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, tmp_path / "model.safetensors")
+    reference.config.save_pretrained(tmp_path)
+    loaded = build_quantized_model(tmp_path, NF4, device="cpu", offload_to=None)
+    quantize_model(reference, NF4, skip={"lm_head"}, device="cpu")
+    _assert_same_model(reference, loaded)
+
+
+def test_tied_embeddings_stay_tied_and_load_from_one_tensor(tmp_path):
+    config = tiny_llama().config
+    config.tie_word_embeddings = True
+    source = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    state = {k: v.contiguous() for k, v in source.state_dict().items() if k != "lm_head.weight"}  # as HF saves tied models
+    save_file(state, tmp_path / "model.safetensors")
+    loaded = build_quantized_model(config, NF4, device="cpu", offload_to=None, checkpoint=tmp_path / "model.safetensors")
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert torch.equal(loaded.lm_head.weight, source.model.embed_tokens.weight)
+
+
+def test_random_init_is_seeded_with_hf_std_and_leaves_the_global_rng_alone():
+    config = tiny_llama().config
+    rng = torch.get_rng_state()
+    first = build_quantized_model(config, NF4, device="cpu", offload_to=None, seed=3)
+    assert torch.equal(torch.get_rng_state(), rng)
+    second = build_quantized_model(config, NF4, device="cpu", offload_to=None, seed=3)
+    other = build_quantized_model(config, NF4, device="cpu", offload_to=None, seed=4)
+    _assert_same_model(first, second)
+    assert not torch.equal(first.model.embed_tokens.weight, other.model.embed_tokens.weight)
+    std = first.model.embed_tokens.weight.float().std().item()
+    assert abs(std - config.initializer_range) < 0.002
+    assert torch.equal(first.model.norm.weight, torch.ones_like(first.model.norm.weight))
+    assert first.model.rotary_emb.inv_freq.dtype == torch.float32  # computed buffers are kept, not re-allocated
+
+
+def test_loading_errors_name_the_problem(tmp_path):
+    reference = _reference()
+    state = {k: v.contiguous() for k, v in reference.state_dict().items() if "layers.1.mlp.up_proj" not in k}
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"no tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+        build_quantized_model(reference.config, NF4, device="cpu", offload_to=None, checkpoint=tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="does not exist"):
+        build_quantized_model(reference.config, NF4, device="cpu", checkpoint=tmp_path / "missing.safetensors")
+    with pytest.raises(TypeError, match="QuantizationConfig"):
+        build_quantized_model(reference.config, "nf4", device="cpu")
+    state["model.norm.weight"] = torch.ones(3, dtype=torch.bfloat16)
+    state["model.layers.1.mlp.up_proj.weight"] = reference.model.layers[1].mlp.up_proj.weight.detach().contiguous()
+    save_file(state, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match=r"'model\.norm\.weight' has shape \(3,\), the model expects \(64,\)"):
+        build_quantized_model(reference.config, NF4, device="cpu", offload_to=None, checkpoint=tmp_path / "bad.safetensors")
+
+
+# -- FSDP2 through Lightning on CPU (two gloo ranks) --------------------------------------------------
+_FSDP2_SCRIPT = r'''
+import json, os, sys
+sys.path.insert(0, os.environ["LL_TESTS_DIR"])
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
+from _lightning import LlamaLM, token_loader
+from lightning_lora import LoRACallback
+from lightning_lora.distributed import fully_shard_lora, gather_adapter_state_dict, packed_4bit_bytes
+from lightning_lora.quantization import is_4bit
+
+out, phase, quant_storage = sys.argv[1], sys.argv[2], sys.argv[3]
+
+
+class Sharded(LlamaLM):
+    def configure_model(self):
+        if getattr(self, "seen", None) is not None:
+            return
+        self.before, self.seen = packed_4bit_bytes(self.model), {}
+        def record(name, layer):  # the bytes each layer computes with, as FSDP2 all-gathers them
+            if name not in self.seen:
+                self.seen[name] = layer.weight.detach().reshape(-1).view(torch.uint8).cpu().clone()
+
+        for name, module in self.model.named_modules():
+            if is_4bit(module):
+                module.register_forward_pre_hook(lambda layer, args, name=name: record(name, layer))
+        if quant_storage == "bfloat16":
+            self.model.to(torch.bfloat16)  # every tensor of a group in bf16: the set-up bitsandbytes #1945 reports
+        fully_shard_lora(self.model, mesh=self.device_mesh["data_parallel"])
+
+
+L.seed_everything(0)
+module = Sharded(build_in="init", lr=1e-2)
+callbacks = [LoRACallback(r=4, alpha=8, quantize="nf4", quant_storage=quant_storage, backbone="model", export_dir=os.path.join(out, "export"))]
+if phase == "full":
+    callbacks.append(ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), every_n_train_steps=3, save_top_k=-1, filename="{step}"))
+trainer = L.Trainer(
+    accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+    max_steps=6, callbacks=callbacks, logger=False, enable_checkpointing=phase == "full", enable_progress_bar=False,
+    enable_model_summary=False, gradient_clip_val=0.05, gradient_clip_algorithm="norm", deterministic=True,
+)
+# 12 sequences, 2 per rank and step: 3 steps an epoch, so the step-3 checkpoint sits on an epoch boundary.
+trainer.fit(module, token_loader(n=12, seq=16, batch_size=2), ckpt_path=os.path.join(out, "ckpt", "step=3.ckpt") if phase == "resume" else None)
+adapter = gather_adapter_state_dict(trainer, module.model)
+if trainer.is_global_zero:
+    changed = {k: int((module.seen[k] != v).sum()) for k, v in module.before.items()}
+    torch.save({"adapter": adapter, "changed": changed, "step": trainer.global_step}, os.path.join(out, f"{phase}.pt"))
+'''
+
+
+def _launch(script: Path, *args: str) -> None:
+    env = {**os.environ, "LL_TESTS_DIR": str(Path(__file__).parent), "MASTER_PORT": str(_free_port())}
+    env.pop("LOCAL_RANK", None)
+    result = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant_storage", ["uint8", "bfloat16"])
+def test_fsdp2_trains_resumes_sharded_adapter_checkpoint_and_keeps_nf4_bytes(tmp_path, quant_storage):
+    script = tmp_path / "fsdp2.py"
+    script.write_text(_FSDP2_SCRIPT)
+    _launch(script, str(tmp_path), "full", quant_storage)
+    _launch(script, str(tmp_path), "resume", quant_storage)
+    full, resumed = torch.load(tmp_path / "full.pt"), torch.load(tmp_path / "resume.pt")
+
+    assert full["step"] == resumed["step"] == 6
+    assert len(full["changed"]) == 14 and set(full["changed"].values()) == {0}  # bytes each layer saw = before sharding
+    assert set(resumed["changed"].values()) == {0}
+    adapter = full["adapter"]
+    assert len(adapter) == 28 and all(not torch.equal(v, torch.zeros_like(v)) for k, v in adapter.items() if "lora_b" in k)
+    for key, value in adapter.items():  # every rank's shard came back: resumed run == uninterrupted run
+        assert torch.equal(value, resumed["adapter"][key]), key
+    # the checkpoint is a distributed (sharded) checkpoint holding the adapter and its optimizer state only
+    files = list((tmp_path / "ckpt" / "step=3.ckpt").iterdir())
+    assert {f.name for f in files if f.suffix != ".distcp"} == {".metadata", "meta.pt"} and len(files) == 4
+    assert sum(f.stat().st_size for f in files) < 600_000
+    from safetensors.torch import load_file
+
+    exported = load_file(tmp_path / "export" / "adapter" / "adapter_model.safetensors")
+    for key, value in adapter.items():
+        peft_key = "base_model.model." + key.replace("lora_a", "lora_A").replace("lora_b", "lora_B")
+        assert torch.equal(exported[peft_key], value), key
