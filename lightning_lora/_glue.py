@@ -21,6 +21,7 @@ from lightning_lora import distributed
 from lightning_lora.adapter_io import adapter_state_dict, save_adapter
 from lightning_lora.config import LoRAConfig, QuantizationConfig
 from lightning_lora.inject import backbone_fingerprint, inject_lora, lora_state, parameter_summary
+from lightning_lora.layers import LoRALinear
 
 CHECKPOINT_KEY = "lightning_lora"
 # LoRAConfig fields that change which tensors exist or what they compute; dropout and init do not.
@@ -133,6 +134,16 @@ class LoRAController:
                     "optimizer small."
                 )
 
+    def warn_if_eval_mode(self, pl_module: nn.Module) -> None:
+        """Lightning keeps the train/eval mode it finds; ``from_pretrained`` returns eval mode (dropout off)."""
+        module = self.require_injected(pl_module)
+        frozen_in_eval = [name for name, m in module.named_modules() if isinstance(m, LoRALinear) and not m.training]
+        if frozen_in_eval:
+            rank_zero_warn(
+                f"{len(frozen_in_eval)} LoRA layers are in eval mode as training starts (first: {frozen_in_eval[0]!r}), so "
+                "dropout is off. Models from `from_pretrained` come in eval mode: call `.train()` on the backbone after loading."
+            )
+
     def log_summary(self, pl_module: nn.Module) -> str:
         summary = parameter_summary(self.require_injected(pl_module))
         rank_zero_info(f"lightning_lora: {summary}")
@@ -148,7 +159,7 @@ class LoRAController:
             "adapter_only": self.adapter_only_checkpoint,
             "lora_config": state.config.to_dict(),
             "quantization": state.quantization.to_dict() if state.quantization else None,
-            "fingerprint": backbone_fingerprint(module),
+            "fingerprint": state.fingerprint or backbone_fingerprint(module),
         }
 
     def adapter_keys(self, pl_module: nn.Module) -> set[str]:

@@ -54,3 +54,14 @@ def output_head_names(model: nn.Module) -> set[str]:
         if isinstance(out, nn.Module):
             heads.update(name for name, module in model.named_modules() if module is out)
     return heads
+
+
+# Path components that FSDP, activation checkpointing and torch.compile insert when they wrap a submodule.
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def unwrapped_name(name: str) -> str:
+    """``name`` as it was before any wrapper was inserted, so paths compare across strategies."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name

@@ -21,7 +21,7 @@ from torch import nn
 
 from lightning_lora import __version__
 from lightning_lora._io import atomic_write, atomic_write_bytes
-from lightning_lora._matching import matches_suffix, pattern_value
+from lightning_lora._matching import matches_suffix, pattern_value, unwrapped_name
 from lightning_lora.config import LoRAConfig
 from lightning_lora.inject import (
     _under,
@@ -62,20 +62,11 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     lora_paths = set(state.targets)
     out = {}
     for name, param in model.named_parameters():
-        name = _unwrapped_name(name)
+        name = unwrapped_name(name)
         if _is_adapter_param(name, state.config, state.modules_to_save, lora_paths):
             out[name] = param.detach()
     return out
 
-
-# Path components that FSDP and activation checkpointing insert when they wrap a submodule.
-_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def _unwrapped_name(name: str) -> str:
-    for part in _WRAPPER_PARTS:
-        name = name.replace(part, "")
-    return name
 
 
 def to_peft_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -126,6 +126,9 @@ class LoRACallback(Callback):
         self.controller.check_optimizers(trainer, pl_module)
         self.controller.log_summary(pl_module)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.controller.warn_if_eval_mode(pl_module)
+
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.controller.require_injected(pl_module)
 

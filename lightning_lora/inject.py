@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_lora import quantization
-from lightning_lora._matching import matches_any, output_head_names, pattern_value
+from lightning_lora._matching import matches_any, output_head_names, pattern_value, unwrapped_name
 from lightning_lora.config import LoRAConfig, QuantizationConfig
 from lightning_lora.layers import LoRALinear, is_supported_base, lora_layers
 
@@ -27,6 +27,8 @@ class LoRAState:
     targets: list[str]
     modules_to_save: list[str] = field(default_factory=list)
     quantized: list[str] = field(default_factory=list)
+    fingerprint: str = ""
+    """``backbone_fingerprint`` taken at injection, before any strategy wrapped the model."""
 
 
 def lora_state(model: nn.Module) -> LoRAState | None:
@@ -129,7 +131,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, quantization_config: Quant
         )
         setattr(parent, child, layer)
     _unfreeze_extras(model, config, to_save)
-    setattr(model, _STATE_ATTR, LoRAState(config, quantization_config, targets, to_save, quantized))
+    setattr(model, _STATE_ATTR, LoRAState(config, quantization_config, targets, to_save, quantized, backbone_fingerprint(model)))
     return model
 
 
@@ -186,7 +188,7 @@ def backbone_fingerprint(model: nn.Module) -> str:
     for module_name, module in model.named_modules():
         if isinstance(module, LoRALinear) or ".lora_a" in module_name or ".lora_b" in module_name:
             continue
-        clean = module_name.replace(".base_layer", "")
+        clean = unwrapped_name(module_name).replace(".base_layer", "")
         for name, param in module.named_parameters(recurse=False):
             shape = (module.out_features, module.in_features) if name == "weight" and quantization.is_4bit(module) else tuple(param.shape)
             digest.update(f"{clean}.{name}:{shape};".encode())

@@ -62,6 +62,8 @@ class LoRALinear(nn.Module):
                 f"LoRALinear cannot wrap {type(base_layer).__name__}: supported bases are nn.Linear, "
                 "transformers Conv1D and bitsandbytes Linear4bit / Linear8bitLt."
             )
+        if quantization.is_4bit(base_layer):
+            quantization.keep_standard_layout(base_layer)  # also for layers quantized by transformers
         self.base_layer = base_layer
         self.in_features, self.out_features = base_features(base_layer)
         self.r = r
@@ -76,6 +78,7 @@ class LoRALinear(nn.Module):
         self.enabled = True
         self._quantized_snapshot: dict[str, Any] | None = None
         self.reset_lora_parameters(init)
+        self.train(base_layer.training)  # a wrapped eval-mode model stays in eval mode
 
     def reset_lora_parameters(self, init: str = "kaiming") -> None:
         if init == "gaussian":

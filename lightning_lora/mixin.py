@@ -23,7 +23,7 @@ class LoRAMixin:
 
     Declare the configs as class attributes or set them in ``__init__``; the mixin injects in
     ``setup`` (or right after ``configure_model`` builds the backbone), keeps checkpoints
-    adapter-only and checks them on resume. Hooks you override (``setup``, ``on_fit_start``,
+    adapter-only and checks them on resume. Hooks you override (``setup``, ``on_fit_start``, ``on_train_start``,
     ``on_save_checkpoint``, ``on_load_checkpoint``, ``on_before_optimizer_step``) must call ``super()``.
 
     Example::
@@ -88,6 +88,10 @@ class LoRAMixin:
         super().on_fit_start()
         self.lora_controller.check_optimizers(self.trainer, self)
         self.lora_controller.log_summary(self)
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self.lora_controller.warn_if_eval_mode(self)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

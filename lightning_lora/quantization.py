@@ -113,7 +113,20 @@ def quantize_linear(linear: nn.Linear, config: QuantizationConfig, device: torch
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
     layer.train(linear.training)
+    keep_standard_layout(layer)
     return layer.to(device)  # quantization happens here, one layer at a time
+
+
+def keep_standard_layout(layer: nn.Module) -> None:
+    """Stop bitsandbytes from repacking a 4-bit weight in place on CPU.
+
+    On CPUs with AVX512-BF16, an eval-mode forward under no_grad rewrites the packed weight into a
+    kernel-specific layout; a later training step on the same layer then fails ("a view of a leaf
+    Variable ... in-place operation") and dequantization reads the wrong layout. Keeping the one
+    standard layout makes eval and training agree and costs only CPU inference speed.
+    """
+    if hasattr(layer, "support_avx512bf16_for_cpu"):
+        layer.support_avx512bf16_for_cpu = False
 
 
 def quantize_model(

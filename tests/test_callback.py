@@ -259,3 +259,10 @@ def test_nonfinite_gradients_skip_the_step_and_stop_after_the_limit():
             trainer(10, [callback]).fit(module, token_loader())
     assert callback.controller.skipped_steps == 3
     assert all(torch.isfinite(v).all() for v in adapter_state_dict(module.model).values())
+
+
+def test_backbone_left_in_eval_mode_warns():
+    module = LlamaLM(build_in="init")
+    module.model.eval()  # what from_pretrained returns
+    with pytest.warns(UserWarning, match=r"LoRA layers are in eval mode.*call `.train\(\)`"):
+        trainer(1, [_callback()]).fit(module, token_loader())

@@ -245,3 +245,27 @@ def test_quantize_linear_refuses_meta_weights():
         linear = nn.Linear(64, 32)
     with pytest.raises(ValueError, match="`quantize_linear` got a layer on the meta device: its weights do not exist yet"):
         quantize_linear(linear, QuantizationConfig())
+
+
+def test_eval_forward_then_training_works_on_4bit_cpu():
+    # bitsandbytes would repack 4-bit weights in place on an eval no-grad CPU forward (AVX512-BF16),
+    # which breaks a later training step; LoRA layers keep the standard layout instead.
+    from lightning_lora import LoRAConfig, QuantizationConfig, inject_lora, merged_state_dict
+
+    from _models import tiny_llama, token_batch
+
+    model = inject_lora(tiny_llama(), LoRAConfig(r=4), QuantizationConfig(mode="nf4"))
+    ids = token_batch()
+    model.train()
+    train_logits = model(input_ids=ids).logits.detach()
+    model.eval()
+    with torch.inference_mode():
+        eval_logits = model(input_ids=ids).logits
+    torch.testing.assert_close(eval_logits, train_logits)  # same kernel path, same numbers
+    before = merged_state_dict(model)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    after = merged_state_dict(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
