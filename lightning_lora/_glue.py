@@ -8,6 +8,7 @@ before the optimizer is built, whichever of __init__, setup or configure_model b
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from torch import nn
 import lightning_lora
 from lightning_lora import distributed
 from lightning_lora.adapter_io import adapter_state_dict, save_adapter
+from lightning_lora.checkpoint_io import install_atomic_checkpoint_io
 from lightning_lora.config import LoRAConfig, QuantizationConfig
 from lightning_lora.inject import backbone_fingerprint, inject_lora, lora_state, parameter_summary
 from lightning_lora.layers import LoRALinear
@@ -52,6 +54,25 @@ class LoRAController:
         self.max_nonfinite_steps = max_nonfinite_steps
         self.nonfinite_streak = 0
         self.skipped_steps = 0
+
+    # -- Lightning's setup -----------------------------------------------------------------------
+    def setup(self, trainer: Any, pl_module: nn.Module, check_checkpoints: bool) -> None:
+        """Everything both front ends do in ``setup``. ``check_checkpoints`` wraps the module's
+        ``on_load_checkpoint`` so checkpoints are validated before any weight loads (the mixin
+        overrides that hook itself instead)."""
+        device = trainer.strategy.root_device
+        kind = distributed.strategy_kind(trainer)
+        install_atomic_checkpoint_io(trainer.strategy)  # no torn last.ckpt when the run is killed mid-write
+        if self.adapter_only_checkpoint:
+            pl_module.strict_loading = False  # the checkpoint lacks the frozen backbone by design
+        if not self.maybe_inject(pl_module, device):
+            run_after(pl_module, "configure_model", lambda *_: self.inject_after_configure_model(pl_module, device))
+        if check_checkpoints:
+            run_before(pl_module, "on_load_checkpoint", lambda checkpoint: self.validate_checkpoint(checkpoint, pl_module))
+        if kind == "fsdp":
+            pl_module.configure_gradient_clipping = functools.partial(fsdp_safe_clipping, trainer, pl_module)
+        if self.adapter_only_checkpoint and kind in ("fsdp", "fsdp2"):
+            distributed.allow_adapter_only_sharded_load(trainer.strategy, lambda: self.adapter_keys(pl_module))
 
     # -- injection -----------------------------------------------------------------------------
     def backbone_of(self, pl_module: nn.Module) -> nn.Module | None:

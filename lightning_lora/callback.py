@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_lora import distributed
-from lightning_lora._glue import LoRAController, fsdp_safe_clipping, run_after, run_before
-from lightning_lora.checkpoint_io import install_atomic_checkpoint_io
+from lightning_lora._glue import LoRAController
 from lightning_lora.config import BiasMode, InitMode, LoRAConfig, QuantizationConfig
 
 
@@ -108,18 +105,7 @@ class LoRACallback(Callback):
         return f"LoRACallback{{backbone={self.controller.backbone!r}}}"
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        controller = self.controller
-        device = trainer.strategy.root_device
-        install_atomic_checkpoint_io(trainer.strategy)  # no torn last.ckpt when the run is killed mid-write
-        if controller.adapter_only_checkpoint:
-            pl_module.strict_loading = False  # the checkpoint lacks the frozen backbone by design
-        if not controller.maybe_inject(pl_module, device):
-            run_after(pl_module, "configure_model", lambda *_: controller.inject_after_configure_model(pl_module, device))
-        run_before(pl_module, "on_load_checkpoint", lambda checkpoint: controller.validate_checkpoint(checkpoint, pl_module))
-        if distributed.strategy_kind(trainer) == "fsdp":
-            pl_module.configure_gradient_clipping = functools.partial(fsdp_safe_clipping, trainer, pl_module)
-        if controller.adapter_only_checkpoint and distributed.strategy_kind(trainer) in ("fsdp", "fsdp2"):
-            distributed.allow_adapter_only_sharded_load(trainer.strategy, lambda: controller.adapter_keys(pl_module))
+        self.controller.setup(trainer, pl_module, check_checkpoints=True)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.controller.require_injected(pl_module)

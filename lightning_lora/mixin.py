@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -11,8 +10,7 @@ import torch
 from torch import nn
 
 from lightning_lora import distributed
-from lightning_lora._glue import LoRAController, fsdp_safe_clipping, run_after
-from lightning_lora.checkpoint_io import install_atomic_checkpoint_io
+from lightning_lora._glue import LoRAController
 from lightning_lora.adapter_io import load_adapter, save_adapter
 from lightning_lora.config import LoRAConfig, QuantizationConfig
 from lightning_lora.merge import merge_lora, unmerge_lora
@@ -72,17 +70,7 @@ class LoRAMixin:
     # -- Lightning hooks -----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        controller = self.lora_controller
-        device = self.trainer.strategy.root_device
-        install_atomic_checkpoint_io(self.trainer.strategy)  # no torn last.ckpt when the run is killed mid-write
-        if controller.adapter_only_checkpoint:
-            self.strict_loading = False
-        if not controller.maybe_inject(self, device):
-            run_after(self, "configure_model", lambda *_: controller.inject_after_configure_model(self, device))
-        if distributed.strategy_kind(self.trainer) == "fsdp":
-            self.configure_gradient_clipping = functools.partial(fsdp_safe_clipping, self.trainer, self)
-        if controller.adapter_only_checkpoint and distributed.strategy_kind(self.trainer) in ("fsdp", "fsdp2"):
-            distributed.allow_adapter_only_sharded_load(self.trainer.strategy, lambda: controller.adapter_keys(self))
+        self.lora_controller.setup(self.trainer, self, check_checkpoints=False)  # on_load_checkpoint below checks
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

@@ -1,7 +1,8 @@
-"""Shared plumbing for the DataModules: argument checks, file reading, seeded splits, padding.
+"""Shared plumbing for the DataModules: argument checks, file reading, seeded splits, padding,
+and ``_TokenizedDataModule``, the base class that holds what the three DataModules do alike.
 
-Nothing here imports Lightning or the rest of ``lightning_lora``; transformers is imported
-lazily, only when a tokenizer has to be loaded from a directory.
+Only that base class touches Lightning; a tokenizer is loaded (by transformers' ``AutoTokenizer``,
+imported lazily) only when it has to come from a directory.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import Dataset
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
+
+from lightning_lora.data._resumable import ResumableDataLoader
 
 EncodingErrors = Literal["strict", "replace", "ignore"]
 _ENCODING_ERRORS = ("strict", "replace", "ignore")
@@ -205,12 +209,14 @@ def require_columns(path: str, rows: list[Row], lines: list[int], columns: dict[
 
 
 def split_indices(
-    n: int, fractions: Sequence[float], seed: int, path: str
+    n: int, fractions: Sequence[float], seed: int, path: str, limit: int | None = None
 ) -> tuple[list[int], list[list[int]]]:
     """Shuffle ``range(n)`` with ``seed``; carve held-out splits off the front, the rest is train.
 
     Each held-out split gets ``max(1, round(n * fraction))`` indices when its fraction is > 0, so
-    it is never empty. Returns ``(train, [held_out_0, held_out_1, ...])``.
+    it is never empty. Train is then cut to its first ``limit`` indices (None keeps all), which
+    leaves the held-out splits the same for every ``limit``.
+    Returns ``(train, [held_out_0, held_out_1, ...])``.
     """
     order = list(range(n))
     random.Random(seed).shuffle(order)
@@ -225,7 +231,8 @@ def split_indices(
     for size in sizes:
         held_out.append(order[start : start + size])
         start += size
-    return order[start:], held_out
+    train = order[start:]
+    return (train if limit is None else train[:limit]), held_out
 
 
 # --- datasets and collation -----------------------------------------------------------------
@@ -266,3 +273,92 @@ class PadCollator:
             else:
                 batch[key] = torch.tensor([ex[key] for ex in examples], dtype=torch.long)  # (batch,)
         return batch
+
+
+# --- the DataModule base --------------------------------------------------------------------
+
+
+class _TokenizedDataModule(LightningDataModule):
+    """What the DataModules do alike: the common argument checks, a tokenizer loaded on first use,
+    the prepare_data/setup pattern and seeded ``ResumableDataLoader``s over the built datasets.
+
+    A subclass validates its own arguments and calls ``save_hyperparameters`` in its ``__init__``
+    (Lightning reads the arguments from that frame), reads its file in ``_read_file`` (called on
+    rank 0 by prepare_data, and again by ``_build_datasets``), fills ``train_dataset`` and
+    ``val_dataset`` in ``_build_datasets``, and overrides ``_collator`` to pad its batches.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        tokenizer: str | PreTrainedTokenizerBase,
+        extensions: Sequence[str],
+        batch_size: int,
+        val_fraction: float,
+        seed: int,
+        num_workers: int,
+        encoding_errors: str,
+    ) -> None:
+        super().__init__()
+        check_path(path, extensions)
+        check_tokenizer(tokenizer)
+        check_common(batch_size, val_fraction, seed, num_workers, encoding_errors)
+        self.path = str(path)
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.num_workers = num_workers
+        self.encoding_errors = encoding_errors
+        self._tokenizer_arg = tokenizer
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self._tokenizer_arg)
+        return self._tokenizer
+
+    def _read_file(self) -> Any:
+        """Read and validate ``path`` (no tokenizing)."""
+        raise NotImplementedError
+
+    def _build_datasets(self) -> None:
+        """Tokenize and split the file into ``train_dataset`` and ``val_dataset`` (and any others)."""
+        raise NotImplementedError
+
+    def _collator(self) -> PadCollator | None:
+        """Batches the examples of a loader; None keeps torch's default collation."""
+        return None
+
+    # --- LightningDataModule hooks ---
+
+    def prepare_data(self) -> None:
+        # Only validates the file on rank 0 so a bad file fails fast; setup builds state on every rank.
+        self._read_file()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is None:
+            self._build_datasets()
+
+    def _dataloader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("Call setup() before asking for a dataloader.")
+        return ResumableDataLoader(
+            dataset,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=self._collator(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._dataloader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_fraction == 0:
+            return []  # no validation split: Lightning skips validation
+        return self._dataloader(self.val_dataset, shuffle=False)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from lightning import LightningDataModule
-from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lightning_lora.data._common import (
@@ -15,20 +13,16 @@ from lightning_lora.data._common import (
     EncodingErrors,
     ListDataset,
     PadCollator,
-    check_common,
-    check_path,
+    _TokenizedDataModule,
     check_positive,
-    check_tokenizer,
-    load_tokenizer,
     pad_token_id,
     read_rows,
     require_columns,
     split_indices,
 )
-from lightning_lora.data._resumable import ResumableDataLoader
 
 
-class InstructionDataModule(LightningDataModule):
+class InstructionDataModule(_TokenizedDataModule):
     """Instruction tuning data: each row becomes ``prompt tokens + response tokens + EOS``.
 
     ``labels`` equal ``input_ids`` with the prompt tokens and the padding set to -100, so the loss only
@@ -85,54 +79,31 @@ class InstructionDataModule(LightningDataModule):
             num_workers: DataLoader worker processes.
             encoding_errors: How to treat non-UTF-8 bytes: "strict" (error), "replace" (U+FFFD) or "ignore".
         """
-        super().__init__()
-        check_path(path, TABLE_EXTENSIONS)
-        check_tokenizer(tokenizer)
-        check_common(batch_size, val_fraction, seed, num_workers, encoding_errors)
+        super().__init__(
+            path, tokenizer, TABLE_EXTENSIONS, batch_size, val_fraction, seed, num_workers, encoding_errors
+        )
         check_positive("max_length", max_length)
         if limit is not None:
             check_positive("limit", limit)
         _check_prompt_template(prompt_template)
         self.save_hyperparameters(ignore=None if isinstance(tokenizer, str) else ["tokenizer"])
-        self.path = str(path)
         self.prompt_column = prompt_column
         self.response_column = response_column
         self.messages_column = messages_column
         self.prompt_template = prompt_template
         self.max_length = max_length
-        self.batch_size = batch_size
-        self.val_fraction = val_fraction
-        self.seed = seed
         self.limit = limit
-        self.num_workers = num_workers
-        self.encoding_errors = encoding_errors
-        self._tokenizer_arg = tokenizer
-        self._tokenizer: PreTrainedTokenizerBase | None = None
         self._pairs: list[tuple[str, str]] | None = None
-        self.train_dataset: ListDataset | None = None
-        self.val_dataset: ListDataset | None = None
 
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self._tokenizer_arg)
-        return self._tokenizer
+    # prepare_data, setup and the loaders come from _TokenizedDataModule.
 
-    def prepare_data(self) -> None:
-        # Only validates the file on rank 0 so a bad file fails fast; setup builds state on every rank.
-        self._read_pairs()
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_dataset is not None:
-            return
-        pairs = self._read_pairs()
-        train, (val,) = split_indices(len(pairs), [self.val_fraction], self.seed, self.path)
-        if self.limit is not None:
-            train = train[: self.limit]
+    def _build_datasets(self) -> None:
+        pairs = self._read_file()
+        train, (val,) = split_indices(len(pairs), [self.val_fraction], self.seed, self.path, self.limit)
         self.train_dataset = self._tokenize([pairs[i] for i in train])
         self.val_dataset = self._tokenize([pairs[i] for i in val])
 
-    def _read_pairs(self) -> list[tuple[str, str]]:
+    def _read_file(self) -> list[tuple[str, str]]:
         """Rows as ``(prompt text, response text)``; read once."""
         if self._pairs is None:
             self._pairs = self._render_rows()
@@ -208,27 +179,8 @@ class InstructionDataModule(LightningDataModule):
             )
         return ListDataset(examples)
 
-    def _dataloader(self, dataset: ListDataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("Call setup() before asking for a dataloader.")
-        collator = PadCollator({"input_ids": pad_token_id(self.tokenizer), "attention_mask": 0, "labels": IGNORE_INDEX})
-        return ResumableDataLoader(
-            dataset,
-            seed=self.seed,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=collator,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._dataloader(self.train_dataset, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        if self.val_fraction == 0:
-            return []  # no validation split: Lightning skips validation
-        return self._dataloader(self.val_dataset, shuffle=False)
+    def _collator(self) -> PadCollator:
+        return PadCollator({"input_ids": pad_token_id(self.tokenizer), "attention_mask": 0, "labels": IGNORE_INDEX})
 
 
 def _check_prompt_template(prompt_template: str) -> None:

@@ -5,28 +5,23 @@ from __future__ import annotations
 import os
 
 import torch
-from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from lightning_lora.data._common import (
     EncodingErrors,
-    check_common,
-    check_path,
+    _TokenizedDataModule,
     check_positive,
-    check_tokenizer,
-    load_tokenizer,
     read_rows,
     read_text,
     require_columns,
     split_indices,
 )
-from lightning_lora.data._resumable import ResumableDataLoader
 
 _EXTENSIONS = (".txt", ".jsonl", ".json")
 
 
-class TextDataModule(LightningDataModule):
+class TextDataModule(_TokenizedDataModule):
     """Causal language modelling on a ``.txt`` file or a JSONL file with a ``text_column`` column.
 
     A ``.txt`` file is one stream: its lines (newlines kept) are tokenized and joined. A JSONL file is one
@@ -69,39 +64,16 @@ class TextDataModule(LightningDataModule):
             encoding_errors: How to treat non-UTF-8 bytes: "strict" (error), "replace" (U+FFFD) or "ignore".
             text_column: Column holding each document, for JSONL files.
         """
-        super().__init__()
-        check_path(path, _EXTENSIONS)
-        check_tokenizer(tokenizer)
-        check_common(batch_size, val_fraction, seed, num_workers, encoding_errors)
+        super().__init__(path, tokenizer, _EXTENSIONS, batch_size, val_fraction, seed, num_workers, encoding_errors)
         check_positive("block_size", block_size)
         self.save_hyperparameters(ignore=None if isinstance(tokenizer, str) else ["tokenizer"])
-        self.path = str(path)
         self.block_size = block_size
-        self.batch_size = batch_size
-        self.val_fraction = val_fraction
-        self.seed = seed
-        self.num_workers = num_workers
-        self.encoding_errors = encoding_errors
         self.text_column = text_column
-        self._tokenizer_arg = tokenizer
-        self._tokenizer: PreTrainedTokenizerBase | None = None
-        self.train_dataset: _BlockDataset | None = None
-        self.val_dataset: _BlockDataset | None = None
 
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self._tokenizer_arg)
-        return self._tokenizer
+    # prepare_data, setup and the loaders come from _TokenizedDataModule; batches use torch's default collation.
 
-    def prepare_data(self) -> None:
-        # Only validates the file on rank 0 so a bad file fails fast; setup builds state on every rank.
-        self._read_documents()
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_dataset is not None:
-            return
-        documents, separate = self._read_documents()
+    def _build_datasets(self) -> None:
+        documents, separate = self._read_file()
         ids = self.tokenizer(documents, add_special_tokens=False)["input_ids"]
         eos = self.tokenizer.eos_token_id
         stream = [token for doc in ids for token in (doc + [eos] if separate and eos is not None else doc)]
@@ -116,7 +88,7 @@ class TextDataModule(LightningDataModule):
         self.train_dataset = _BlockDataset(blocks[train])
         self.val_dataset = _BlockDataset(blocks[val])
 
-    def _read_documents(self) -> tuple[list[str], bool]:
+    def _read_file(self) -> tuple[list[str], bool]:
         """The texts to tokenize, and whether they are separate documents (EOS between them)."""
         if os.path.splitext(self.path)[1].lower() == ".txt":
             lines = read_text(self.path, self.encoding_errors).splitlines(keepends=True)
@@ -126,26 +98,6 @@ class TextDataModule(LightningDataModule):
         rows, lines = read_rows(self.path, self.encoding_errors)
         require_columns(self.path, rows, lines, {"text_column": self.text_column})
         return [str(row[self.text_column]) for row in rows], True
-
-    def _dataloader(self, dataset: _BlockDataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("Call setup() before asking for a dataloader.")
-        return ResumableDataLoader(
-            dataset,
-            seed=self.seed,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._dataloader(self.train_dataset, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        if self.val_fraction == 0:
-            return []  # no validation split: Lightning skips validation
-        return self._dataloader(self.val_dataset, shuffle=False)
 
 
 class _BlockDataset(Dataset):

