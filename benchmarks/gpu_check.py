@@ -107,7 +107,7 @@ def run(scenario: str, out: Path, steps: int, seq: int, batch: int) -> None:
     from lightning_lora.distributed import gather_adapter_state_dict
 
     gathered = gather_adapter_state_dict(trainer, module.model)
-    checksum = torch.tensor([sum(float(v.double().abs().sum()) for v in gathered.values())], device=module.device)
+    checksum = torch.tensor([sum(float(v.double().abs().sum()) for v in gathered.values())], device=trainer.strategy.root_device)
     checksums = trainer.strategy.all_gather(checksum).flatten().tolist() if devices > 1 else [checksum.item()]
     steady = module.step_times[3:] or module.step_times
     tokens_per_s = devices * batch * seq / (sum(steady) / len(steady))
