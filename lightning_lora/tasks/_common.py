@@ -93,6 +93,27 @@ def build_hf_model(
     return built.train()
 
 
+def build_backbone(module: Any, auto_class: Any, **config_fields: Any) -> nn.Module:
+    """Build ``module.hparams.model`` with ``auto_class`` (e.g. AutoModelForCausalLM), as the task's hparams say."""
+    hp = module.hparams
+    if hp.model is None:
+        raise ValueError(
+            f"{type(module).__name__} got `model`=None and no backbone was assigned to `.model`: pass a local "
+            "model directory or a config dict with 'model_type'."
+        )
+    model = build_hf_model(
+        auto_class,
+        hp.model,
+        torch_dtype=hp.torch_dtype,
+        attn_implementation=hp.attn_implementation,
+        init_seed=hp.init_seed,
+        **{**(hp.config_overrides or {}), **config_fields},
+    )
+    if hp.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
+
+
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     # Non-reentrant checkpointing: the reentrant variant gives LoRA no gradients when the embedding
     # is frozen (transformers #26221), which is always the case here.

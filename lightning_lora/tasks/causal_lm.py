@@ -14,12 +14,11 @@ from torchmetrics import Metric
 
 from lightning_lora.tasks._common import (
     LRSchedule,
-    build_hf_model,
+    build_backbone,
     check_config_overrides,
     check_hparams,
     check_model_arg,
     configure_adamw,
-    enable_gradient_checkpointing,
 )
 
 IGNORE_INDEX = -100
@@ -114,23 +113,9 @@ class CausalLMModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return  # Lightning calls this for every stage; build once
-        if self.hparams.model is None:
-            raise ValueError(
-                "CausalLMModule got `model`=None and no backbone was assigned to `.model`: pass a local model "
-                "directory or a config dict with 'model_type'."
-            )
         from transformers import AutoModelForCausalLM
 
-        self.model = build_hf_model(
-            AutoModelForCausalLM,
-            self.hparams.model,
-            torch_dtype=self.hparams.torch_dtype,
-            attn_implementation=self.hparams.attn_implementation,
-            init_seed=self.hparams.init_seed,
-            **(self.hparams.config_overrides or {}),
-        )
-        if self.hparams.gradient_checkpointing:
-            enable_gradient_checkpointing(self.model)
+        self.model = build_backbone(self, AutoModelForCausalLM)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (batch, seq, vocab)."""

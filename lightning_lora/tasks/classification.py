@@ -12,12 +12,11 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lightning_lora.tasks._common import (
     LRSchedule,
-    build_hf_model,
+    build_backbone,
     check_config_overrides,
     check_hparams,
     check_model_arg,
     configure_adamw,
-    enable_gradient_checkpointing,
 )
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -93,29 +92,15 @@ class SequenceClassificationModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return  # Lightning calls this for every stage; build once
-        if self.hparams.model is None:
-            raise ValueError(
-                "SequenceClassificationModule got `model`=None and no backbone was assigned to `.model`: pass a local "
-                "model directory or a config dict with 'model_type'."
-            )
         from transformers import AutoModelForSequenceClassification
 
-        extra: dict[str, Any] = {**(self.hparams.config_overrides or {}), "num_labels": self.hparams.num_labels}
+        extra: dict[str, Any] = {"num_labels": self.hparams.num_labels}
         if self.hparams.labels is not None:
             extra["id2label"] = dict(enumerate(self.hparams.labels))
             extra["label2id"] = {name: i for i, name in enumerate(self.hparams.labels)}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.hparams.init_seed)  # the new head's init does not depend on the global seed
-            self.model = build_hf_model(
-                AutoModelForSequenceClassification,
-                self.hparams.model,
-                torch_dtype=self.hparams.torch_dtype,
-                attn_implementation=self.hparams.attn_implementation,
-                init_seed=self.hparams.init_seed,
-                **extra,
-            )
-        if self.hparams.gradient_checkpointing:
-            enable_gradient_checkpointing(self.model)
+            self.model = build_backbone(self, AutoModelForSequenceClassification, **extra)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits (batch, num_labels)."""
