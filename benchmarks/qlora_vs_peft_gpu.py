@@ -1,0 +1,235 @@
+"""QLoRA training speed and memory on one GPU: PEFT + bitsandbytes vs lightning_lora, side by side.
+
+Llama-2-7B shape with random weights, nf4 + double quant, LoRA r=16 alpha=32 on q,k,v,o,gate,up,down,
+batch 2 x 2048, AdamW, bf16 autocast. Each configuration builds the same model from the same seed in
+this one process, runs 2 warm-up and ``--steps`` timed optimizer steps, and reports tokens/s, peak
+memory and MFU against a bf16 matmul ceiling measured in the same run. Also the unmerged/merged
+inference overhead of our LoRA layers against the quantized base. Prints a table, writes JSON.
+
+    python benchmarks/qlora_vs_peft_gpu.py --out results.json [--steps 8] [--layers 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+
+R, ALPHA, BATCH, SEQ = 16, 32, 2, 2048
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def matmul_ceiling() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (time.perf_counter() - start)
+
+
+def quantized_llama(layers: int) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_lora import QuantizationConfig, quantize_model
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=SEQ)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    quantize_model(model, QuantizationConfig(mode="nf4", compute_dtype="bfloat16"), device="cuda")
+    model.config.use_cache = False
+    return model
+
+
+def peft_model(layers: int, recipe: bool, gc_on: bool) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model = quantized_llama(layers)
+    if recipe:  # PEFT's documented QLoRA recipe: fp32 upcast of norms/embeddings/head
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc_on, gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gc_on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0))
+
+
+def ours_model(layers: int, gc_on: bool) -> torch.nn.Module:
+    from lightning_lora import LoRAConfig, inject_lora
+
+    model = quantized_llama(layers)
+    if gc_on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return inject_lora(model, LoRAConfig(r=R, alpha=ALPHA, target_modules=TARGETS))
+
+
+def train_raw(model: torch.nn.Module, steps: int) -> dict:
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, 32000, (BATCH, SEQ), device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(steps + 2):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if step >= 2:
+            times.append(time.perf_counter() - start)
+    return {"tokens_per_s": BATCH * SEQ / (sum(times) / len(times)), "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss)}
+
+
+def train_lightning(layers: int, steps: int, gc_on: bool) -> dict:
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_lora import LoRACallback
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = quantized_llama(layers)
+            if gc_on:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.times: list[float] = []
+
+        def training_step(self, batch, batch_idx):
+            (ids,) = batch
+            return self.model(input_ids=ids, labels=ids).loss
+
+        def on_train_batch_start(self, batch, batch_idx):
+            torch.cuda.synchronize()
+            self._t = time.perf_counter()
+
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self._t)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-4)
+
+    module = Module()
+    data = DataLoader(TensorDataset(torch.randint(0, 32000, ((steps + 2) * BATCH, SEQ))), batch_size=BATCH)
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=steps + 2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[LoRACallback(r=R, alpha=ALPHA, target_modules=TARGETS, backbone="model")])
+    torch.cuda.reset_peak_memory_stats()
+    trainer.fit(module, data)
+    times = module.times[2:]
+    return {"tokens_per_s": BATCH * SEQ / (sum(times) / len(times)), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+@torch.no_grad()
+def inference_overhead(layers: int) -> dict:
+    from lightning_lora import LoRAConfig, disable_lora, inject_lora, merge_lora
+
+    model = inject_lora(quantized_llama(layers), LoRAConfig(r=R, alpha=ALPHA, target_modules=TARGETS)).eval()
+    for layer in model.modules():
+        if hasattr(layer, "lora_b"):
+            torch.nn.init.normal_(layer.lora_b.weight, std=1e-3)
+    out = {}
+    for batch, seq in ((8, 2048), (1, 512)):
+        ids = torch.randint(0, 32000, (batch, seq), device="cuda")
+
+        def timed() -> float:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                for _ in range(2):
+                    model(input_ids=ids)
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(5):
+                    model(input_ids=ids)
+                torch.cuda.synchronize()
+            return (time.perf_counter() - start) / 5
+
+        with disable_lora(model):
+            base = timed()
+        unmerged = timed()
+        out[f"{batch}x{seq}"] = {"base_s": base, "unmerged_s": unmerged, "unmerged_overhead": unmerged / base - 1}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merge_lora(model)
+    for batch, seq in ((8, 2048), (1, 512)):
+        ids = torch.randint(0, 32000, (batch, seq), device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            for _ in range(2):
+                model(input_ids=ids)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(5):
+                model(input_ids=ids)
+            torch.cuda.synchronize()
+        merged = (time.perf_counter() - start) / 5
+        entry = out[f"{batch}x{seq}"]
+        entry["merged_s"] = merged
+        entry["merged_overhead"] = merged / entry["base_s"] - 1
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=32)
+    args = parser.parse_args()
+    ceiling = matmul_ceiling()
+    params = 6_738_415_616 * args.layers / 32  # Llama-2-7B, scaled by depth
+    runs = {
+        "peft_recipe": lambda: train_raw(peft_model(args.layers, recipe=True, gc_on=False), args.steps),
+        "peft_no_upcast": lambda: train_raw(peft_model(args.layers, recipe=False, gc_on=False), args.steps),
+        "ours_raw_loop": lambda: train_raw(ours_model(args.layers, gc_on=False), args.steps),
+        "ours_trainer_callback": lambda: train_lightning(args.layers, args.steps, gc_on=False),
+        "peft_recipe_gc": lambda: train_raw(peft_model(args.layers, recipe=True, gc_on=True), args.steps),
+        "ours_trainer_callback_gc": lambda: train_lightning(args.layers, args.steps, gc_on=True),
+    }
+    results = {"matmul_ceiling_tflops": ceiling / 1e12, "params": params}
+    for name, fn in runs.items():
+        try:
+            results[name] = fn()
+            results[name]["mfu"] = results[name]["tokens_per_s"] * 4 * params / ceiling
+        except Exception as err:  # record and go on: one failing configuration must not hide the others
+            results[name] = {"error": f"{type(err).__name__}: {err}"[:500]}
+        gc.collect()
+        torch.cuda.empty_cache()
+        print(name, json.dumps(results[name]), flush=True)
+    try:
+        results["inference"] = inference_overhead(args.layers)
+    except Exception as err:
+        results["inference"] = {"error": f"{type(err).__name__}: {err}"[:500]}
+    print("inference", json.dumps(results["inference"]), flush=True)
+    import bitsandbytes
+    import lightning
+    import peft
+    import transformers
+
+    results["versions"] = {"torch": torch.__version__, "lightning": lightning.__version__, "peft": peft.__version__,
+                           "transformers": transformers.__version__, "bitsandbytes": bitsandbytes.__version__,
+                           "gpu": torch.cuda.get_device_name(0)}
+    print(f"{'config':28}{'tokens/s':>10}{'peak GiB':>10}{'MFU':>7}")
+    for name in runs:
+        r = results[name]
+        if "error" in r:
+            print(f"{name:28}  {r['error'][:80]}")
+        else:
+            print(f"{name:28}{r['tokens_per_s']:>10.0f}{r['peak_gib']:>10.1f}{r['mfu']:>7.1%}")
+    with open(args.out, "w") as handle:
+        json.dump(results, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
