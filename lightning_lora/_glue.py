@@ -245,7 +245,9 @@ class LoRAController:
         if not self.skip_nonfinite:
             return
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        local_bad = any(not torch.isfinite(p.grad).all() for p in params)
+        # One device->host sync per step, not one per tensor: a NaN/Inf anywhere makes that tensor's norm non-finite.
+        norms = torch._foreach_norm([p.grad for p in params]) if params else []
+        local_bad = bool(norms) and not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
         bad = trainer.strategy.reduce_boolean_decision(local_bad, all=False)
         if not bad:
             self.nonfinite_streak = 0
