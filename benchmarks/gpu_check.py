@@ -52,6 +52,11 @@ class LlamaQLoRA(L.LightningModule):
         self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.config.use_cache = False
 
+    def on_train_start(self) -> None:
+        # The packed NF4 bytes every layer computes with, after the strategy sharded the model: equal
+        # hashes across scenarios mean sharding left the quantized weights bit for bit as they were.
+        self.nf4_sha256 = nf4_hash(self.trainer, self.model)
+
     def training_step(self, batch, batch_idx):
         (ids,) = batch
         loss = self.model(input_ids=ids, labels=ids).loss
@@ -70,6 +75,26 @@ class LlamaQLoRA(L.LightningModule):
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-4)
 
 
+def nf4_hash(trainer: L.Trainer, model: torch.nn.Module) -> str:
+    import contextlib
+    import hashlib
+
+    from lightning_lora.distributed import packed_4bit_bytes, strategy_kind
+
+    context = contextlib.nullcontext()
+    if strategy_kind(trainer) == "fsdp":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        context = FSDP.summon_full_params(trainer.strategy.model, writeback=False)
+    with context:
+        packed = packed_4bit_bytes(model)
+    digest = hashlib.sha256()
+    for name in sorted(packed):
+        digest.update(name.replace("_fsdp_wrapped_module.", "").encode())
+        digest.update(packed[name].numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _loader(n: int, seq: int, batch: int) -> DataLoader:
     g = torch.Generator().manual_seed(0)
     return DataLoader(TensorDataset(torch.randint(0, VOCAB, (n, seq), generator=g)), batch_size=batch)
@@ -84,7 +109,7 @@ def _strategy(name: str):
     return "ddp" if name == "ddp" else "auto"
 
 
-def run(scenario: str, out: Path, steps: int, seq: int, batch: int) -> None:
+def run(scenario: str, out: Path, steps: int, seq: int, batch: int, same_data: bool = False) -> None:
     devices = 1 if scenario == "single" else 2
     L.seed_everything(0)
     module = LlamaQLoRA(seq)
@@ -96,9 +121,10 @@ def run(scenario: str, out: Path, steps: int, seq: int, batch: int) -> None:
         accelerator="gpu", devices=devices, strategy=_strategy(scenario), precision="bf16-true", max_steps=steps,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         gradient_clip_val=1.0, gradient_clip_algorithm="norm", callbacks=[callback],
+        use_distributed_sampler=not same_data,
     )
     torch.cuda.reset_peak_memory_stats()
-    trainer.fit(module, _loader(steps * batch * devices, seq, batch))
+    trainer.fit(module, _loader(steps * batch * (1 if same_data else devices), seq, batch))
     peak = torch.cuda.max_memory_allocated() / 2**30
     ckpt = out / f"{scenario}.ckpt"
     trainer.save_checkpoint(ckpt)
@@ -132,6 +158,7 @@ def run(scenario: str, out: Path, steps: int, seq: int, batch: int) -> None:
         result = {
             "scenario": scenario, "devices": devices, "steps": steps, "seq": seq, "per_gpu_batch": batch,
             "model": f"Llama hidden {HIDDEN}, {LAYERS} layers, nf4 double quant, LoRA r=16 all-linear, bf16-true, grad ckpt",
+            "same_data_on_every_rank": same_data, "nf4_sha256": module.nf4_sha256,
             "first_loss": module.losses[0], "last_loss": module.losses[-1], "losses": module.losses,
             "resumed_losses": resumed.losses[-2:], "tokens_per_s": tokens_per_s, "peak_gib_rank0": peak,
             "checkpoint_bytes": os.path.getsize(ckpt) if ckpt.is_file() else None,
@@ -152,23 +179,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--same-data", action="store_true", help="every rank gets the single-GPU batches (parity check)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.all:
-        run(args.scenario, out, args.steps, args.seq, args.batch)
+        run(args.scenario, out, args.steps, args.seq, args.batch, args.same_data)
         return
     for scenario in ("single", "ddp", "fsdp"):
         cmd = [sys.executable, __file__, "--scenario", scenario, "--out", str(out), "--steps", str(args.steps), "--seq", str(args.seq), "--batch", str(args.batch)]
+        cmd += ["--same-data"] if args.same_data else []
         code = subprocess.call(cmd)
         print(f"{scenario}: exit {code}", flush=True)
     rows = [json.loads((out / f"{s}.json").read_text()) for s in ("single", "ddp", "fsdp") if (out / f"{s}.json").is_file()]
     base = next((r["tokens_per_s"] for r in rows if r["scenario"] == "single"), None)
-    print(f"{'scenario':10}{'GPUs':>5}{'tok/s':>10}{'scaling':>9}{'peak GiB':>10}{'ckpt MiB':>10}{'loss 0':>8}{'loss N':>8}  agree")
+    print(f"{'scenario':10}{'GPUs':>5}{'tok/s':>10}{'scaling':>9}{'peak GiB':>10}{'ckpt MiB':>10}{'loss 0':>10}{'loss N':>10}  agree  nf4 bytes sha256")
     for r in rows:
         scaling = r["tokens_per_s"] / base if base else float("nan")
         print(f"{r['scenario']:10}{r['devices']:>5}{r['tokens_per_s']:>10.0f}{scaling:>9.2f}{r['peak_gib_rank0']:>10.2f}"
-              f"{(r['checkpoint_bytes'] or 0) / 2**20:>10.1f}{r['first_loss']:>8.3f}{r['last_loss']:>8.3f}  {r['ranks_agree']}")
+              f"{(r['checkpoint_bytes'] or 0) / 2**20:>10.1f}{r['first_loss']:>10.5f}{r['last_loss']:>10.5f}  {r['ranks_agree']}  {r['nf4_sha256']}")
 
 
 if __name__ == "__main__":
