@@ -109,13 +109,14 @@ def _strategy(name: str):
     return "ddp" if name == "ddp" else "auto"
 
 
-def run(scenario: str, out: Path, steps: int, seq: int, batch: int, same_data: bool = False) -> None:
+def run(scenario: str, out: Path, steps: int, seq: int, batch: int, same_data: bool = False, quant_storage: str | None = None) -> None:
     devices = 1 if scenario == "single" else 2
+    storage = quant_storage or ("bfloat16" if scenario == "fsdp" else "uint8")
     L.seed_everything(0)
     module = LlamaQLoRA(seq)
     callback = LoRACallback(
         r=16, alpha=32, target_modules="all-linear", quantize="nf4", compute_dtype="bfloat16",
-        quant_storage="bfloat16" if scenario == "fsdp" else "uint8", backbone="model", export_dir=str(out / f"{scenario}-export"),
+        quant_storage=storage, backbone="model", export_dir=str(out / f"{scenario}-export"),
     )
     trainer = L.Trainer(
         accelerator="gpu", devices=devices, strategy=_strategy(scenario), precision="bf16-true", max_steps=steps,
@@ -143,7 +144,7 @@ def run(scenario: str, out: Path, steps: int, seq: int, batch: int, same_data: b
     resumed = LlamaQLoRA(seq)
     callback2 = LoRACallback(
         r=16, alpha=32, target_modules="all-linear", quantize="nf4", compute_dtype="bfloat16",
-        quant_storage="bfloat16" if scenario == "fsdp" else "uint8", backbone="model",
+        quant_storage=storage, backbone="model",
     )
     trainer2 = L.Trainer(
         accelerator="gpu", devices=devices, strategy=_strategy(scenario), precision="bf16-true", max_steps=steps + 2,
@@ -158,7 +159,7 @@ def run(scenario: str, out: Path, steps: int, seq: int, batch: int, same_data: b
         result = {
             "scenario": scenario, "devices": devices, "steps": steps, "seq": seq, "per_gpu_batch": batch,
             "model": f"Llama hidden {HIDDEN}, {LAYERS} layers, nf4 double quant, LoRA r=16 all-linear, bf16-true, grad ckpt",
-            "same_data_on_every_rank": same_data, "nf4_sha256": module.nf4_sha256,
+            "same_data_on_every_rank": same_data, "quant_storage": storage, "nf4_sha256": module.nf4_sha256,
             "first_loss": module.losses[0], "last_loss": module.losses[-1], "losses": module.losses,
             "resumed_losses": resumed.losses[-2:], "tokens_per_s": tokens_per_s, "peak_gib_rank0": peak,
             "checkpoint_bytes": os.path.getsize(ckpt) if ckpt.is_file() else None,
@@ -179,12 +180,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--quant-storage", default=None, help="override the packed 4-bit storage dtype (default: bfloat16 for fsdp, uint8 otherwise)")
     parser.add_argument("--same-data", action="store_true", help="every rank gets the single-GPU batches (parity check)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.all:
-        run(args.scenario, out, args.steps, args.seq, args.batch, args.same_data)
+        run(args.scenario, out, args.steps, args.seq, args.batch, args.same_data, args.quant_storage)
         return
     for scenario in ("single", "ddp", "fsdp"):
         cmd = [sys.executable, __file__, "--scenario", scenario, "--out", str(out), "--steps", str(args.steps), "--seq", str(args.seq), "--batch", str(args.batch)]
