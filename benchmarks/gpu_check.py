@@ -88,11 +88,40 @@ def nf4_hash(trainer: L.Trainer, model: torch.nn.Module) -> str:
         context = FSDP.summon_full_params(trainer.strategy.model, writeback=False)
     with context:
         packed = packed_4bit_bytes(model)
+    _compare_with_reference(trainer, packed)
     digest = hashlib.sha256()
     for name in sorted(packed):
         digest.update(name.replace("_fsdp_wrapped_module.", "").encode())
         digest.update(packed[name].numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def _compare_with_reference(trainer: L.Trainer, packed: dict[str, torch.Tensor]) -> None:
+    """With GPU_CHECK_REF=path: a 1-GPU run saves its packed bytes there; a sharded run reports per layer
+    how many bytes differ, and how many of the differing bf16 elements were NaN bit patterns before."""
+    path = os.environ.get("GPU_CHECK_REF")
+    if not path or not trainer.is_global_zero:
+        return
+    clean = {k.replace("_fsdp_wrapped_module.", ""): v for k, v in packed.items()}
+    if trainer.world_size == 1:
+        torch.save(clean, path)
+        return
+    reference = torch.load(path)
+    report = {}
+    for name, ref in reference.items():
+        got = clean.get(name)
+        if got is None or got.numel() != ref.numel():
+            report[name] = {"missing_or_resized": True}
+            continue
+        diff = int((got != ref).sum())
+        ref16, got16 = ref.view(torch.int16), got.view(torch.int16)
+        nan_before = ((ref16 & 0x7F80) == 0x7F80) & ((ref16 & 0x007F) != 0)
+        changed16 = ref16 != got16
+        report[name] = {"bytes_differ": diff, "bytes": ref.numel(), "bf16_changed": int(changed16.sum()),
+                        "bf16_changed_that_were_nan": int((changed16 & nan_before).sum()), "bf16_nan_before": int(nan_before.sum())}
+    Path(path + ".report.json").write_text(json.dumps(report, indent=1))
+    total = {k: sum(r.get(k, 0) for r in report.values()) for k in ("bytes_differ", "bytes", "bf16_changed", "bf16_changed_that_were_nan", "bf16_nan_before")}
+    print("NF4 BYTES VS 1 GPU:", json.dumps(total), flush=True)
 
 
 def _loader(n: int, seq: int, batch: int) -> DataLoader:
