@@ -47,8 +47,11 @@ class LlamaQLoRA(L.LightningModule):
             num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=self.seq,
         )
         config._attn_implementation = "sdpa"
-        torch.manual_seed(1234)  # same backbone on every rank and in every scenario
-        self.model = LlamaForCausalLM(config).to(torch.bfloat16)
+        torch.manual_seed(1234)  # same backbone on every rank and in every scenario:
+        # built on the CPU explicitly, because Lightning's tensor_init_context puts single-device and DDP
+        # init on the GPU (CUDA RNG) but leaves FSDP's on the CPU (CPU RNG): different random weights.
+        with torch.device("cpu"):
+            self.model = LlamaForCausalLM(config).to(torch.bfloat16)
         self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.config.use_cache = False
 
