@@ -49,13 +49,14 @@ SCENARIOS = {
     "fsdp_sharded": dict(strategy="fsdp", devices=2, batch=4, steps=10, ckpt_every=5, checkpointing=True, state_dict_type="sharded"),
     "fsdp_sharded_resume": dict(strategy="fsdp", devices=2, batch=4, steps=10, resume="fsdp_sharded", checkpointing=True, state_dict_type="sharded"),
     "fsdp2": dict(strategy="fsdp2", devices=2, batch=4, steps=20, ckpt_every=10),
+    "fsdp2_resume": dict(strategy="fsdp2", devices=2, batch=4, steps=20, resume="fsdp2"),
     "fsdp2_allbf16": dict(strategy="fsdp2", devices=2, batch=4, steps=5, ckpt_every=0, lora_bf16=True),
     "ddp_2node": dict(strategy="ddp", devices=1, num_nodes=2, batch=4, steps=10, ckpt_every=0),
     "fsdp_70b": dict(strategy="fsdp", devices=2, batch=1, steps=5, ckpt_every=5, checkpointing=True, model="70b", seq=2048,
                      state_dict_type="sharded", check_bytes=False),
 }
 DEFAULT_ORDER = ["single", "single_b4", "ddp", "ddp_resume", "fsdp", "fsdp_resume", "fsdp_sharded", "fsdp_sharded_resume",
-                 "fsdp2", "ddp_2node", "fsdp2_allbf16"]
+                 "fsdp2", "fsdp2_resume", "ddp_2node", "fsdp2_allbf16"]
 
 
 def llama_config(name: str, seq: int):
@@ -67,7 +68,7 @@ def llama_config(name: str, seq: int):
 
 
 # -- one scenario (runs on every rank) ---------------------------------------------------------------
-def run_scenario(name: str, work: Path, cpu: bool) -> None:
+def run_scenario(name: str, work: Path, cpu: bool, model_override: str | None = None, seq_override: int | None = None) -> None:
     import lightning as L
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
     from torch.utils.data import DataLoader, TensorDataset
@@ -80,8 +81,8 @@ def run_scenario(name: str, work: Path, cpu: bool) -> None:
     from lightning_lora.quantization import is_4bit
 
     spec = dict(SCENARIOS[name])
-    model_name = "tiny" if cpu else spec.get("model", "small")
-    seq = 16 if cpu else spec.get("seq", 2048)
+    model_name = model_override or ("tiny" if cpu else spec.get("model", "small"))
+    seq = seq_override or (16 if cpu else spec.get("seq", 2048))
     batch, steps, devices, num_nodes = spec["batch"], spec["steps"], spec["devices"], spec.get("num_nodes", 1)
     world = devices * num_nodes
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -123,8 +124,6 @@ def run_scenario(name: str, work: Path, cpu: bool) -> None:
         def training_step(self, batch_, batch_idx):
             (ids,) = batch_
             loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
-            if os.environ.get("LL_DEBUG") and batch_idx < 2:
-                print(f"rank {self.global_rank} step {batch_idx} first tokens {ids[:, 0].tolist()} loss {loss.item():.4f}", flush=True)
             return loss
 
         def configure_optimizers(self):
@@ -326,12 +325,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(name: str, work: Path, cpu: bool, timeout: float) -> dict:
+def launch(name: str, work: Path, cpu: bool, timeout: float, extra: list[str] = ()) -> dict:
     spec = SCENARIOS[name]
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK")}
     env["MASTER_PORT"] = str(_free_port())
     env.setdefault("PYTHONUNBUFFERED", "1")
-    base = [sys.executable, __file__, "--scenario", name, "--work", str(work)] + (["--cpu"] if cpu else [])
+    base = [sys.executable, __file__, "--scenario", name, "--work", str(work)] + (["--cpu"] if cpu else []) + list(extra)
+    if not spec.get("resume"):
+        import shutil
+
+        shutil.rmtree(work / f"ckpt_{name}", ignore_errors=True)  # ModelCheckpoint would add -v1 copies
+        (work / f"{name}.json").unlink(missing_ok=True)
     t0 = time.perf_counter()
     log = work / f"{name}.log"
     with open(log, "w") as out:
@@ -389,7 +393,7 @@ def table(results: dict) -> str:
     rows = ["| scenario | GPUs | batch/GPU x seq | tokens/s | peak alloc GiB/GPU | estimate GiB | first loss | last loss | adapter same on ranks | NF4 bytes changed | notes |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in results.items():
-        if name == "summary":
+        if name not in SCENARIOS:
             continue
         peaks = r.get("peak_alloc_gib") or []
         est = r.get("estimate_gib")
@@ -419,24 +423,35 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/lightning_lora_multi_gpu")
     parser.add_argument("--out", default=None, help="directory for the combined JSON")
     parser.add_argument("--cpu", action="store_true", help="tiny model on CPU (gloo): debug the code paths")
-    parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--model", choices=sorted(MODELS), default=None, help="override every scenario's model (e.g. tiny for tests)")
+    parser.add_argument("--seq", type=int, default=None, help="override every scenario's sequence length")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per scenario")
+    parser.add_argument("--deadline", type=float, default=1e9, help="start no scenario after this many seconds")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.scenario:
-        run_scenario(args.scenario, work, args.cpu)
+        run_scenario(args.scenario, work, args.cpu, args.model, args.seq)
         return
     names = args.only or DEFAULT_ORDER
     results = {}
+    started = time.perf_counter()
     for name in names:
         if args.cpu and SCENARIOS[name]["strategy"] == "fsdp":
             continue  # Lightning's FSDPStrategy needs CUDA
+        if time.perf_counter() - started > args.deadline:
+            results[name] = {"scenario": name, "skipped": f"not run: the driver's --deadline of {args.deadline:.0f} s had passed"}
+            continue
         print(f"== {name}", flush=True)
-        results[name] = launch(name, work, args.cpu, args.timeout)
+        extra = (["--model", args.model] if args.model else []) + (["--seq", str(args.seq)] if args.seq else [])
+        results[name] = launch(name, work, args.cpu, args.timeout, extra)
         r = results[name]
         print(json.dumps({k: r.get(k) for k in ("returncode", "wall_seconds", "tokens_per_s", "peak_alloc_gib", "error")}), flush=True)
         if r.get("log_tail"):
             print(r["log_tail"][-1500:], flush=True)
+        if args.out:  # after every scenario, so a run cut short still leaves its results
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            Path(args.out, "multi_gpu.json").write_text(json.dumps(results, indent=1))
     results["summary"] = summarize(results)
     results["versions"] = versions()
     print(table(results))

@@ -177,9 +177,16 @@ def gather_adapter_state_dict(trainer: Any, module: nn.Module) -> dict[str, torc
     """The full adapter on CPU. Under FSDP every rank must call this (the gathers are collectives)."""
     kind = strategy_kind(trainer) if trainer is not None else "single"
     if kind == "fsdp":
+        import contextlib
+
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        with FSDP.summon_full_params(trainer.strategy.model, writeback=False, offload_to_cpu=False):
+        # Unshard only the units that hold trainable tensors (one per LoRA linear under lora_fsdp_policy):
+        # summoning the root would gather the whole frozen backbone onto every GPU.
+        units = [m for m in FSDP.fsdp_modules(trainer.strategy.model) if _unit_trains(m)]
+        with contextlib.ExitStack() as stack:
+            for unit in units:
+                stack.enter_context(FSDP.summon_full_params(unit, recurse=False, writeback=False, offload_to_cpu=False))
             return {k: v.detach().to("cpu", copy=True) for k, v in adapter_state_dict(module).items()}
     out = {}
     for key, value in adapter_state_dict(module).items():
@@ -187,6 +194,12 @@ def gather_adapter_state_dict(trainer: Any, module: nn.Module) -> dict[str, torc
             value = value.full_tensor()
         out[key] = value.detach().to("cpu", copy=True)
     return out
+
+
+def _unit_trains(unit: nn.Module) -> bool:
+    handle = getattr(unit, "_handle", None)
+    flat = getattr(handle, "flat_param", None)
+    return flat is None or bool(flat.requires_grad)
 
 
 def allow_adapter_only_sharded_load(strategy: Any, adapter_keys: Callable[[], set[str]]) -> None:

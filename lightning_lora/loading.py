@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -91,24 +92,29 @@ def build_quantized_model(
     skip = set(output_head_names(model) if skip is None else skip)
     blocks = _decoder_blocks(model)
     block_paths = [path for path, _ in blocks]
-    parts: list[tuple[list[tuple[str, nn.Module]], int]] = []
+    # Parts hold module *paths*: holding the modules would keep each replaced full-precision linear alive.
+    parts: list[tuple[list[str], int]] = []
     for index, (path, block) in enumerate(blocks):
-        parts.append(([(_join(path, name), module) for name, module in block.named_modules()], seed + index + 1))
-    rest = [(name, module) for name, module in model.named_modules() if not any(_under(name, p) for p in block_paths)]
+        parts.append(([_join(path, name) for name, _ in block.named_modules()], seed + index + 1))
+    rest = [name for name, _ in model.named_modules() if not any(_under(name, p) for p in block_paths)]
     parts.append((rest, seed))
 
-    memo: dict[int, nn.Parameter] = {}  # meta parameter -> its real one, so tied weights stay tied
+    # meta parameter -> (it, a weak reference to its real one), so tied weights stay tied. Weak: a strong
+    # reference would keep every full-precision weight alive after its quantized copy replaced it.
+    memo: dict[int, tuple[nn.Parameter, weakref.ref]] = {}
     quantized: list[str] = []
-    for modules, part_seed in parts:
+    for names, part_seed in parts:
+        modules = [(name, model.get_submodule(name)) for name in names]
         _materialize(modules, device, dtype, memo)
         if reader is not None:
             reader.load(modules, device)
         else:
             _random_init(model, modules, part_seed, device)
         quantized += _quantize_part(model, modules, quantization_config, skip, device)
-        modules = [(name, model.get_submodule(name)) for name, _ in modules]  # quantized layers replaced some
+        modules = [(name, model.get_submodule(name)) for name in names]  # quantized layers replaced some
         if offload is not None:
             _move_direct(modules, offload)
+        del modules
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -156,17 +162,18 @@ def _decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(_join(best, str(i)), block) for i, block in enumerate(model.get_submodule(best))]
 
 
-def _materialize(modules: list[tuple[str, nn.Module]], device: torch.device, dtype: torch.dtype, memo: dict[int, nn.Parameter]) -> None:
+def _materialize(modules: list[tuple[str, nn.Module]], device: torch.device, dtype: torch.dtype, memo: dict[int, tuple[nn.Parameter, weakref.ref]]) -> None:
     """Give the meta parameters owned directly by ``modules`` uninitialized storage on ``device``."""
     for _, module in modules:
         for name, param in list(module._parameters.items()):
             if param is None or not param.is_meta:
                 continue
-            new = memo.get(id(param))
+            entry = memo.get(id(param))
+            new = entry[1]() if entry is not None else None
             if new is None:
                 target = dtype if param.is_floating_point() else param.dtype
                 new = nn.Parameter(torch.empty(param.shape, device=device, dtype=target), requires_grad=param.requires_grad)
-                memo[id(param)] = new
+                memo[id(param)] = (param, weakref.ref(new))  # holding the meta parameter keeps its id unique
             module._parameters[name] = new
         for name, buffer in list(module._buffers.items()):
             if buffer is not None:

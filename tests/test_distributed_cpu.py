@@ -135,6 +135,22 @@ def test_loading_errors_name_the_problem(tmp_path):
         build_quantized_model(reference.config, NF4, device="cpu", offload_to=None, checkpoint=tmp_path / "bad.safetensors")
 
 
+def test_quantized_layer_recovers_its_quant_state_when_sharding_replaces_the_weight():
+    # FSDP1 (use_orig_params) and FSDP2 hand the layer a plain tensor view of its packed weight: bitsandbytes
+    # re-attaches the quant_state from the module in forward, so quantize_linear must have set it there.
+    from torch import nn
+
+    from lightning_lora.quantization import quantize_linear
+
+    torch.manual_seed(0)
+    layer = quantize_linear(nn.Linear(64, 32), NF4, device="cpu")
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    expected = layer(x)
+    assert layer.quant_state is layer.weight.quant_state
+    layer.weight = nn.Parameter(layer.weight.data.clone(), requires_grad=False)  # what a sharding wrapper leaves
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+
+
 # -- FSDP2 through Lightning on CPU (two gloo ranks) --------------------------------------------------
 _FSDP2_SCRIPT = r'''
 import json, os, sys
@@ -226,3 +242,24 @@ def test_fsdp2_trains_resumes_sharded_adapter_checkpoint_and_keeps_nf4_bytes(tmp
     for key, value in adapter.items():
         peft_key = "base_model.model." + key.replace("lora_a", "lora_A").replace("lora_b", "lora_B")
         assert torch.equal(exported[peft_key], value), key
+
+
+@pytest.mark.slow
+def test_multi_gpu_benchmark_on_cpu_ddp_and_fsdp2_parity_resume(tmp_path):
+    # benchmarks/multi_gpu.py's code paths with a tiny model on CPU (gloo): the GPU run uses the same code.
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "benchmarks" / "multi_gpu.py"), "--all", "--cpu", "--work", str(tmp_path / "work"),
+           "--out", str(tmp_path), "--timeout", "300", "--only", "single", "ddp", "ddp_resume", "fsdp2", "fsdp2_resume", "ddp_2node"]
+    subprocess.run(cmd, check=True, timeout=1500, cwd=root, capture_output=True)
+    results = json.loads((tmp_path / "multi_gpu.json").read_text())
+    for name in ("single", "ddp", "ddp_resume", "fsdp2", "fsdp2_resume", "ddp_2node"):
+        result = results[name]
+        assert result["returncode"] == 0 and result["error"] is None, (name, result.get("log_tail"))
+        assert set(result["nf4_bytes_changed_per_rank"]) == {0}, name
+        assert result["adapter_same_on_all_ranks"] in (None, True), name
+    parity = results["summary"]["loss_parity_vs_single"]
+    assert parity["ddp"]["first_step_abs_diff"] < 1e-5 and parity["fsdp2"]["first_step_abs_diff"] < 1e-5
+    assert parity["ddp"]["max_abs_diff"] < 1e-3 and parity["fsdp2"]["max_abs_diff"] < 1e-3
+    assert results["ddp_resume"]["resume_bit_exact"] and results["fsdp2_resume"]["resume_bit_exact"]
+    assert results["ddp"]["checkpoint_non_adapter_keys"] == []
+    assert results["ddp_2node"]["num_nodes"] == 2 and results["ddp_2node"]["world_size"] == 2
