@@ -106,18 +106,12 @@ class LoRAController:
         """Inject if the backbone exists and has weights; returns whether LoRA is in place afterwards."""
         if self.ready_to_inject(pl_module):
             module = self.backbone_of(pl_module)
-            if self.quantization_config is not None and device is not None and device.type == "cuda":
-                # Quantize straight onto the GPU, layer by layer: bitsandbytes packs weights on the move.
-                from lightning_lora.quantization import quantize_model
-                from lightning_lora.inject import find_modules_to_save, output_head_names, _under
-
-                to_save = find_modules_to_save(module, self.lora_config)
-                skip = output_head_names(module) | {n for n, _ in module.named_modules() if _under(n, to_save)}
-                distributed.check_quantization_for_strategy(self.quantization_config, pl_module)
-                quantize_model(module, self.quantization_config, skip=skip, device=device)
-            inject_lora(module, self.lora_config, self.quantization_config if not _already_quantized(module) else None)
-            if self.quantization_config is not None:
-                lora_state(module).quantization = self.quantization_config
+            quantization = self.quantization_config
+            if quantization is not None:
+                distributed.check_quantization_for_strategy(quantization, pl_module)
+            # A backbone quantized already (e.g. by lightning_lora.loading) is wrapped as it is.
+            inject_lora(module, self.lora_config, None if _already_quantized(module) else quantization, device=device)
+            lora_state(module).quantization = quantization
         module = self.backbone_of(pl_module)
         return module is not None and lora_state(module) is not None
 

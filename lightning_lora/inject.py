@@ -90,8 +90,17 @@ def find_targets(model: nn.Module, config: LoRAConfig, skip: list[str] = ()) -> 
     return matched
 
 
-def inject_lora(model: nn.Module, config: LoRAConfig, quantization_config: QuantizationConfig | None = None) -> nn.Module:
+def inject_lora(
+    model: nn.Module,
+    config: LoRAConfig,
+    quantization_config: QuantizationConfig | None = None,
+    *,
+    device: torch.device | str | None = None,
+) -> nn.Module:
     """Wrap the targeted layers of ``model`` in LoRA layers and freeze everything else, in place.
+
+    ``device`` is where quantized layers go (default: where each layer is); quantizing straight onto
+    the GPU keeps host memory low, since bitsandbytes packs a weight as it moves.
 
     With ``quantization_config``, the model's ``nn.Linear`` layers (except the output head and
     ``modules_to_save``) are first replaced by bitsandbytes layers, one at a time.
@@ -113,7 +122,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, quantization_config: Quant
     if quantization_config is not None:
         quantization.require_bitsandbytes("quantization_config", quantization_config)  # fail before anything changes
         skip = output_head_names(model) | {name for name, _ in model.named_modules() if _under(name, to_save)}
-        quantized = quantization.quantize_model(model, quantization_config, skip=skip)
+        quantized = quantization.quantize_model(model, quantization_config, skip=skip, device=device)
 
     for param in model.parameters():
         param.requires_grad_(False)

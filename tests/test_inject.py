@@ -247,3 +247,13 @@ def test_wrong_argument_types():
 def test_lora_layer_is_not_a_target_candidate():
     model = inject_lora(tiny_llama(), LoRAConfig(r=4, target_modules=["q_proj"]))
     assert all(isinstance(model.get_submodule(name), LoRALinear) for name in lora_state(model).targets)
+
+
+def test_inject_quantizes_onto_the_given_device():
+    from lightning_lora import QuantizationConfig
+    from lightning_lora.inject import lora_state
+
+    model = inject_lora(tiny_llama(), LoRAConfig(r=4, target_modules=["q_proj"]), QuantizationConfig(mode="nf4"), device="cpu")
+    base = model.model.layers[0].self_attn.q_proj.base_layer
+    assert type(base).__name__ == "Linear4bit" and base.weight.device.type == "cpu" and base.weight.dtype == torch.uint8
+    assert len(lora_state(model).quantized) == 14  # 7 projections x 2 layers; lm_head stays full precision
