@@ -35,7 +35,7 @@ def matmul_ceiling() -> float:
     return 10 * 2 * 8192**3 / (time.perf_counter() - start)
 
 
-def quantized_llama(layers: int) -> torch.nn.Module:
+def quantized_llama(layers: int, mode: str = "nf4") -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lightning_lora import QuantizationConfig, quantize_model
@@ -46,15 +46,22 @@ def quantized_llama(layers: int) -> torch.nn.Module:
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
-    quantize_model(model, QuantizationConfig(mode="nf4", compute_dtype="bfloat16"), device="cuda")
+    quantize_model(model, QuantizationConfig(mode=mode, compute_dtype="bfloat16"), device="cuda")
     model.config.use_cache = False
     return model
 
 
-def peft_model(layers: int, recipe: bool, gc_on: bool) -> torch.nn.Module:
+def compiled(model: torch.nn.Module) -> torch.nn.Module:
+    from lightning_lora.compiling import compile_blocks
+
+    compile_blocks(model)  # the same regional compilation LoRACallback(compile_blocks=True) applies
+    return model
+
+
+def peft_model(layers: int, recipe: bool, gc_on: bool, mode: str = "nf4") -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    model = quantized_llama(layers)
+    model = quantized_llama(layers, mode)
     if recipe:  # PEFT's documented QLoRA recipe: fp32 upcast of norms/embeddings/head
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc_on, gradient_checkpointing_kwargs={"use_reentrant": False})
     elif gc_on:
@@ -63,22 +70,22 @@ def peft_model(layers: int, recipe: bool, gc_on: bool) -> torch.nn.Module:
     return get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0))
 
 
-def ours_model(layers: int, gc_on: bool) -> torch.nn.Module:
+def ours_model(layers: int, gc_on: bool, mode: str = "nf4") -> torch.nn.Module:
     from lightning_lora import LoRAConfig, inject_lora
 
-    model = quantized_llama(layers)
+    model = quantized_llama(layers, mode)
     if gc_on:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return inject_lora(model, LoRAConfig(r=R, alpha=ALPHA, target_modules=TARGETS))
 
 
-def train_raw(model: torch.nn.Module, steps: int) -> dict:
+def train_raw(model: torch.nn.Module, steps: int, warmup: int = 2) -> dict:
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, 32000, (BATCH, SEQ), device="cuda")
     torch.cuda.reset_peak_memory_stats()
     times = []
-    for step in range(steps + 2):
+    for step in range(steps + warmup):
         torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -87,12 +94,12 @@ def train_raw(model: torch.nn.Module, steps: int) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-        if step >= 2:
+        if step >= warmup:
             times.append(time.perf_counter() - start)
     return {"tokens_per_s": BATCH * SEQ / (sum(times) / len(times)), "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss)}
 
 
-def train_lightning(layers: int, steps: int, gc_on: bool) -> dict:
+def train_lightning(layers: int, steps: int, gc_on: bool, compile_blocks: bool = False) -> dict:
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -122,13 +129,14 @@ def train_lightning(layers: int, steps: int, gc_on: bool) -> dict:
             return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-4)
 
     module = Module()
-    data = DataLoader(TensorDataset(torch.randint(0, 32000, ((steps + 2) * BATCH, SEQ))), batch_size=BATCH)
-    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=steps + 2, logger=False,
+    warmup = 3 if compile_blocks else 2  # compiled: the first steps compile (the first block's input needs no grad)
+    data = DataLoader(TensorDataset(torch.randint(0, 32000, ((steps + warmup) * BATCH, SEQ))), batch_size=BATCH)
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=steps + warmup, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[LoRACallback(r=R, alpha=ALPHA, target_modules=TARGETS, backbone="model")])
+                        callbacks=[LoRACallback(r=R, alpha=ALPHA, target_modules=TARGETS, backbone="model", compile_blocks=compile_blocks)])
     torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, data)
-    times = module.times[2:]
+    times = module.times[warmup:]
     return {"tokens_per_s": BATCH * SEQ / (sum(times) / len(times)), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
@@ -178,7 +186,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--only", nargs="*", help="run only these configurations (and skip the inference timing)")
+    parser.add_argument("--only", nargs="*", help="run only these configurations (add 'inference' for the inference timing)")
+    parser.add_argument("--no-inference", action="store_true", help="skip the inference timing")
     args = parser.parse_args()
     ceiling = matmul_ceiling()
     params = 6_738_415_616 * args.layers / 32  # Llama-2-7B, scaled by depth
@@ -187,8 +196,16 @@ def main() -> None:
         "peft_no_upcast": lambda: train_raw(peft_model(args.layers, recipe=False, gc_on=False), args.steps),
         "ours_raw_loop": lambda: train_raw(ours_model(args.layers, gc_on=False), args.steps),
         "ours_trainer_callback": lambda: train_lightning(args.layers, args.steps, gc_on=False),
+        "ours_trainer_callback_compiled": lambda: train_lightning(args.layers, args.steps, gc_on=False, compile_blocks=True),
+        "peft_no_upcast_compiled": lambda: train_raw(compiled(peft_model(args.layers, recipe=False, gc_on=False)), args.steps, warmup=3),
         "peft_recipe_gc": lambda: train_raw(peft_model(args.layers, recipe=True, gc_on=True), args.steps),
         "ours_trainer_callback_gc": lambda: train_lightning(args.layers, args.steps, gc_on=True),
+        "ours_trainer_callback_gc_compiled": lambda: train_lightning(args.layers, args.steps, gc_on=True, compile_blocks=True),
+        "peft_recipe_gc_compiled": lambda: train_raw(compiled(peft_model(args.layers, recipe=True, gc_on=True)), args.steps, warmup=3),
+        "peft_int8_recipe": lambda: train_raw(peft_model(args.layers, recipe=True, gc_on=False, mode="int8"), args.steps),
+        "peft_int8_no_upcast": lambda: train_raw(peft_model(args.layers, recipe=False, gc_on=False, mode="int8"), args.steps),
+        "ours_int8_raw_loop": lambda: train_raw(ours_model(args.layers, gc_on=False, mode="int8"), args.steps),
+        "ours_int8_raw_loop_compiled": lambda: train_raw(compiled(ours_model(args.layers, gc_on=False, mode="int8")), args.steps, warmup=3),
     }
     if args.only:
         runs = {name: fn for name, fn in runs.items() if name in args.only}
@@ -202,7 +219,7 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
         print(name, json.dumps(results[name]), flush=True)
-    if not args.only:
+    if (not args.only and not args.no_inference) or "inference" in (args.only or []):
         try:
             results["inference"] = inference_overhead(args.layers)
         except Exception as err:

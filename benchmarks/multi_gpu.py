@@ -105,9 +105,6 @@ def run_scenario(name: str, work: Path, cpu: bool, model_override: str | None = 
             self.before, self.seen = {}, {}
             if check_bytes:
                 self.before = {n: m.weight.detach().reshape(-1).view(torch.uint8).clone() for n, m in self.model.named_modules() if is_4bit(m)}
-                for n, m in self.model.named_modules():
-                    if is_4bit(m):
-                        m.register_forward_pre_hook(lambda layer, args, n=n: self._record(n, layer))
             self._sharded = False
 
         def _record(self, name, layer) -> None:
@@ -115,6 +112,12 @@ def run_scenario(name: str, work: Path, cpu: bool, model_override: str | None = 
                 self.seen[name] = layer.weight.detach().reshape(-1).view(torch.uint8).cpu().clone()
 
         def configure_model(self) -> None:
+            if check_bytes and not self._sharded:
+                # Hook the LoRA layers (injected by now): their forward reads the base weight, and a hook on
+                # the base layer itself would switch them to the unfused path.
+                for n, m in self.model.named_modules():
+                    if is_4bit(getattr(m, "base_layer", None)):
+                        m.register_forward_pre_hook(lambda layer, args, n=n + ".base_layer": self._record(n, layer.base_layer))
             if spec["strategy"] == "fsdp2" and not self._sharded:
                 if spec.get("lora_bf16"):
                     self.model.to(torch.bfloat16)  # every tensor of a group bf16 (the bitsandbytes #1945 set-up)

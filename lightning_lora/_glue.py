@@ -21,6 +21,7 @@ import lightning_lora
 from lightning_lora import distributed
 from lightning_lora.adapter_io import adapter_state_dict, save_adapter
 from lightning_lora.checkpoint_io import install_atomic_checkpoint_io
+from lightning_lora.compiling import compile_blocks
 from lightning_lora.config import LoRAConfig, QuantizationConfig
 from lightning_lora.inject import backbone_fingerprint, inject_lora, lora_state, parameter_summary
 from lightning_lora.layers import LoRALinear
@@ -41,7 +42,15 @@ class LoRAController:
         adapter_only_checkpoint: bool = True,
         skip_nonfinite: bool = True,
         max_nonfinite_steps: int = 10,
+        compile_blocks: bool | list[str] = False,
     ) -> None:
+        if not isinstance(compile_blocks, bool) and not (
+            isinstance(compile_blocks, (list, tuple)) and compile_blocks and all(isinstance(c, str) for c in compile_blocks)
+        ):
+            raise ValueError(
+                f"`compile_blocks` must be True, False or a list of block class names, got {compile_blocks!r}. "
+                "Pass True to compile the model's decoder layers, or e.g. ['LlamaDecoderLayer']."
+            )
         if backbone is not None and (not isinstance(backbone, str) or not backbone):
             raise ValueError(f"`backbone` must be the name of a LightningModule attribute (e.g. 'model') or None, got {backbone!r}.")
         if isinstance(max_nonfinite_steps, bool) or not isinstance(max_nonfinite_steps, int) or max_nonfinite_steps < 1:
@@ -52,6 +61,7 @@ class LoRAController:
         self.adapter_only_checkpoint = adapter_only_checkpoint
         self.skip_nonfinite = skip_nonfinite
         self.max_nonfinite_steps = max_nonfinite_steps
+        self.compile_blocks = list(compile_blocks) if isinstance(compile_blocks, (list, tuple)) else compile_blocks
         self.nonfinite_streak = 0
         self.skipped_steps = 0
 
@@ -112,6 +122,10 @@ class LoRAController:
             # A backbone quantized already (e.g. by lightning_lora.loading) is wrapped as it is.
             inject_lora(module, self.lora_config, None if _already_quantized(module) else quantization, device=device)
             lora_state(module).quantization = quantization
+            if self.compile_blocks:
+                # After injection, before the strategy wraps the model: the compiled blocks hold the LoRA layers.
+                names = compile_blocks(module, None if self.compile_blocks is True else self.compile_blocks)
+                rank_zero_info(f"lightning_lora: compiled {len(names)} blocks ({type(module.get_submodule(names[0])).__name__}).")
         module = self.backbone_of(pl_module)
         return module is not None and lora_state(module) is not None
 

@@ -50,6 +50,7 @@ class LoRACallback(Callback):
         merge_on_export: bool = False,
         skip_nonfinite: bool = True,
         max_nonfinite_steps: int = 10,
+        compile_blocks: bool | list[str] = False,
     ) -> None:
         """
         Args:
@@ -74,6 +75,8 @@ class LoRACallback(Callback):
             merge_on_export: Also write merged full weights to export_dir/merged.
             skip_nonfinite: Skip optimizer steps whose gradients hold NaN/Inf, with a warning.
             max_nonfinite_steps: Stop with an error after this many skipped steps in a row.
+            compile_blocks: torch.compile each decoder layer after injection (regional compilation): True for
+                transformers models (their ``_no_split_modules``), or a list of block class names.
         """
         super().__init__()
         lora_config = LoRAConfig(
@@ -92,7 +95,9 @@ class LoRACallback(Callback):
         quantization = None
         if quantize is not None:
             quantization = QuantizationConfig(mode=quantize, double_quant=double_quant, compute_dtype=compute_dtype, quant_storage=quant_storage)
-        self.controller = LoRAController(lora_config, quantization, backbone, adapter_only_checkpoint, skip_nonfinite, max_nonfinite_steps)
+        self.controller = LoRAController(
+            lora_config, quantization, backbone, adapter_only_checkpoint, skip_nonfinite, max_nonfinite_steps, compile_blocks
+        )
         self.export_dir = export_dir
         self.merge_on_export = merge_on_export
 

@@ -32,7 +32,7 @@ def strategy_kind(trainer_or_strategy: Any) -> str:
     return "single"
 
 
-def _class_matcher(block_classes: Iterable[type | str]) -> Callable[[nn.Module], bool]:
+def class_matcher(block_classes: Iterable[type | str]) -> Callable[[nn.Module], bool]:
     classes = tuple(c for c in block_classes if isinstance(c, type))
     names = {c for c in block_classes if isinstance(c, str)}
     if not classes and not names:
@@ -75,7 +75,7 @@ def lora_fsdp_policy(block_classes: Iterable[type | str]) -> Callable[[nn.Module
         strategy = FSDPStrategy(auto_wrap_policy=lora_fsdp_policy({LlamaDecoderLayer}),
                                 activation_checkpointing_policy={LlamaDecoderLayer})
     """
-    is_block = _class_matcher(list(block_classes))
+    is_block = class_matcher(list(block_classes))
 
     def policy(module: nn.Module, recurse: bool, nonwrapped_numel: int = 0) -> bool:
         if recurse:
@@ -106,7 +106,7 @@ def fully_shard_lora(
     """
     from torch.distributed.fsdp import fully_shard
 
-    is_block = _class_matcher(list(block_classes) if block_classes is not None else block_classes_of(model))
+    is_block = class_matcher(list(block_classes) if block_classes is not None else block_classes_of(model))
     kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy

@@ -77,6 +77,7 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.enabled = True
         self._quantized_snapshot: dict[str, Any] | None = None
+        self._cast_cache: tuple | None = None
         self.reset_lora_parameters(init)
         self.train(base_layer.training)  # a wrapped eval-mode model stays in eval mode
 
@@ -88,17 +89,77 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_b.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
+        if not COMPILE_LORA and torch.compiler.is_compiling():
+            return _forward_outside_graph(self, x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self.enabled:
-            return out
+            return self.base_layer(x)
         a, b = self.lora_a.weight, self.lora_b.weight
+        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+            # Compiled graphs get the plain ops: inductor fuses them itself, and the custom autograd node
+            # traced into a CUDA graph was seen to lose gradients (benchmarks/profile_step.py checks this).
+            if self._fusable() and not torch.compiler.is_compiling():
+                x_lora = None if isinstance(self.dropout, nn.Identity) else self.dropout(x)
+                return _FusedLoRA.apply(x, x_lora, a, b, self)
+            return self._forward_unfused(x, a, b)
+        if type(self.lora_a) is not nn.Linear or type(self.lora_b) is not nn.Linear:
+            return self._forward_unfused(x, a, b)
+        return self._forward_no_grad(x, a, b)
+
+    def _fusable(self) -> bool:
+        """Whether ``_FusedLoRA`` can stand in for base + LoRA.
+
+        It needs a frozen float or 4-bit base (bias frozen too), plain adapter linears (not wrapped as
+        FSDP1 units, whose weights exist only inside their own forward), and no hooks on the base
+        layer, since it computes the base output without calling the base module.
+        """
+        base = self.base_layer
+        if not USE_FUSED or quantization.is_8bit(base) or base.weight.requires_grad:
+            return False
+        if getattr(base, "bias", None) is not None and base.bias.requires_grad:
+            return False
+        if type(self.lora_a) is not nn.Linear or type(self.lora_b) is not nn.Linear:
+            return False
+        return not (base._forward_hooks or base._forward_pre_hooks or _has_global_module_hooks())
+
+    def _forward_unfused(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if type(self.lora_a) is not nn.Linear or type(self.lora_b) is not nn.Linear:
+            # Wrapped adapters (e.g. FSDP1 units) hold their full weights only inside their own forward.
+            return out + (self.lora_b(self.lora_a(self.dropout(x))) * self.scale).to(out.dtype)
         if a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             a, b = a.to(x.dtype), b.to(x.dtype)  # cast the small adapter, not the activation
         h = F.linear(self.dropout(x), a)  # (..., r)
         if out.dtype == h.dtype and out.dim() >= 2:
-            # One fused kernel: out + scale * h @ B^T, written into the base output's shape.
+            # One kernel: out + scale * h @ B^T, written into the base output's shape.
             return torch.addmm(out.reshape(-1, self.out_features), h.reshape(-1, self.r), b.t(), alpha=self.scale).view(out.shape)
         return out + (F.linear(h, b) * self.scale).to(out.dtype)
+
+    def _forward_no_grad(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Inference: the adapter cast once per weight update, the update added into the base output in place."""
+        out = self.base_layer(x)
+        dtype = _compute_dtype(x, out.dtype)
+        a, b = self._cast_adapter(a, b, dtype)
+        x_lora = self.dropout(x) if self.training else x  # dropout is the identity in eval: skip the module call
+        h = torch.mm(x_lora.reshape(-1, self.in_features).to(dtype), a.t())
+        if out.dtype == dtype and out.is_contiguous() and not out.requires_grad:
+            out.view(-1, self.out_features).addmm_(h, b.t(), alpha=self.scale)
+            return out
+        return out + (torch.mm(h, b.t()) * self.scale).view(out.shape).to(out.dtype)
+
+    def _cast_adapter(self, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if (a.dtype == dtype and b.dtype == dtype) or torch.compiler.is_compiling():
+            return a.to(dtype), b.to(dtype)  # compiled: the cast fuses into the graph, and no cache guards recompile it
+        # A tensor's _version counts its in-place updates (optimizer steps, load_state_dict), so a
+        # cached copy is reused only while the very tensors it was made from are unchanged.
+        # The data pointers catch ``module.to(device)``, which swaps a parameter's data under the same object.
+        key = (dtype, a._version, b._version, a.data_ptr(), b.data_ptr())
+        cache = self._cast_cache
+        if cache is None or cache[0] is not a or cache[1] is not b or cache[2] != key:
+            cache = self._cast_cache = (a, b, key, a.detach().to(dtype), b.detach().to(dtype))
+        return cache[3], cache[4]
 
     def delta_weight(self) -> torch.Tensor:
         """``scale * B @ A`` as float32, laid out like ``nn.Linear.weight``: (out, in)."""
@@ -155,6 +216,93 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}, merged={self.merged}"
+
+
+USE_FUSED = True
+"""Train through ``_FusedLoRA`` where it applies; benchmarks turn it off to measure the unfused path."""
+COMPILE_LORA = True
+"""Whether torch.compile traces LoRA layers into the graph (True) or runs them eagerly between graphs."""
+_forward_outside_graph = torch.compiler.disable(lambda layer, x: layer._forward(x))
+
+
+def _has_global_module_hooks() -> bool:
+    from torch.nn.modules import module as module_mod
+
+    return bool(module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
+
+
+def _compute_dtype(x: torch.Tensor, fallback: torch.dtype) -> torch.dtype:
+    """The dtype the matmuls run in: autocast's when it is on, else that of the base output."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return fallback
+
+
+def _frozen_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The base weight as an (out, in) matrix in ``dtype``: dequantized for 4-bit bases, a view or cast otherwise."""
+    if quantization.is_4bit(base):
+        return quantization.dequantize_4bit_as(base, dtype)
+    weight = base.weight.t() if _is_conv1d(base) else base.weight
+    return weight.to(dtype)
+
+
+class _FusedLoRA(torch.autograd.Function):
+    """``base(x) + scale * (x_lora @ A^T) @ B^T`` as one autograd node, for a frozen float or 4-bit base.
+
+    Compared with the base layer's own autograd plus the LoRA ops, this writes the update into the
+    base output in place (no copy of the output), accumulates the LoRA input gradient into the base's
+    in place (no separate sum), skips dequantizing in backward when ``x`` needs no gradient, and saves
+    only what the unfused path saves (``x``, the (tokens, r) product, the small adapter casts); a
+    4-bit weight is dequantized again in backward rather than kept. ``x_lora`` is the dropout output,
+    or None when there is no dropout (then ``x`` feeds both paths).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, x_lora: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, layer: LoRALinear) -> torch.Tensor:
+        base = layer.base_layer
+        bias = getattr(base, "bias", None)
+        dtype = _compute_dtype(x, _base_compute_dtype(base, x))
+        x2 = x.reshape(-1, layer.in_features).to(dtype)
+        xl2 = x2 if x_lora is None else x_lora.reshape(-1, layer.in_features).to(dtype)
+        if quantization.is_4bit(base):
+            out = quantization.matmul_4bit_frozen(base, x2, None if bias is None else bias.to(dtype))
+        else:
+            weight = _frozen_weight(base, dtype)
+            out = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias.to(dtype), x2, weight.t())
+        a_c, b_c = a.to(dtype), b.to(dtype)
+        h = torch.mm(xl2, a_c.t())
+        out.addmm_(h, b_c.t(), alpha=layer.scale)
+        ctx.layer, ctx.dtype, ctx.x_dtype, ctx.dropout = layer, dtype, x.dtype, x_lora is not None
+        ctx.save_for_backward(xl2, h, a_c, b_c)
+        # Like the base layers themselves: bitsandbytes returns the input dtype, torch's linear the compute dtype.
+        out_dtype = x.dtype if quantization.is_4bit(base) else dtype
+        return out.view(*x.shape[:-1], layer.out_features).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        xl2, h, a_c, b_c = ctx.saved_tensors
+        layer = ctx.layer
+        needs_x, needs_x_lora, needs_a, needs_b, _ = ctx.needs_input_grad
+        g = grad.reshape(-1, layer.out_features).to(ctx.dtype)
+        grad_h = torch.mm(g, b_c).mul_(layer.scale)  # (tokens, r)
+        grad_a = torch.mm(grad_h.t(), xl2).to(layer.lora_a.weight.dtype) if needs_a else None
+        grad_b = torch.mm(g.t(), h).mul_(layer.scale).to(layer.lora_b.weight.dtype) if needs_b else None
+        grad_x = grad_x_lora = None
+        if needs_x:
+            grad_x = torch.mm(g, _frozen_weight(layer.base_layer, ctx.dtype))
+            if not ctx.dropout:
+                grad_x.addmm_(grad_h, a_c)
+            grad_x = grad_x.view(*grad.shape[:-1], layer.in_features).to(ctx.x_dtype)
+        if ctx.dropout and needs_x_lora:
+            grad_x_lora = torch.mm(grad_h, a_c).view(*grad.shape[:-1], layer.in_features).to(ctx.x_dtype)
+        return grad_x, grad_x_lora, grad_a, grad_b, None
+
+
+def _base_compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype the base layer computes in without autocast: bitsandbytes' ``compute_dtype`` for 4-bit, else x's."""
+    if quantization.is_4bit(base) and base.compute_dtype is not None:
+        return base.compute_dtype
+    return x.dtype
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

@@ -45,6 +45,7 @@ class LoRAMixin:
     adapter_only_checkpoint: bool = True
     skip_nonfinite: bool = True
     max_nonfinite_steps: int = 10
+    compile_blocks: bool | list[str] = False
 
     @property
     def lora_controller(self) -> LoRAController:
@@ -57,7 +58,13 @@ class LoRAMixin:
                 )
             backbone = self.lora_backbone if self.lora_backbone else None
             controller = LoRAController(
-                self.lora_config, self.quantization_config, backbone, self.adapter_only_checkpoint, self.skip_nonfinite, self.max_nonfinite_steps
+                self.lora_config,
+                self.quantization_config,
+                backbone,
+                self.adapter_only_checkpoint,
+                self.skip_nonfinite,
+                self.max_nonfinite_steps,
+                self.compile_blocks,
             )
             self.__dict__["_lora_controller"] = controller
         return controller

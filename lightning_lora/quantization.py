@@ -8,7 +8,6 @@ Facts this relies on (bitsandbytes 0.50): a ``Params4bit`` / ``Int8Params`` buil
 from __future__ import annotations
 
 import copy
-import functools
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -21,16 +20,22 @@ if TYPE_CHECKING:
     from types import ModuleType
 
 
-@functools.cache
+_BNB: ModuleType | None = None
+
+
 def _bnb() -> ModuleType:
-    try:
-        import bitsandbytes
-    except Exception as err:  # ImportError, or a broken native library
-        raise RuntimeError(
-            f"Quantization needs a working bitsandbytes, but importing it failed: {err}. "
-            "Install it with `pip install bitsandbytes>=0.45`, or pass `quantization=None` / `quantize=None`."
-        ) from err
-    return bitsandbytes
+    # A plain global rather than functools.cache: torch.compile traces this without a warning.
+    global _BNB
+    if _BNB is None:
+        try:
+            import bitsandbytes
+        except Exception as err:  # ImportError, or a broken native library
+            raise RuntimeError(
+                f"Quantization needs a working bitsandbytes, but importing it failed: {err}. "
+                "Install it with `pip install bitsandbytes>=0.45`, or pass `quantization=None` / `quantize=None`."
+            ) from err
+        _BNB = bitsandbytes
+    return _BNB
 
 
 def require_bitsandbytes(parameter: str, value: object) -> None:
@@ -178,6 +183,27 @@ def dequantize_weight(module: nn.Module, snapshot: dict[str, Any] | None = None)
             scales = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
         return bnb.functional.int8_vectorwise_dequant(weight.data, scales).float()
     raise TypeError(f"`dequantize_weight` expects a bitsandbytes Linear4bit or Linear8bitLt, got {type(module).__name__}.")
+
+
+def matmul_4bit_frozen(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` for a 4-bit layer, without autograd, in x's dtype, as its own forward computes it.
+
+    This goes through bitsandbytes' ``gemm_4bit`` op, which picks its fused kernel or dequantize +
+    matmul by shape. The dequantized weight never appears as a value of its own, so a compiled
+    graph cannot keep it alive until backward (which dequantizes again).
+    """
+    weight = module.weight
+    quant_state = getattr(weight, "quant_state", None) or module.quant_state  # FSDP may drop it from the weight
+    with torch.no_grad():
+        return _bnb().matmul_4bit(x, weight, bias=bias, quant_state=quant_state)
+
+
+def dequantize_4bit_as(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """A 4-bit layer's (out, in) weight in ``dtype``, for a matmul (the layer's forward does the same)."""
+    weight = module.weight
+    quant_state = getattr(weight, "quant_state", None) or module.quant_state  # FSDP may drop it from the weight
+    data, quant_state = _standard_4bit_layout(weight.data, quant_state)
+    return _bnb().functional.dequantize_4bit(data, quant_state).to(dtype)
 
 
 def _standard_4bit_layout(data: torch.Tensor, quant_state: Any) -> tuple[torch.Tensor, Any]:

@@ -177,8 +177,8 @@ class Sharded(LlamaLM):
                 self.seen[name] = layer.weight.detach().reshape(-1).view(torch.uint8).cpu().clone()
 
         for name, module in self.model.named_modules():
-            if is_4bit(module):
-                module.register_forward_pre_hook(lambda layer, args, name=name: record(name, layer))
+            if is_4bit(getattr(module, "base_layer", None)):  # the LoRA layer: its forward reads the base weight
+                module.register_forward_pre_hook(lambda layer, args, name=name + ".base_layer": record(name, layer.base_layer))
         if quant_storage == "bfloat16":
             self.model.to(torch.bfloat16)  # every tensor of a group in bf16: the set-up bitsandbytes #1945 reports
         fully_shard_lora(self.model, mesh=self.device_mesh["data_parallel"])

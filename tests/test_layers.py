@@ -251,3 +251,109 @@ def test_dropout_matches_peft_with_same_rng(builder):
     peft.eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(x).logits, peft(x).logits, **PARITY)
+
+
+# -- the fused training node (_FusedLoRA) and the inference path ---------------------------------------
+def _frozen_base(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "conv1d":
+        base = Conv1D(96, 64)  # (nf=out, nx=in)
+        nn.init.normal_(base.weight, std=0.05)
+        nn.init.normal_(base.bias, std=0.05)
+    elif kind == "nf4":
+        from lightning_lora import QuantizationConfig
+        from lightning_lora.quantization import quantize_linear
+
+        base = quantize_linear(nn.Linear(64, 96), QuantizationConfig(mode="nf4", compute_dtype="float32"))
+    else:
+        base = nn.Linear(64, 96, bias=kind == "linear_bias")
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return base
+
+
+def _step(layer: LoRALinear, x: torch.Tensor, fused: bool, autocast: bool = False, seed: int = 5) -> list[torch.Tensor]:
+    import lightning_lora.layers as layers_module
+
+    previous, layers_module.USE_FUSED = layers_module.USE_FUSED, fused
+    try:
+        layer.zero_grad(set_to_none=True)
+        x = x.clone().requires_grad_(True)
+        torch.manual_seed(seed)  # same dropout mask in both paths
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(x)
+        (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    finally:
+        layers_module.USE_FUSED = previous
+    return [y.detach(), x.grad, layer.lora_a.weight.grad, layer.lora_b.weight.grad]
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear_bias", "conv1d", "nf4"])
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_fused_training_path_equals_unfused_in_float32(kind, dropout):
+    layer = LoRALinear(_frozen_base(kind), r=8, alpha=16, dropout=dropout)
+    _randomize_b(layer)
+    x = torch.randn(3, 5, 64)
+    fused, unfused = _step(layer, x, fused=True), _step(layer, x, fused=False)
+    for name, a, b in zip(("output", "grad x", "grad A", "grad B"), fused, unfused):
+        assert_close_scaled(a, b, rtol=1e-6, name=f"{kind} {name}")
+
+
+@pytest.mark.parametrize("kind", ["linear", "nf4"])
+def test_fused_training_path_under_bf16_autocast_matches_dtypes_and_values(kind):
+    layer = LoRALinear(_frozen_base(kind), r=8, alpha=16)
+    _randomize_b(layer)
+    x = torch.randn(4, 64)
+    fused, unfused = _step(layer, x, fused=True, autocast=True), _step(layer, x, fused=False, autocast=True)
+    for name, a, b in zip(("output", "grad x", "grad A", "grad B"), fused, unfused):
+        assert a.dtype == b.dtype, name  # bf16 out of a float base under autocast; bitsandbytes returns x's dtype
+        assert_close_scaled(a.float(), b.float(), rtol=1e-2, name=f"{kind} {name}")  # bf16 rounding
+
+
+def test_hooks_on_the_base_layer_still_run_in_training():
+    layer = LoRALinear(_frozen_base("linear"), r=4, alpha=8)
+    calls = []
+    layer.base_layer.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    layer(torch.randn(2, 64, requires_grad=True)).sum().backward()
+    assert calls == [torch.Size([2, 96])]
+    assert not layer._fusable()
+
+
+def test_input_without_grad_trains_the_adapter_only():
+    layer = LoRALinear(_frozen_base("linear"), r=4, alpha=8)
+    _randomize_b(layer)
+    x = torch.randn(2, 64)  # e.g. the first layer's input when the embeddings are frozen
+    layer(x).sum().backward()
+    assert layer.lora_a.weight.grad is not None and layer.lora_b.weight.grad is not None
+
+
+def test_inference_cast_cache_follows_weight_updates():
+    layer = LoRALinear(_frozen_base("linear"), r=4, alpha=8).to(torch.bfloat16)
+    layer.lora_a.float(), layer.lora_b.float()  # fp32 adapter on a bf16 base, as under autocast training
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    for _ in range(2):
+        with torch.no_grad():
+            cached = layer(x)
+            a, b = layer.lora_a.weight.bfloat16(), layer.lora_b.weight.bfloat16()
+            expected = layer.base_layer(x) + (x @ a.t()) @ b.t() * layer.scale
+        torch.testing.assert_close(cached, expected, rtol=1e-2, atol=1e-2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(x.float()).float().pow(2).sum().backward()
+        optimizer.step()  # in-place update: the cached bf16 copy must be refreshed
+        optimizer.zero_grad()
+    assert layer._cast_cache is not None
+
+
+def test_inference_cast_cache_follows_a_move_of_the_layer():
+    layer = LoRALinear(_frozen_base("linear"), r=4, alpha=8).eval()
+    _randomize_b(layer)
+    layer.base_layer.to(torch.bfloat16)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        first = layer(x)
+        layer.lora_a.weight.data = layer.lora_a.weight.data * 2  # new data under the same Parameter, as .to() does
+        second = layer(x)
+    update = (x.float() @ layer.lora_a.weight.t() @ layer.lora_b.weight.t()) * layer.scale
+    assert_close_scaled(second.float(), layer.base_layer(x).float() + update, rtol=2e-2)
+    assert not torch.equal(first, second)

@@ -4,6 +4,9 @@
 - LoRA on a CUDA ``Linear4bit`` equals LoRA on its dequantized weight (bf16 compute tolerance).
 - One-GPU QLoRA through ``Trainer`` + ``LoRACallback`` quantizes on the move to the GPU, trains only
   the adapter and writes an adapter-only checkpoint.
+- The fused LoRA training node and regional compilation (``compile_blocks``) give the gradients of
+  the unfused eager path on a CUDA nf4 Llama (each tensor within bf16 noise; a compiled custom
+  autograd node once lost whole layers' gradients here while the loss looked right).
 - Two GPUs (skipped with fewer): ``benchmarks/multi_gpu.py`` on a tiny Llama under DDP, FSDP1 and
   FSDP2: first-step loss equal to one GPU's, the adapter identical on both ranks, the NF4 bytes each
   layer computes with equal to those before sharding, resume from the adapter-only checkpoint, and a
@@ -56,6 +59,46 @@ def test_block_by_block_loading_on_gpu_equals_quantizing_the_full_model(tmp_path
         assert torch.equal(a.detach().view(torch.uint8), b.detach().view(torch.uint8)), name
     ids = token_batch().cuda()
     torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, rtol=0, atol=0)
+
+
+def _cuda_nf4_llama_grads(use_fused: bool, compile_: bool) -> dict[str, torch.Tensor]:
+    import lightning_lora.layers as layers_module
+    from _models import tiny_llama, token_batch
+    from lightning_lora import LoRAConfig, inject_lora
+    from lightning_lora.compiling import compile_blocks
+
+    torch._dynamo.reset()
+    model = tiny_llama().to(torch.bfloat16)
+    model.config._attn_implementation = "sdpa"  # the attention the benchmarks use
+    inject_lora(model, LoRAConfig(r=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+                _nf4(), device="cuda")
+    model.cuda().train()
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(1)
+        for name, p in model.named_parameters():
+            if "lora_b" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+    ids = token_batch(batch=4, seq=32).cuda()
+    previous, layers_module.USE_FUSED = layers_module.USE_FUSED, use_fused
+    try:
+        if compile_:
+            compile_blocks(model)
+        for _ in range(2 if compile_ else 1):  # compiled: the first pass compiles
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                model(input_ids=ids, labels=ids).loss.backward()
+    finally:
+        layers_module.USE_FUSED = previous
+    return {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize(("use_fused", "compile_"), [(True, False), (True, True), (False, True)], ids=["fused", "compiled", "compiled-unfused"])
+def test_fused_and_compiled_paths_give_the_eager_gradients_on_cuda(use_fused, compile_):
+    reference = _cuda_nf4_llama_grads(use_fused=False, compile_=False)
+    grads = _cuda_nf4_llama_grads(use_fused, compile_)
+    assert grads.keys() == reference.keys()
+    errors = {n: float((grads[n] - g).norm() / g.norm()) for n, g in reference.items()}
+    assert max(errors.values()) < 0.05, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
 
 
 def test_lora_on_cuda_linear4bit_equals_lora_on_dequantized_weight():
