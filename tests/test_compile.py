@@ -65,3 +65,13 @@ def test_callback_compiles_blocks_and_trains(tmp_path):
     checkpoint = torch.load(next((tmp_path / "checkpoints").glob("*.ckpt")), weights_only=True)
     assert checkpoint["state_dict"] and all("lora_" in key and "_orig_mod" not in key for key in checkpoint["state_dict"])
     assert torch.isfinite(trainer.callback_metrics["train_loss"])
+
+
+def test_mixin_passes_compile_blocks_to_its_controller():
+    from _lightning import MixinLlamaLM
+    from lightning_lora import LoRAConfig
+
+    class Compiled(MixinLlamaLM):
+        compile_blocks = ["LlamaDecoderLayer"]
+
+    assert Compiled(LoRAConfig(r=4, alpha=8)).lora_controller.compile_blocks == ["LlamaDecoderLayer"]

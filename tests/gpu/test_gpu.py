@@ -123,13 +123,17 @@ def test_single_gpu_qlora_trains_adapter_only_and_checkpoints_it(tmp_path):
     from lightning_lora import LoRACallback
     from lightning_lora.quantization import is_4bit
 
+    class Probe(L.Callback):  # where the 4-bit layers live while training (teardown moves the module to the CPU after fit)
+        def on_train_end(self, trainer, pl_module):
+            self.devices = [m.weight.device.type for m in pl_module.model.modules() if is_4bit(m)]
+
     L.seed_everything(0)
-    module = LlamaLM(build_in="configure_model")
+    module, probe = LlamaLM(build_in="configure_model"), Probe()
     trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=8, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[LoRACallback(r=4, alpha=8, quantize="nf4", backbone="model")], default_root_dir=tmp_path)
+                        enable_model_summary=False, callbacks=[LoRACallback(r=4, alpha=8, quantize="nf4", backbone="model"), probe],
+                        default_root_dir=tmp_path)
     trainer.fit(module, token_loader())
-    layers = [m for m in module.model.modules() if is_4bit(m)]
-    assert len(layers) == 14 and all(m.weight.device.type == "cuda" for m in layers)
+    assert probe.devices == ["cuda"] * 14
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     state = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
     assert state and all(".lora_a." in k or ".lora_b." in k for k in state)
