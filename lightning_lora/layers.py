@@ -138,8 +138,27 @@ class LoRALinear(nn.Module):
         return out + (F.linear(h, b) * self.scale).to(out.dtype)
 
     def _forward_no_grad(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Inference: the adapter cast once per weight update, the update added into the base output in place."""
-        out = self.base_layer(x)
+        """Inference: the adapter cast once per weight update, the update added into the base output in place.
+
+        With many tokens, adding the update to the output costs a read and a write of the whole
+        (tokens, out) output plus a read of the input; adding ``scale * B @ A`` to the weight the base
+        computes with (a temporary: dequantized for 4-bit bases) costs a pass over (out, in) instead,
+        independent of the number of tokens. The cheaper of the two is taken; the weight route rounds
+        like ``merge_lora`` on a bf16 weight.
+        """
+        base = self.base_layer
+        tokens = x.numel() // self.in_features
+        fold_cost = (2 if quantization.is_4bit(base) else 3) * self.in_features * self.out_features
+        if tokens * (self.in_features + 2 * self.out_features) > fold_cost and self._fusable():
+            dtype = _compute_dtype(x, _base_compute_dtype(base, x))
+            a, b = self._cast_adapter(a, b, dtype)
+            weight = _frozen_weight(base, dtype)
+            # A dequantized weight is a fresh tensor: add in place. A float weight is the parameter itself.
+            weight = weight.addmm_(b, a, alpha=self.scale) if quantization.is_4bit(base) else torch.addmm(weight, b, a, alpha=self.scale)
+            bias = getattr(base, "bias", None)
+            out = F.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
+            return out.to(x.dtype) if quantization.is_4bit(base) else out
+        out = base(x)
         dtype = _compute_dtype(x, out.dtype)
         a, b = self._cast_adapter(a, b, dtype)
         x_lora = self.dropout(x) if self.training else x  # dropout is the identity in eval: skip the module call

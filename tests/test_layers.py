@@ -357,3 +357,24 @@ def test_inference_cast_cache_follows_a_move_of_the_layer():
     update = (x.float() @ layer.lora_a.weight.t() @ layer.lora_b.weight.t()) * layer.scale
     assert_close_scaled(second.float(), layer.base_layer(x).float() + update, rtol=2e-2)
     assert not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear_bias", "conv1d", "nf4"])
+def test_inference_with_many_tokens_folds_the_update_into_the_weight(kind, monkeypatch):
+    import lightning_lora.layers as layers_module
+
+    layer = LoRALinear(_frozen_base(kind), r=8, alpha=16).eval()
+    _randomize_b(layer)
+    folds = []
+    frozen_weight = layers_module._frozen_weight
+    monkeypatch.setattr(layers_module, "_frozen_weight", lambda base, dtype: folds.append(1) or frozen_weight(base, dtype))
+    x = torch.randn(400, 64)  # 400 x (64 + 2 x 96) elements of activations > (2 or 3) x 64 x 96 of weight
+    with torch.no_grad():
+        folded = layer(x)
+        assert folds, "the many-token forward should add the update to the weight"
+        per_row = torch.cat([layer(row[None]) for row in x[:8]])  # one token: the update goes to the output
+    assert len(folds) == 1
+    assert_close_scaled(folded[:8], per_row, rtol=1e-5, name=kind)
+    with torch.no_grad():
+        expected = layer.base_layer(x) + (x @ layer.lora_a.weight.t() @ layer.lora_b.weight.t()) * layer.scale
+    assert_close_scaled(folded, expected, rtol=1e-5, name=kind)
