@@ -79,24 +79,36 @@ def ours_model(layers: int, gc_on: bool, mode: str = "nf4") -> torch.nn.Module:
     return inject_lora(model, LoRAConfig(r=R, alpha=ALPHA, target_modules=TARGETS))
 
 
-def train_raw(model: torch.nn.Module, steps: int, warmup: int = 2) -> dict:
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> torch.Tensor:
+    """One plain-PyTorch optimizer step under bf16 autocast; returns the loss."""
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def step_times(model: torch.nn.Module, steps: int, warmup: int = 2, ids: torch.Tensor | None = None) -> tuple[list[float], float]:
+    """Seconds of each timed step after ``warmup`` untimed ones, and the last loss; resets the peak memory first."""
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(0, 32000, (BATCH, SEQ), device="cuda")
+    ids = torch.randint(0, 32000, (BATCH, SEQ), device="cuda") if ids is None else ids
     torch.cuda.reset_peak_memory_stats()
     times = []
     for step in range(steps + warmup):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = train_step(model, optimizer, ids)
         torch.cuda.synchronize()
         if step >= warmup:
             times.append(time.perf_counter() - start)
-    return {"tokens_per_s": BATCH * SEQ / (sum(times) / len(times)), "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss)}
+    return times, float(loss)
+
+
+def train_raw(model: torch.nn.Module, steps: int, warmup: int = 2) -> dict:
+    times, loss = step_times(model, steps, warmup)
+    return {"tokens_per_s": BATCH * SEQ / (sum(times) / len(times)), "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": loss}
 
 
 def train_lightning(layers: int, steps: int, gc_on: bool, compile_blocks: bool = False) -> dict:

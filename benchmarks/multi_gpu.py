@@ -328,6 +328,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_all_or_first_failure(procs: list[subprocess.Popen], timeout: float) -> list:
+    """Return codes of all node launchers; when one fails or time runs out, the others are killed rather than
+    left waiting for a peer that is gone."""
+    deadline = time.monotonic() + timeout
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes):
+            return codes
+        if any(c not in (None, 0) for c in codes) or time.monotonic() > deadline:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+            timed_out = time.monotonic() > deadline
+            return [("timeout" if timed_out else "killed") if c is None else c for c in codes]
+        time.sleep(0.5)
+
+
 def launch(name: str, work: Path, cpu: bool, timeout: float, extra: list[str] = ()) -> dict:
     spec = SCENARIOS[name]
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK")}
@@ -352,12 +369,7 @@ def launch(name: str, work: Path, cpu: bool, timeout: float, extra: list[str] = 
                 cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={spec['num_nodes']}", f"--node_rank={node}",
                        "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={env['MASTER_PORT']}", *base[1:]]
                 procs.append(subprocess.Popen(cmd, env=node_env, stdout=out, stderr=subprocess.STDOUT))
-            try:
-                rcs = [p.wait(timeout=timeout) for p in procs]
-            except subprocess.TimeoutExpired:
-                for p in procs:
-                    p.kill()
-                rcs = ["timeout"]
+            rcs = _wait_all_or_first_failure(procs, timeout)
             rc = rcs if any(r != 0 for r in rcs) else 0
         else:
             try:
@@ -435,6 +447,11 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     if args.scenario:
         run_scenario(args.scenario, work, args.cpu, args.model, args.seq)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # An orderly shutdown: a rank that exits with the process group alive can abort in gloo's
+            # threads ("terminate called without an active exception"), failing a run that succeeded.
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
         return
     names = args.only or DEFAULT_ORDER
     results = {}

@@ -20,30 +20,14 @@ import json
 import time
 
 import torch
-
-from compare_peft import ALPHA, BATCH, R, SEQ, TARGETS, matmul_ceiling, quantized_llama
+from compare_peft import ALPHA, BATCH, SEQ, TARGETS, R, matmul_ceiling, quantized_llama, step_times, train_step
 
 
 def timed_steps(model: torch.nn.Module, steps: int, warmup: int = 2) -> dict:
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, 32000, (BATCH, SEQ), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for step in range(steps + warmup):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-    times.sort()
-    median = times[len(times) // 2]
-    return {"tokens_per_s": BATCH * SEQ / median, "step_s": median, "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss)}
+    times, loss = step_times(model, steps, warmup, ids)
+    median = sorted(times)[len(times) // 2]
+    return {"tokens_per_s": BATCH * SEQ / median, "step_s": median, "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": loss}
 
 
 def family(name: str) -> str:
@@ -66,11 +50,7 @@ def profile_step(model: torch.nn.Module, top: int = 30) -> dict:
     ids = torch.randint(0, 32000, (BATCH, SEQ), device="cuda")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(2):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(model, optimizer, ids)
         torch.cuda.synchronize()
     kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0]
     total = sum(e.self_device_time_total for e in kernels)
@@ -243,7 +223,7 @@ def main() -> None:
             record("profile_ours_compiled", lambda: profile_step(ours, top=15))
         if "inference" not in args.skip:
             record("inference_compiled", lambda: inference(ours))
-    del ours
+    ours = None  # free the model before PEFT's is built
     gc.collect()
     torch.cuda.empty_cache()
     if "peft" not in args.skip:

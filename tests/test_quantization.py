@@ -217,7 +217,7 @@ def test_missing_bitsandbytes_is_a_clear_error_and_changes_nothing(monkeypatch):
     model = tiny_llama()
     before = {key: value.clone() for key, value in model.state_dict().items()}
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
-    quantization._bnb.cache_clear()
+    monkeypatch.setattr(quantization, "_BNB", None)  # forget the module imported already
     try:
         assert not quantization.bitsandbytes_available()
         config = QuantizationConfig(mode="nf4")
@@ -236,7 +236,7 @@ def test_missing_bitsandbytes_is_a_clear_error_and_changes_nothing(monkeypatch):
         assert not hasattr(model, "is_loaded_in_4bit")
     finally:
         monkeypatch.undo()
-        quantization._bnb.cache_clear()
+        quantization._BNB = None
     assert quantization.bitsandbytes_available()
 
 
