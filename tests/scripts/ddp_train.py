@@ -1,4 +1,4 @@
-"""Two-process DDP on CPU (gloo), launched by tests/test_ddp_cpu.py: python ddp_train.py OUT_DIR [QUANTIZE]."""
+"""Two-process DDP on CPU (gloo), launched by tests/test_ddp_cpu.py: python ddp_train.py OUT_DIR [QUANTIZE[-compiled]]."""
 
 import os
 import sys
@@ -14,10 +14,12 @@ from lightning_lora import LoRACallback, adapter_state_dict  # noqa: E402
 
 
 def main() -> None:
-    out, quantize = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 and sys.argv[2] != "none" else None)
+    out, mode = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "none")
+    quantize = mode.removesuffix("-compiled")
     L.seed_everything(0)
     module = LlamaLM(build_in="configure_model")
-    callback = LoRACallback(r=4, target_modules=["q_proj", "v_proj"], backbone="model", quantize=quantize, export_dir=os.path.join(out, "export"))
+    callback = LoRACallback(r=4, target_modules=["q_proj", "v_proj"], backbone="model", quantize=None if quantize == "none" else quantize,
+                            export_dir=os.path.join(out, "export"), compile_blocks=mode.endswith("-compiled"))
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
