@@ -52,6 +52,9 @@ SCENARIOS = {
     "fsdp2_resume": dict(strategy="fsdp2", devices=2, batch=4, steps=20, resume="fsdp2"),
     "fsdp2_allbf16": dict(strategy="fsdp2", devices=2, batch=4, steps=5, ckpt_every=0, lora_bf16=True),
     "ddp_2node": dict(strategy="ddp", devices=1, num_nodes=2, batch=4, steps=10, ckpt_every=0),
+    # The 70B shape on one GPU (no sharding): low-memory loading and QLoRA training where one H200 holds it all.
+    "single_70b": dict(strategy="single", devices=1, batch=1, steps=5, ckpt_every=5, checkpointing=True, model="70b", seq=2048,
+                       check_bytes=False),
     "fsdp_70b": dict(strategy="fsdp", devices=2, batch=1, steps=5, ckpt_every=5, checkpointing=True, model="70b", seq=2048,
                      state_dict_type="sharded", check_bytes=False),
 }
@@ -101,6 +104,8 @@ def run_scenario(name: str, work: Path, cpu: bool, model_override: str | None = 
             # Built here, quantized block by block on this rank's GPU and parked on the CPU; every rank builds
             # the same weights (same seed). The strategy moves (DDP) or shards (FSDP) it from there.
             self.model = build_quantized_model(config, quant, device=device, offload_to="cpu", seed=0).train()
+            if spec.get("checkpointing") and spec["strategy"] != "fsdp":  # FSDPStrategy checkpoints through its policy
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.build_seconds = time.perf_counter() - t0
             self.before, self.seen = {}, {}
             if check_bytes:
