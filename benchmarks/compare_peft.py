@@ -154,12 +154,13 @@ def train_lightning(layers: int, steps: int, gc_on: bool, compile_blocks: bool =
 
 @torch.no_grad()
 def inference_overhead(layers: int) -> dict:
-    from lightning_lora import LoRAConfig, disable_lora, inject_lora, merge_lora
+    from lightning_lora import LoRAConfig, cast_adapters, disable_lora, inject_lora, merge_lora
 
     model = inject_lora(quantized_llama(layers), LoRAConfig(r=R, alpha=ALPHA, target_modules=TARGETS)).eval()
     for layer in model.modules():
         if hasattr(layer, "lora_b"):
             torch.nn.init.normal_(layer.lora_b.weight, std=1e-3)
+    cast_adapters(model, torch.bfloat16)  # served unmerged in the compute dtype: no per-forward cast
     shapes = ((8, 2048), (1, 512))
     inputs = {shape: torch.randint(0, 32000, shape, device="cuda") for shape in shapes}
 

@@ -10,7 +10,7 @@ from lightning_lora.adapter_io import adapter_state_dict, load_adapter, save_ada
 from lightning_lora.config import LoRAConfig, QuantizationConfig
 from lightning_lora.inject import backbone_fingerprint, inject_lora, parameter_summary, trainable_parameters
 from lightning_lora.layers import LoRALinear
-from lightning_lora.merge import disable_lora, merge_lora, merged_state_dict, unmerge_lora
+from lightning_lora.merge import cast_adapters, disable_lora, merge_lora, merged_state_dict, unmerge_lora
 from lightning_lora.quantization import quantize_model
 
 _LIGHTNING_NAMES = {"LoRACallback": "lightning_lora.callback", "LoRAMixin": "lightning_lora.mixin"}
@@ -33,6 +33,7 @@ __all__ = [
     "QuantizationConfig",
     "__version__",
     "adapter_state_dict",
+    "cast_adapters",
     "backbone_fingerprint",
     "disable_lora",
     "inject_lora",

@@ -77,7 +77,6 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.enabled = True
         self._quantized_snapshot: dict[str, Any] | None = None
-        self._cast_cache: tuple | None = None
         self.reset_lora_parameters(init)
         self.train(base_layer.training)  # a wrapped eval-mode model stays in eval mode
 
@@ -111,9 +110,10 @@ class LoRALinear(nn.Module):
     def _fusable(self) -> bool:
         """Whether ``_FusedLoRA`` can stand in for base + LoRA.
 
-        It needs a frozen float or 4-bit base (bias frozen too), plain adapter linears (not wrapped as
-        FSDP1 units, whose weights exist only inside their own forward), and no hooks on the base
-        layer, since it computes the base output without calling the base module.
+        It needs a frozen float or 4-bit base (bias frozen too) with its class's stock forward, plain
+        adapter linears (not wrapped as FSDP1 units, whose weights exist only inside their own forward),
+        no forward or backward hooks on the base layer (it computes the base output without calling the
+        base module), and no torch.func transform (the node defines no vmap rule).
         """
         base = self.base_layer
         if not USE_FUSED or quantization.is_8bit(base) or base.weight.requires_grad:
@@ -122,7 +122,7 @@ class LoRALinear(nn.Module):
             return False
         if type(self.lora_a) is not nn.Linear or type(self.lora_b) is not nn.Linear:
             return False
-        return not (base._forward_hooks or base._forward_pre_hooks or _has_global_module_hooks())
+        return _unhooked(base) and _stock_forward(base) and not _functorch_active()
 
     def _forward_unfused(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -138,21 +138,22 @@ class LoRALinear(nn.Module):
         return out + (F.linear(h, b) * self.scale).to(out.dtype)
 
     def _forward_no_grad(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Inference: the adapter cast once per weight update, the update added into the base output in place.
+        """Without autograd (inference, or a reentrant-checkpoint forward): the update added into the base output in place.
 
         With many tokens, adding the update to the output costs a read and a write of the whole
         (tokens, out) output plus a read of the input; adding ``scale * B @ A`` to the weight the base
         computes with (a temporary: dequantized for 4-bit bases) costs a pass over (out, in) instead,
-        independent of the number of tokens. The cheaper of the two is taken; the weight route rounds
-        like ``merge_lora`` on a bf16 weight.
+        independent of the number of tokens. The cheaper of the two is taken (not while dropout is
+        active, which acts on the input); the weight route rounds like ``merge_lora`` on a bf16 weight.
         """
         base = self.base_layer
+        dropout_active = self.training and not isinstance(self.dropout, nn.Identity)
         tokens = x.numel() // self.in_features
         fold_cost = (2 if quantization.is_4bit(base) else 3) * self.in_features * self.out_features
-        if tokens * (self.in_features + 2 * self.out_features) > fold_cost and self._fusable():
+        if not dropout_active and tokens * (self.in_features + 2 * self.out_features) > fold_cost and self._fusable():
             dtype = _compute_dtype(x, _base_compute_dtype(base, x))
-            a, b = self._cast_adapter(a, b, dtype)
             weight = _frozen_weight(base, dtype)
+            a, b = a.to(dtype), b.to(dtype)
             # A dequantized weight is a fresh tensor: add in place. A float weight is the parameter itself.
             weight = weight.addmm_(b, a, alpha=self.scale) if quantization.is_4bit(base) else torch.addmm(weight, b, a, alpha=self.scale)
             bias = getattr(base, "bias", None)
@@ -160,25 +161,14 @@ class LoRALinear(nn.Module):
             return out.to(x.dtype) if quantization.is_4bit(base) else out
         out = base(x)
         dtype = _compute_dtype(x, out.dtype)
-        a, b = self._cast_adapter(a, b, dtype)
-        x_lora = self.dropout(x) if self.training else x  # dropout is the identity in eval: skip the module call
+        a, b = a.to(dtype), b.to(dtype)
+        x_lora = self.dropout(x) if dropout_active else x
         h = torch.mm(x_lora.reshape(-1, self.in_features).to(dtype), a.t())
-        if out.dtype == dtype and out.is_contiguous() and not out.requires_grad:
+        # In place only when nothing else can hold the base output (a forward hook may have kept it).
+        if out.dtype == dtype and out.is_contiguous() and not out.requires_grad and _unhooked(base):
             out.view(-1, self.out_features).addmm_(h, b.t(), alpha=self.scale)
             return out
         return out + (torch.mm(h, b.t()) * self.scale).view(out.shape).to(out.dtype)
-
-    def _cast_adapter(self, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if (a.dtype == dtype and b.dtype == dtype) or torch.compiler.is_compiling():
-            return a.to(dtype), b.to(dtype)  # compiled: the cast fuses into the graph, and no cache guards recompile it
-        # A tensor's _version counts its in-place updates (optimizer steps, load_state_dict), so a
-        # cached copy is reused only while the very tensors it was made from are unchanged.
-        # The data pointers catch ``module.to(device)``, which swaps a parameter's data under the same object.
-        key = (dtype, a._version, b._version, a.data_ptr(), b.data_ptr())
-        cache = self._cast_cache
-        if cache is None or cache[0] is not a or cache[1] is not b or cache[2] != key:
-            cache = self._cast_cache = (a, b, key, a.detach().to(dtype), b.detach().to(dtype))
-        return cache[3], cache[4]
 
     def delta_weight(self) -> torch.Tensor:
         """``scale * B @ A`` as float32, laid out like ``nn.Linear.weight``: (out, in)."""
@@ -244,16 +234,32 @@ COMPILE_LORA = True
 _forward_outside_graph = torch.compiler.disable(lambda layer, x: layer._forward(x))
 
 
-def _has_global_module_hooks() -> bool:
+def _unhooked(module: nn.Module) -> bool:
+    """No forward or backward hook, on ``module`` or global, would miss a computation that bypasses its forward."""
     from torch.nn.modules import module as module_mod
 
-    return bool(module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks,
+             module_mod._global_forward_hooks, module_mod._global_forward_pre_hooks, module_mod._global_backward_hooks,
+             module_mod._global_backward_pre_hooks)  # fmt: skip
+    return not any(hooks)
+
+
+def _stock_forward(base: nn.Module) -> bool:
+    """The base computes what its library class computes: no subclass overrides ``forward``."""
+    if quantization.is_4bit(base):
+        return quantization.has_stock_forward(base)
+    return _is_conv1d(base) or type(base).forward is nn.Linear.forward
+
+
+def _functorch_active() -> bool:
+    check = getattr(torch._C._functorch, "_are_functorch_transforms_active", None) or getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(check()) if check is not None else False
 
 
 def _compute_dtype(x: torch.Tensor, fallback: torch.dtype) -> torch.dtype:
     """The dtype the matmuls run in: autocast's when it is on, else that of the base output."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
+    if torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(x.device.type)  # autocast leaves float64 alone
     return fallback
 
 
@@ -291,7 +297,8 @@ class _FusedLoRA(torch.autograd.Function):
         a_c, b_c = a.to(dtype), b.to(dtype)
         h = torch.mm(xl2, a_c.t())
         out.addmm_(h, b_c.t(), alpha=layer.scale)
-        ctx.layer, ctx.dtype, ctx.x_dtype, ctx.dropout = layer, dtype, x.dtype, x_lora is not None
+        ctx.layer, ctx.dtype, ctx.x_dtype, ctx.dropout, ctx.scale = layer, dtype, x.dtype, x_lora is not None, layer.scale
+        ctx.a_dtype, ctx.b_dtype = a.dtype, b.dtype
         ctx.save_for_backward(xl2, h, a_c, b_c)
         # Like the base layers themselves: bitsandbytes returns the input dtype, torch's linear the compute dtype.
         out_dtype = x.dtype if quantization.is_4bit(base) else dtype
@@ -303,9 +310,9 @@ class _FusedLoRA(torch.autograd.Function):
         layer = ctx.layer
         needs_x, needs_x_lora, needs_a, needs_b, _ = ctx.needs_input_grad
         g = grad.reshape(-1, layer.out_features).to(ctx.dtype)
-        grad_h = torch.mm(g, b_c).mul_(layer.scale)  # (tokens, r)
-        grad_a = torch.mm(grad_h.t(), xl2).to(layer.lora_a.weight.dtype) if needs_a else None
-        grad_b = torch.mm(g.t(), h).mul_(layer.scale).to(layer.lora_b.weight.dtype) if needs_b else None
+        grad_h = torch.mm(g, b_c).mul_(ctx.scale)  # (tokens, r)
+        grad_a = torch.mm(grad_h.t(), xl2).to(ctx.a_dtype) if needs_a else None
+        grad_b = torch.mm(g.t(), h).mul_(ctx.scale).to(ctx.b_dtype) if needs_b else None
         grad_x = grad_x_lora = None
         if needs_x:
             grad_x = torch.mm(g, _frozen_weight(layer.base_layer, ctx.dtype))

@@ -93,3 +93,26 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
             out[f"{name}.bias"] = module.bias.detach().to(dtype)
     return out
 
+
+
+def cast_adapters(model: nn.Module, dtype: torch.dtype | str) -> nn.Module:
+    """Store every LoRA A and B in ``dtype`` (e.g. bf16 for serving an unmerged adapter); returns ``model``.
+
+    Training keeps adapters in float32 and casts them to the compute dtype on each forward, two small
+    kernels per layer; an adapter served unmerged in the compute dtype needs no cast. Cast back to
+    float32 (``cast_adapters(model, torch.float32)``) before training again: optimizer states do not
+    follow the new tensors.
+
+    Example::
+
+        model = cast_adapters(load_adapter(model, "adapter/"), torch.bfloat16).eval()
+    """
+    require_lora_state(model, "cast_adapters")
+    if isinstance(dtype, str):
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype.removeprefix("torch."), dtype)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"`dtype` must be a floating torch dtype such as torch.bfloat16, got {dtype!r}.")
+    for layer in lora_layers(model).values():
+        layer.lora_a.to(dtype)
+        layer.lora_b.to(dtype)
+    return model

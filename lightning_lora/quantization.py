@@ -185,6 +185,11 @@ def dequantize_weight(module: nn.Module, snapshot: dict[str, Any] | None = None)
     raise TypeError(f"`dequantize_weight` expects a bitsandbytes Linear4bit or Linear8bitLt, got {type(module).__name__}.")
 
 
+def has_stock_forward(module: nn.Module) -> bool:
+    """Whether a 4-bit layer computes with bitsandbytes' own ``Linear4bit.forward`` (no subclass override)."""
+    return type(module).forward is _bnb().nn.Linear4bit.forward
+
+
 def matmul_4bit_frozen(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W^T (+ bias)`` for a 4-bit layer, without autograd, in x's dtype, as its own forward computes it.
 

@@ -234,3 +234,22 @@ def test_disable_lora_on_quantized_base(mode):
     with disable_lora(model):
         assert torch.equal(logits(model, x), logits(reference, x))
     assert not torch.equal(logits(model, x), logits(reference, x))
+
+
+def test_cast_adapters_serves_unmerged_in_bf16():
+    from lightning_lora import cast_adapters
+
+    model = inject_lora(tiny_llama().to(torch.bfloat16), LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomize_adapter(model)
+    ids = token_batch()
+    with torch.no_grad():
+        before = model(ids).logits.float()
+    assert cast_adapters(model, "bfloat16") is model
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.bfloat16}
+    with torch.no_grad():
+        after = model(ids).logits.float()
+    torch.testing.assert_close(after, before, rtol=2e-2, atol=2e-2 * before.abs().max().item())
+    with pytest.raises(ValueError, match=r"`dtype` must be a floating torch dtype such as torch.bfloat16, got 'int8'"):
+        cast_adapters(model, "int8")
+    with pytest.raises(ValueError, match="`cast_adapters` got a model without LoRA"):
+        cast_adapters(tiny_llama(), torch.bfloat16)
