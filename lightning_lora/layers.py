@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as module_mod  # the global module hooks live here
 
 from lightning_lora import quantization
 
@@ -236,8 +237,6 @@ _forward_outside_graph = torch.compiler.disable(lambda layer, x: layer._forward(
 
 def _unhooked(module: nn.Module) -> bool:
     """No forward or backward hook, on ``module`` or global, would miss a computation that bypasses its forward."""
-    from torch.nn.modules import module as module_mod
-
     hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks,
              module_mod._global_forward_hooks, module_mod._global_forward_pre_hooks, module_mod._global_backward_hooks,
              module_mod._global_backward_pre_hooks)  # fmt: skip
