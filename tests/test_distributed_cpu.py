@@ -165,6 +165,7 @@ from lightning_lora.distributed import fully_shard_lora, gather_adapter_state_di
 from lightning_lora.quantization import is_4bit
 
 out, phase, quant_storage = sys.argv[1], sys.argv[2], sys.argv[3]
+compile_blocks = len(sys.argv) > 4 and sys.argv[4] == "compile"
 
 
 class Sharded(LlamaLM):
@@ -186,7 +187,8 @@ class Sharded(LlamaLM):
 
 L.seed_everything(0)
 module = Sharded(build_in="init", lr=1e-2)
-callbacks = [LoRACallback(r=4, alpha=8, quantize="nf4", quant_storage=quant_storage, backbone="model", export_dir=os.path.join(out, "export"))]
+callbacks = [LoRACallback(r=4, alpha=8, quantize="nf4", quant_storage=quant_storage, backbone="model", export_dir=os.path.join(out, "export"),
+                          compile_blocks=compile_blocks)]
 if phase == "full":
     callbacks.append(ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), every_n_train_steps=3, save_top_k=-1, filename="{step}"))
 trainer = L.Trainer(
@@ -201,6 +203,25 @@ if trainer.is_global_zero:
     changed = {k: int((module.seen[k] != v).sum()) for k, v in module.before.items()}
     torch.save({"adapter": adapter, "changed": changed, "step": trainer.global_step}, os.path.join(out, f"{phase}.pt"))
 '''
+
+
+def test_fsdp2_with_compiled_blocks_trains_like_eager(tmp_path):
+    # compile_blocks=True under ModelParallelStrategy (FSDP2): the blocks are compiled at injection, before
+    # fully_shard; six steps on two gloo ranks end where the eager run ends, NF4 bytes untouched.
+    script = tmp_path / "fsdp2_train.py"
+    script.write_text(_FSDP2_SCRIPT)
+    results = {}
+    for mode in ("eager", "compile"):
+        out = tmp_path / mode
+        out.mkdir()
+        _launch(script, str(out), "full", "uint8", mode)
+        results[mode] = torch.load(out / "full.pt", weights_only=True)
+    eager, compiled = results["eager"], results["compile"]
+    assert compiled["step"] == eager["step"] == 6
+    assert sum(compiled["changed"].values()) == 0 and len(compiled["changed"]) == 14
+    assert compiled["adapter"].keys() == eager["adapter"].keys()
+    for key, value in eager["adapter"].items():
+        torch.testing.assert_close(compiled["adapter"][key], value, rtol=1e-3, atol=1e-3 * value.abs().max().item())
 
 
 def _launch(script: Path, *args: str) -> None:
