@@ -96,6 +96,10 @@ class LoRALinear(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self.enabled:
             return self.base_layer(x)
+        if type(self.lora_a) is not nn.Linear or type(self.lora_b) is not nn.Linear:
+            # Wrapped adapters (e.g. FSDP1 units) hold their full weights only inside their own forward.
+            out = self.base_layer(x)
+            return out + (self.lora_b(self.lora_a(self.dropout(x))) * self.scale).to(out.dtype)
         a, b = self.lora_a.weight, self.lora_b.weight
         if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
             # Compiled graphs get the plain ops: inductor fuses them itself, and the custom autograd node
@@ -104,15 +108,12 @@ class LoRALinear(nn.Module):
                 x_lora = None if isinstance(self.dropout, nn.Identity) else self.dropout(x)
                 return _FusedLoRA.apply(x, x_lora, a, b, self)
             return self._forward_unfused(x, a, b)
-        if type(self.lora_a) is not nn.Linear or type(self.lora_b) is not nn.Linear:
-            return self._forward_unfused(x, a, b)
         return self._forward_no_grad(x, a, b)
 
     def _fusable(self) -> bool:
         """Whether ``_FusedLoRA`` can stand in for base + LoRA.
 
-        It needs a frozen float or 4-bit base (bias frozen too) with its class's stock forward, plain
-        adapter linears (not wrapped as FSDP1 units, whose weights exist only inside their own forward),
+        It needs a frozen float or 4-bit base (bias frozen too) with its class's stock forward,
         no forward or backward hooks on the base layer (it computes the base output without calling the
         base module), and no torch.func transform (the node defines no vmap rule).
         """
@@ -121,15 +122,10 @@ class LoRALinear(nn.Module):
             return False
         if getattr(base, "bias", None) is not None and base.bias.requires_grad:
             return False
-        if type(self.lora_a) is not nn.Linear or type(self.lora_b) is not nn.Linear:
-            return False
         return _unhooked(base) and _stock_forward(base) and not _functorch_active()
 
     def _forward_unfused(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        if type(self.lora_a) is not nn.Linear or type(self.lora_b) is not nn.Linear:
-            # Wrapped adapters (e.g. FSDP1 units) hold their full weights only inside their own forward.
-            return out + (self.lora_b(self.lora_a(self.dropout(x))) * self.scale).to(out.dtype)
         if a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             a, b = a.to(x.dtype), b.to(x.dtype)  # cast the small adapter, not the activation
         h = F.linear(self.dropout(x), a)  # (..., r)

@@ -447,3 +447,34 @@ def test_inference_with_many_tokens_folds_the_update_into_the_weight(kind, monke
     with torch.no_grad():
         expected = layer.base_layer(x) + (x @ layer.lora_a.weight.t() @ layer.lora_b.weight.t()) * layer.scale
     assert_close_scaled(folded, expected, rtol=1e-5, name=kind)
+
+
+def test_wrapped_adapters_are_called_not_read():
+    # FSDP1 units (lora_fsdp_policy) hold the full A / B weights only inside their own forward: the layer
+    # must call the wrapped modules, on every path, and compute what the plain layer computes.
+    class Unit(nn.Module):
+        def __init__(self, inner: nn.Linear) -> None:
+            super().__init__()
+            self.inner, self.calls = inner, 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.inner(x)
+
+    plain = LoRALinear(_frozen_base("linear_bias"), r=4, alpha=8)
+    _randomize_b(plain)
+    x = torch.randn(5, 64, requires_grad=True)
+    expected = plain(x)
+    expected.sum().backward()
+    wrapped = LoRALinear(_frozen_base("linear_bias"), r=4, alpha=8)
+    wrapped.load_state_dict(plain.state_dict())
+    wrapped.lora_a, wrapped.lora_b = Unit(wrapped.lora_a), Unit(wrapped.lora_b)
+    x2 = x.detach().clone().requires_grad_(True)
+    out = wrapped(x2)
+    out.sum().backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(x2.grad, x.grad)
+    torch.testing.assert_close(wrapped.lora_a.inner.weight.grad, plain.lora_a.weight.grad)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(torch.randn(400, 64)).shape, torch.Size([400, 96]))
+    assert wrapped.lora_a.calls == wrapped.lora_b.calls == 2
