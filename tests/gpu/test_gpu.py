@@ -1,7 +1,8 @@
 """Tests that need CUDA: run them on a GPU machine (`pytest -m gpu tests/gpu`); CI on CPU skips them.
 
 - Loading block by block on the GPU gives the bytes and outputs of quantizing the full model on the GPU.
-- LoRA on a CUDA ``Linear4bit`` equals LoRA on its dequantized weight (bf16 compute tolerance).
+- LoRA on a CUDA ``Linear4bit`` equals LoRA on its dequantized weight (bf16 compute tolerance), in
+  training and in both inference routes (update into the output; update into the weight, many tokens).
 - One-GPU QLoRA through ``Trainer`` + ``LoRACallback`` quantizes on the move to the GPU, trains only
   the adapter and writes an adapter-only checkpoint.
 - The fused LoRA training node and regional compilation (``compile_blocks``) give the gradients of
@@ -99,6 +100,25 @@ def test_fused_and_compiled_paths_give_the_eager_gradients_on_cuda(use_fused, co
     assert grads.keys() == reference.keys()
     errors = {n: float((grads[n] - g).norm() / g.norm()) for n, g in reference.items()}
     assert max(errors.values()) < 0.05, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
+
+
+@pytest.mark.parametrize("tokens", [4, 4096], ids=["update-into-output", "update-into-weight"])
+def test_inference_paths_on_cuda_linear4bit_equal_the_reference(tokens):
+    from torch import nn
+
+    from lightning_lora import LoRALinear
+    from lightning_lora.quantization import dequantize_weight, quantize_linear
+
+    torch.manual_seed(0)
+    base = quantize_linear(nn.Linear(512, 256, bias=False), _nf4(), device="cuda")
+    layer = LoRALinear(base, r=8, alpha=16).cuda().eval()
+    nn.init.normal_(layer.lora_b.weight, std=0.02)
+    x = torch.randn(tokens, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        out = layer(x)
+    expected = x.float() @ (dequantize_weight(base) + layer.delta_weight()).t()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
 
 def test_lora_on_cuda_linear4bit_equals_lora_on_dequantized_weight():
