@@ -153,6 +153,20 @@ def train_lightning(layers: int, steps: int, gc_on: bool, compile_blocks: bool =
 
 
 @torch.no_grad()
+def forward_seconds(model: torch.nn.Module, ids: torch.Tensor, repeats: int = 5) -> float:
+    """Seconds per forward under bf16 autocast: 2 warm-up then ``repeats`` timed passes."""
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(2):
+            model(input_ids=ids)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model(input_ids=ids)
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+@torch.no_grad()
 def inference_overhead(layers: int) -> dict:
     from lightning_lora import LoRAConfig, cast_adapters, disable_lora, inject_lora, merge_lora
 
@@ -163,18 +177,6 @@ def inference_overhead(layers: int) -> dict:
     cast_adapters(model, torch.bfloat16)  # served unmerged in the compute dtype: no per-forward cast
     shapes = ((8, 2048), (1, 512))
     inputs = {shape: torch.randint(0, 32000, shape, device="cuda") for shape in shapes}
-
-    def timed(ids: torch.Tensor) -> float:
-        """Seconds per forward: 2 warm-up then 5 timed passes."""
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            for _ in range(2):
-                model(input_ids=ids)
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(5):
-                model(input_ids=ids)
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) / 5
 
     def graphed(ids: torch.Tensor) -> float:
         """Seconds per forward replayed from a CUDA graph: GPU time without Python's launch overhead."""
@@ -201,8 +203,8 @@ def inference_overhead(layers: int) -> dict:
     out = {}
     for (batch, seq), ids in inputs.items():
         with disable_lora(model):
-            base = timed(ids)
-        unmerged = timed(ids)
+            base = forward_seconds(model, ids)
+        unmerged = forward_seconds(model, ids)
         entry = out[f"{batch}x{seq}"] = {"base_s": base, "unmerged_s": unmerged, "unmerged_overhead": unmerged / base - 1}
         try:  # the same two forwards replayed from CUDA graphs (the small shapes are bound by Python otherwise)
             with disable_lora(model):
@@ -218,7 +220,7 @@ def inference_overhead(layers: int) -> dict:
         merge_lora(model)
     for (batch, seq), ids in inputs.items():
         entry = out[f"{batch}x{seq}"]
-        entry["merged_s"] = timed(ids)
+        entry["merged_s"] = forward_seconds(model, ids)
         entry["merged_overhead"] = entry["merged_s"] / entry["base_s"] - 1
     return out
 

@@ -345,6 +345,7 @@ def _wait_all_or_first_failure(procs: list[subprocess.Popen], timeout: float) ->
             for p in procs:
                 if p.poll() is None:
                     p.kill()
+                    p.wait(timeout=30)  # reap it: no zombie, and its log is complete
             timed_out = time.monotonic() > deadline
             return [("timeout" if timed_out else "killed") if c is None else c for c in codes]
         time.sleep(0.5)

@@ -17,10 +17,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import time
 
 import torch
-from compare_peft import ALPHA, BATCH, SEQ, TARGETS, R, matmul_ceiling, quantized_llama, step_times, train_step
+from compare_peft import ALPHA, BATCH, SEQ, TARGETS, R, forward_seconds, matmul_ceiling, quantized_llama, step_times, train_step
+
+from lightning_lora.compiling import compile_blocks
 
 
 def timed_steps(model: torch.nn.Module, steps: int, warmup: int = 2) -> dict:
@@ -63,19 +64,6 @@ def profile_step(model: torch.nn.Module, top: int = 30) -> dict:
     return {"gpu_ms_per_step": total / 2e3, "families_ms_per_step": {k: v / 2e3 for k, v in sorted(families.items(), key=lambda kv: -kv[1])}, "top_kernels": rows}
 
 
-@torch.no_grad()
-def forward_time(model: torch.nn.Module, ids: torch.Tensor, repeats: int = 5) -> float:
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        for _ in range(2):
-            model(input_ids=ids)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            model(input_ids=ids)
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
-
-
 def inference(model: torch.nn.Module) -> dict:
     from lightning_lora import disable_lora
 
@@ -84,24 +72,18 @@ def inference(model: torch.nn.Module) -> dict:
     for batch, seq in ((8, 2048), (1, 512)):
         ids = torch.randint(0, 32000, (batch, seq), device="cuda")
         with disable_lora(model):
-            base = forward_time(model, ids)
-        unmerged = forward_time(model, ids)
+            base = forward_seconds(model, ids)
+        unmerged = forward_seconds(model, ids)
         out[f"{batch}x{seq}"] = {"base_ms": base * 1e3, "unmerged_ms": unmerged * 1e3, "overhead": unmerged / base - 1}
     return out
-
-
-def compile_blocks(model: torch.nn.Module) -> None:
-    from lightning_lora.compiling import compile_blocks as compile_
-
-    compile_(model)
 
 
 def check_compiled_gradients(layers: int = 2) -> dict:
     """Gradients of every LoRA tensor, eager unfused (the reference) against each other code path, on one batch.
 
     Relative error = ||g - g_ref|| / ||g_ref|| per tensor; the eager fused figure is the bf16 rounding
-    noise floor. Compiled variants: LoRA traced into the block graph (fused node or unfused ops), or
-    LoRA layers run eagerly between compiled pieces. Also each step's peak memory.
+    noise floor. Compiled: every block compiled (LoRA layers emit plain ops in the graph). Also each
+    step's peak memory.
     """
     import lightning_lora.layers as layers_module
     from lightning_lora import LoRAConfig, inject_lora
@@ -128,15 +110,11 @@ def check_compiled_gradients(layers: int = 2) -> dict:
         return ({n: p.grad.float().clone() for n, p in m.named_parameters() if p.requires_grad}, float(loss.detach()),
                 torch.cuda.max_memory_allocated() / 2**30)
 
-    variants = {  # name: (USE_FUSED, compiled, COMPILE_LORA)
-        "eager_unfused": (False, False, True), "eager_fused": (True, False, True),
-        "compiled_lora_fused_in_graph": (True, True, True), "compiled_lora_unfused_in_graph": (False, True, True),
-        "compiled_lora_outside_graph": (True, True, False),
-    }
+    variants = {"eager_unfused": (False, False), "eager_fused": (True, False), "compiled": (True, True)}  # (USE_FUSED, compiled)
     out, ref = {}, None
-    for name, (fused, compile_it, lora_in_graph) in variants.items():
+    for name, (fused, compile_it) in variants.items():
         torch._dynamo.reset()
-        layers_module.USE_FUSED, layers_module.COMPILE_LORA = fused, lora_in_graph
+        layers_module.USE_FUSED = fused
         model = build()
         if compile_it:
             compile_blocks(model)
@@ -150,7 +128,7 @@ def check_compiled_gradients(layers: int = 2) -> dict:
         del model
         gc.collect()
         torch.cuda.empty_cache()
-    layers_module.USE_FUSED, layers_module.COMPILE_LORA = True, True
+    layers_module.USE_FUSED = True
     return out
 
 
@@ -161,7 +139,7 @@ def profile_inference(model: torch.nn.Module, batch: int = 1, seq: int = 512, to
 
     model.eval()
     ids = torch.randint(0, 32000, (batch, seq), device="cuda")
-    wall = forward_time(model, ids)
+    wall = forward_seconds(model, ids)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             model(input_ids=ids)
@@ -214,11 +192,7 @@ def main() -> None:
             record("inference_profile_1x512_base", lambda: profile_inference(ours))
     if "compile" not in args.skip:
         compile_blocks(ours)
-        layers.COMPILE_LORA = False
-        record("ours_fused_compiled_lora_outside", lambda: timed_steps(ours, args.steps, warmup=3))
-        layers.COMPILE_LORA = True
-        torch._dynamo.reset()
-        record("ours_fused_compiled", lambda: timed_steps(ours, args.steps, warmup=3))
+        record("ours_compiled", lambda: timed_steps(ours, args.steps, warmup=3))
         if "profile" not in args.skip:
             record("profile_ours_compiled", lambda: profile_step(ours, top=15))
         if "inference" not in args.skip:

@@ -89,11 +89,6 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_b.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not COMPILE_LORA and torch.compiler.is_compiling():
-            return _forward_outside_graph(self, x)
-        return self._forward(x)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self.enabled:
             return self.base_layer(x)
         if type(self.lora_a) is not nn.Linear or type(self.lora_b) is not nn.Linear:
@@ -103,7 +98,7 @@ class LoRALinear(nn.Module):
         a, b = self.lora_a.weight, self.lora_b.weight
         if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
             # Compiled graphs get the plain ops: inductor fuses them itself, and the custom autograd node
-            # traced into a CUDA graph was seen to lose gradients (benchmarks/profile_step.py checks this).
+            # traced into a compiled graph on CUDA lost gradients (benchmarks/profile_step.py checks this).
             if self._fusable() and not torch.compiler.is_compiling():
                 x_lora = None if isinstance(self.dropout, nn.Identity) else self.dropout(x)
                 return _FusedLoRA.apply(x, x_lora, a, b, self)
@@ -144,18 +139,19 @@ class LoRALinear(nn.Module):
         active, which acts on the input); the weight route rounds like ``merge_lora`` on a bf16 weight.
         """
         base = self.base_layer
+        four_bit = quantization.is_4bit(base)
         dropout_active = self.training and not isinstance(self.dropout, nn.Identity)
         tokens = x.numel() // self.in_features
-        fold_cost = (2 if quantization.is_4bit(base) else 3) * self.in_features * self.out_features
+        fold_cost = (2 if four_bit else 3) * self.in_features * self.out_features
         if not dropout_active and tokens * (self.in_features + 2 * self.out_features) > fold_cost and self._fusable():
             dtype = _compute_dtype(x, _base_compute_dtype(base, x))
             weight = _frozen_weight(base, dtype)
             a, b = a.to(dtype), b.to(dtype)
             # A dequantized weight is a fresh tensor: add in place. A float weight is the parameter itself.
-            weight = weight.addmm_(b, a, alpha=self.scale) if quantization.is_4bit(base) else torch.addmm(weight, b, a, alpha=self.scale)
+            weight = weight.addmm_(b, a, alpha=self.scale) if four_bit else torch.addmm(weight, b, a, alpha=self.scale)
             bias = getattr(base, "bias", None)
             out = F.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
-            return out.to(x.dtype) if quantization.is_4bit(base) else out
+            return out.to(x.dtype) if four_bit else out
         out = base(x)
         dtype = _compute_dtype(x, out.dtype)
         a, b = a.to(dtype), b.to(dtype)
@@ -226,9 +222,6 @@ class LoRALinear(nn.Module):
 
 USE_FUSED = True
 """Train through ``_FusedLoRA`` where it applies; benchmarks turn it off to measure the unfused path."""
-COMPILE_LORA = True
-"""Whether torch.compile traces LoRA layers into the graph (True) or runs them eagerly between graphs."""
-_forward_outside_graph = torch.compiler.disable(lambda layer, x: layer._forward(x))
 
 
 def _unhooked(module: nn.Module) -> bool:
@@ -261,7 +254,7 @@ def _compute_dtype(x: torch.Tensor, fallback: torch.dtype) -> torch.dtype:
 def _frozen_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The base weight as an (out, in) matrix in ``dtype``: dequantized for 4-bit bases, a view or cast otherwise."""
     if quantization.is_4bit(base):
-        return quantization.dequantize_4bit_as(base, dtype)
+        return quantization.dequantize_weight(base, dtype=dtype)
     weight = base.weight.t() if _is_conv1d(base) else base.weight
     return weight.to(dtype)
 

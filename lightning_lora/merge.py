@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lightning_lora import quantization
+from lightning_lora.config import _DTYPES, _dtype_name
 from lightning_lora.inject import require_lora_state
 from lightning_lora.layers import lora_layers
 
@@ -109,7 +110,7 @@ def cast_adapters(model: nn.Module, dtype: torch.dtype | str) -> nn.Module:
     """
     require_lora_state(model, "cast_adapters")
     if isinstance(dtype, str):
-        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype.removeprefix("torch."), dtype)
+        dtype = _DTYPES.get(_dtype_name(dtype), dtype)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"`dtype` must be a floating torch dtype such as torch.bfloat16, got {dtype!r}.")
     for layer in lora_layers(model).values():

@@ -167,22 +167,26 @@ def quantize_model(
     return quantized
 
 
-def dequantize_weight(module: nn.Module, snapshot: dict[str, Any] | None = None) -> torch.Tensor:
-    """The (out, in) float32 weight a quantized layer computes with (or that of a ``snapshot_quantized``)."""
+def dequantize_weight(module: nn.Module, snapshot: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The (out, in) weight a quantized layer computes with (or that of a ``snapshot_quantized``), in ``dtype``."""
     bnb = _bnb()
     weight = snapshot["weight"] if snapshot else module.weight
     if is_4bit(module):
-        # The Params4bit carries its own quant_state (a snapshot's weight too); the module's copy is only
-        # a fallback for when FSDP dropped it from the weight, and is None on layers built without `module=`.
-        quant_state = getattr(weight, "quant_state", None) or (snapshot["quant_state"] if snapshot else module.quant_state)
+        quant_state = _quant_state(module, weight, snapshot)
         data, quant_state = _standard_4bit_layout(weight.data, quant_state)
-        return bnb.functional.dequantize_4bit(data, quant_state).float()
+        return bnb.functional.dequantize_4bit(data, quant_state).to(dtype)
     if is_8bit(module):
         scales = snapshot["SCB"] if snapshot else None
         if scales is None:
             scales = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
-        return bnb.functional.int8_vectorwise_dequant(weight.data, scales).float()
+        return bnb.functional.int8_vectorwise_dequant(weight.data, scales).to(dtype)
     raise TypeError(f"`dequantize_weight` expects a bitsandbytes Linear4bit or Linear8bitLt, got {type(module).__name__}.")
+
+
+def _quant_state(module: nn.Module, weight: torch.Tensor, snapshot: dict[str, Any] | None = None) -> Any:
+    # The Params4bit carries its own quant_state (a snapshot's weight too); the module's copy is only
+    # a fallback for when FSDP dropped it from the weight, and is None on layers built without `module=`.
+    return getattr(weight, "quant_state", None) or (snapshot["quant_state"] if snapshot else module.quant_state)
 
 
 def has_stock_forward(module: nn.Module) -> bool:
@@ -197,18 +201,8 @@ def matmul_4bit_frozen(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | 
     matmul by shape. The dequantized weight never appears as a value of its own, so a compiled
     graph cannot keep it alive until backward (which dequantizes again).
     """
-    weight = module.weight
-    quant_state = getattr(weight, "quant_state", None) or module.quant_state  # FSDP may drop it from the weight
     with torch.no_grad():
-        return _bnb().matmul_4bit(x, weight, bias=bias, quant_state=quant_state)
-
-
-def dequantize_4bit_as(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """A 4-bit layer's (out, in) weight in ``dtype``, for a matmul (the layer's forward does the same)."""
-    weight = module.weight
-    quant_state = getattr(weight, "quant_state", None) or module.quant_state  # FSDP may drop it from the weight
-    data, quant_state = _standard_4bit_layout(weight.data, quant_state)
-    return _bnb().functional.dequantize_4bit(data, quant_state).to(dtype)
+        return _bnb().matmul_4bit(x, module.weight, bias=bias, quant_state=_quant_state(module, module.weight))
 
 
 def _standard_4bit_layout(data: torch.Tensor, quant_state: Any) -> tuple[torch.Tensor, Any]:

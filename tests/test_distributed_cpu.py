@@ -284,3 +284,20 @@ def test_multi_gpu_benchmark_on_cpu_ddp_and_fsdp2_parity_resume(tmp_path):
     assert results["ddp_resume"]["resume_bit_exact"] and results["fsdp2_resume"]["resume_bit_exact"]
     assert results["ddp"]["checkpoint_non_adapter_keys"] == []
     assert results["ddp_2node"]["num_nodes"] == 2 and results["ddp_2node"]["world_size"] == 2
+
+
+def test_multi_gpu_driver_stops_the_other_node_when_one_fails():
+    # A node launcher that fails must not leave the driver waiting out its timeout for the other node.
+    import importlib.util
+    import time
+
+    spec = importlib.util.spec_from_file_location("multi_gpu", Path(__file__).parents[1] / "benchmarks" / "multi_gpu.py")
+    multi_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(multi_gpu)
+    failing = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+    waiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    start = time.monotonic()
+    assert multi_gpu._wait_all_or_first_failure([failing, waiting], timeout=100) == [3, "killed"]
+    assert time.monotonic() - start < 20 and waiting.poll() is not None
+    quick = [subprocess.Popen([sys.executable, "-c", "pass"]) for _ in range(2)]
+    assert multi_gpu._wait_all_or_first_failure(quick, timeout=100) == [0, 0]
