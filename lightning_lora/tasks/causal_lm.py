@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import lightning as L
@@ -12,6 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchmetrics import Metric
 
+from lightning_lora.data.packing import is_packed
 from lightning_lora.tasks._common import (
     LRSchedule,
     build_backbone,
@@ -20,6 +22,7 @@ from lightning_lora.tasks._common import (
     check_model_arg,
     configure_adamw,
 )
+from lightning_lora.tasks.packed_attention import packed_attention
 
 IGNORE_INDEX = -100
 # Config fields of models whose logits are not plain ``lm_head(hidden)``; chunked_ce would skip that step.
@@ -54,7 +57,9 @@ class CausalLMModule(L.LightningModule):
     ``configure_model`` so it can be created under the strategy's init context.
 
     Batches are dicts with ``input_ids``, ``attention_mask`` and ``labels`` (``labels == -100`` are not scored,
-    e.g. prompt tokens); the model shifts labels by one. The loss is the mean over scored tokens.
+    e.g. prompt tokens); the model shifts labels by one. The loss is the mean over scored tokens. Packed batches
+    (the data modules' ``packing=True``, see ``lightning_lora.data.packing``) run with each example attending
+    only to itself (``lightning_lora.tasks.packed_attention``) and give each token the loss it has unpacked.
 
     Example::
 
@@ -117,22 +122,63 @@ class CausalLMModule(L.LightningModule):
 
         self.model = build_backbone(self, AutoModelForCausalLM)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (batch, seq, vocab)."""
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cu_seq_lens: torch.Tensor | None = None,
+        max_length: int | None = None,
+    ) -> torch.Tensor:
+        """Logits (batch, seq, vocab). For packed rows pass ``position_ids``, ``cu_seq_lens`` and ``max_length``."""
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if cu_seq_lens is not None:
+            batch.update(position_ids=position_ids, cu_seq_lens=cu_seq_lens, max_length=max_length)
+        with self._attention(batch):
+            return self.model(**self._backbone_inputs(batch), use_cache=False).logits
+
+    def _attention(self, batch: dict[str, Any]) -> Any:
+        """The attention routing a batch needs: document masks for packed rows, the model's own otherwise."""
+        return packed_attention(self.model, training=torch.is_grad_enabled()) if is_packed(batch) else nullcontext()
+
+    @staticmethod
+    def _backbone_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+        if not is_packed(batch):
+            return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+        if batch.get("attention_mask") is not None or batch.get("position_ids") is None or batch.get("max_length") is None:
+            raise ValueError(
+                "a packed batch (one with cu_seq_lens) needs position_ids and max_length and must not carry an "
+                f"attention_mask (it would let examples see each other); got keys {sorted(batch)}. Build packed "
+                "batches with lightning_lora.data.packing.PackedCollator."
+            )
+        cu_seq_lens, max_length = batch["cu_seq_lens"], int(batch["max_length"])
+        # transformers' names for varlen attention inputs (FlashAttentionKwargs); they reach every attention layer.
+        return {
+            "input_ids": batch["input_ids"],
+            "position_ids": batch["position_ids"],
+            "cu_seq_lens_q": cu_seq_lens,
+            "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": max_length,
+            "max_length_k": max_length,
+        }
 
     # --- loss ----------------------------------------------------------------------------------
 
     def token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed NLL over scored tokens, number of scored tokens) of a batch; labels are shifted here."""
         labels = batch["labels"][:, 1:]  # (batch, seq - 1): token t predicts token t + 1
-        if self.hparams.chunked_ce > 0:
-            return self._chunked_token_losses(batch, labels)
-        logits = self(batch["input_ids"], batch.get("attention_mask"))[:, :-1]  # (batch, seq - 1, vocab)
+        if is_packed(batch):
+            # An example's first token would be predicted from the example before it: never a target.
+            labels = labels.masked_fill(batch["position_ids"][:, 1:] == 0, IGNORE_INDEX)
+        inputs = self._backbone_inputs(batch)
+        with self._attention(batch):
+            if self.hparams.chunked_ce > 0:
+                return self._chunked_token_losses(inputs, labels)
+            logits = self.model(**inputs, use_cache=False).logits[:, :-1]  # (batch, seq - 1, vocab)
         nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
         return nll, (labels != IGNORE_INDEX).sum()
 
-    def _chunked_token_losses(self, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _chunked_token_losses(self, inputs: dict[str, Any], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Full logits are (tokens, vocab) in float32: 4 GiB for 8 x 1024 tokens of a 128k vocabulary, often more
         # than the whole QLoRA model. Here only the scored positions go through the head, `chunked_ce` at a time,
         # and each chunk runs under activation checkpointing so its logits are freed at once and recomputed in
@@ -145,7 +191,7 @@ class CausalLMModule(L.LightningModule):
                     f"`chunked_ce` needs logits = lm_head(hidden), but this model's config sets {name}="
                     f"{getattr(config, name)!r}; use chunked_ce=0 for {type(self.model).__name__}."
                 )
-        outputs = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+        outputs = self.model.base_model(**inputs, use_cache=False)
         hidden = outputs.last_hidden_state[:, :-1]  # (batch, seq - 1, hidden)
         scored = labels != IGNORE_INDEX
         hidden, targets = hidden[scored], labels[scored]  # (tokens, hidden), (tokens,)
@@ -183,8 +229,11 @@ class CausalLMModule(L.LightningModule):
         if self._batch_start is None:
             return
         seconds = time.perf_counter() - self._batch_start
-        mask = batch.get("attention_mask")
-        tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        if is_packed(batch):
+            tokens = int((batch["document_ids"] >= 0).sum()) if "document_ids" in batch else batch["input_ids"].numel()
+        else:
+            mask = batch.get("attention_mask")
+            tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         # Real (non-pad) tokens through forward, backward and the optimizer step, on this process.
         self.log("train_tokens_per_s", tokens / max(seconds, 1e-9), on_step=True, on_epoch=False)
 
