@@ -10,6 +10,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_lora import LoRACallback, adapter_state_dict
@@ -41,6 +42,10 @@ def _module(config: dict, **kwargs) -> CausalLMModule:
     module = CausalLMModule(dict(config), attn_implementation="sdpa", **kwargs)
     module.configure_model()
     return module
+
+
+def _packed_batch() -> dict:
+    return PackedCollator(row_length=8, pad_id=0)([[{"input_ids": [4, 5, 6], "labels": [4, 5, 6]}, {"input_ids": [7, 8], "labels": [7, 8]}]])
 
 
 def _token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -177,6 +182,19 @@ def test_an_example_cannot_see_another_and_the_check_would_catch_a_missing_mask(
         module.token_losses({**batch, "attention_mask": torch.ones_like(batch["input_ids"])})
 
 
+def test_the_loss_never_scores_an_example_start_even_when_the_labels_do() -> None:
+    batch = _packed_batch()  # row [4 5 6 | 7 8 | pad pad pad]
+    module = _module(LLAMA)
+    nll, tokens = module.token_losses(batch)
+    assert int(tokens) == 3  # 5 and 6 from 4 / 4 5; 8 from 7; never 7 from 6
+    # Labels written by hand with the example starts left as targets score the same three tokens.
+    raw = torch.where(batch["document_ids"] >= 0, batch["input_ids"], -100)
+    assert int((raw[:, 1:] != -100).sum()) == 4
+    raw_nll, raw_tokens = module.token_losses({**batch, "labels": raw})
+    assert int(raw_tokens) == 3
+    torch.testing.assert_close(raw_nll, nll)
+
+
 def test_chunked_ce_with_packing_gives_the_same_loss_and_gradients(tmp_path: Path) -> None:
     dm = InstructionDataModule(_instructions(tmp_path), word_tokenizer(bos=True), max_length=24, batch_size=3, packing=True)
     dm.setup("fit")
@@ -236,11 +254,22 @@ def test_mid_epoch_resume_with_packing_gives_the_bit_identical_adapter(tmp_path:
         assert torch.equal(full[key], resumed[key]), key
 
 
+def test_the_cli_trains_the_tiny_config_with_packing_on(tmp_path: Path) -> None:
+    from lightning_lora import cli
+    from test_cli import tiny_config
+
+    def edit(config: dict) -> None:
+        config["data"]["init_args"]["packing"] = True
+        config["trainer"]["max_epochs"] = 2  # 24 rows pack into 2 batches an epoch: 3 steps cross an epoch
+
+    cli.main(["fit", "--config", str(tiny_config(tmp_path, edit))])
+    (checkpoint,) = (tmp_path / "run" / "checkpoints").glob("*.ckpt")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 3 and len(state["state_dict"]) == 28
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]["init_args"]["packing"] is True
+
+
 # --- models and backends that cannot pack ----------------------------------------------------------------
-
-
-def _packed_batch() -> dict:
-    return PackedCollator(row_length=8, pad_id=0)([[{"input_ids": [4, 5, 6], "labels": [4, 5, 6]}, {"input_ids": [7, 8], "labels": [7, 8]}]])
 
 
 @pytest.mark.parametrize(
