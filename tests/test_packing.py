@@ -17,7 +17,7 @@ from lightning_lora import LoRACallback, adapter_state_dict
 from lightning_lora.data import InstructionDataModule, TextDataModule
 from lightning_lora.data.packing import PackedCollator, PackedDataset, pack_rows
 from lightning_lora.tasks import CausalLMModule
-from lightning_lora.tasks.packed_attention import PACKED_ATTENTION, packed_attention
+from lightning_lora.tasks.packed_attention import PACKED_ATTENTION, packed_attention, restore_attention
 from test_data import BOS, EOS, PAD, WORDS, ids, word_tokenizer, write_jsonl
 
 LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -154,11 +154,13 @@ def test_per_token_loss_equals_the_unpacked_run(tmp_path: Path, config: dict) ->
     got, want = _packed_vs_alone(module, batch)
     assert got.numel() == int((batch["labels"] != -100).sum()) > 20
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
-    assert module.model.config._attn_implementation == "sdpa"  # restored after each packed forward
     # The batch loss is the mean of exactly those tokens.
     nll, tokens = module.token_losses(batch)
     assert int(tokens) == got.numel()
     torch.testing.assert_close(nll, want.sum(), rtol=1e-4, atol=1e-4)
+    assert module.model.config._attn_implementation == PACKED_ATTENTION  # left on through backward ...
+    module(batch["input_ids"][:, :4], torch.ones_like(batch["input_ids"][:, :4]))
+    assert module.model.config._attn_implementation == "sdpa"  # ... until an unpacked batch
 
 
 def test_an_example_cannot_see_another_and_the_check_would_catch_a_missing_mask(tmp_path: Path) -> None:
@@ -211,6 +213,27 @@ def test_chunked_ce_with_packing_gives_the_same_loss_and_gradients(tmp_path: Pat
     torch.testing.assert_close(grad1, grad0, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
+def test_packed_gradients_equal_the_unpacked_ones(tmp_path: Path, checkpointing: bool) -> None:
+    # Gradient checkpointing recomputes each layer in backward: the recompute must attend per document too.
+    dm = InstructionDataModule(_instructions(tmp_path), word_tokenizer(bos=True), max_length=24, batch_size=2, packing=True)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    grads = []
+    for packed in (True, False):
+        module = _module(LLAMA, gradient_checkpointing=checkpointing)
+        if packed:
+            module.token_losses(batch)[0].backward()
+        else:
+            for row in range(batch["input_ids"].shape[0]):
+                for document in range(int(batch["document_ids"][row].max()) + 1):
+                    where = batch["document_ids"][row] == document
+                    ids_, labels = batch["input_ids"][row][where][None], batch["labels"][row][where][None]
+                    module.token_losses({"input_ids": ids_, "attention_mask": torch.ones_like(ids_), "labels": labels})[0].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
 def test_packed_rows_through_transformers_own_detection_agree(tmp_path: Path) -> None:
     # A plain transformers call with restarting position_ids and no attention_mask also keeps examples apart
     # (with a dense mask for sdpa); our document-masked path gives the same logits.
@@ -219,6 +242,7 @@ def test_packed_rows_through_transformers_own_detection_agree(tmp_path: Path) ->
     batch = next(iter(dm.train_dataloader()))
     module = _module(LLAMA)
     ours = module(**{k: batch[k] for k in ("input_ids", "position_ids", "cu_seq_lens", "max_length")})
+    restore_attention(module.model)
     theirs = module.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
     real = batch["document_ids"] >= 0
     torch.testing.assert_close(ours[real], theirs[real], rtol=1e-4, atol=1e-5)
@@ -237,6 +261,7 @@ def _fit_packed(tmp_path: Path, path: str, max_steps: int, ckpt_path: Path | Non
                         default_root_dir=tmp_path)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     assert trainer.global_step == max_steps
+    assert module.model.config._attn_implementation == "sdpa"  # the model's own attention again after fit
     return {k: v.detach().clone() for k, v in adapter_state_dict(module.model).items()}
 
 
@@ -293,11 +318,11 @@ def test_models_that_cannot_pack_are_refused(config: dict, attn: str | None, mes
     assert module.model.config._attn_implementation == before
 
 
-def test_packed_attention_without_cu_seq_lens_is_an_error() -> None:
+def test_an_unpacked_call_while_packed_attention_is_on_is_an_error() -> None:
     module = _module(LLAMA)
     with packed_attention(module.model):
         assert module.model.config._attn_implementation == PACKED_ATTENTION
-        with pytest.raises(ValueError, match="got no cu_seq_lens_q"):
+        with pytest.raises(ValueError, match="got no cu_seq_lens_q.*restore_attention"):
             module.model(input_ids=torch.tensor([[4, 5, 6]]))
     assert module.model.config._attn_implementation == "sdpa"
 

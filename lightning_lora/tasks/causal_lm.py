@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from typing import Any
 
 import lightning as L
@@ -22,7 +21,7 @@ from lightning_lora.tasks._common import (
     check_model_arg,
     configure_adamw,
 )
-from lightning_lora.tasks.packed_attention import packed_attention
+from lightning_lora.tasks.packed_attention import enable_packed_attention, restore_attention
 
 IGNORE_INDEX = -100
 # Config fields of models whose logits are not plain ``lm_head(hidden)``; chunked_ce would skip that step.
@@ -134,12 +133,26 @@ class CausalLMModule(L.LightningModule):
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
         if cu_seq_lens is not None:
             batch.update(position_ids=position_ids, cu_seq_lens=cu_seq_lens, max_length=max_length)
-        with self._attention(batch):
-            return self.model(**self._backbone_inputs(batch), use_cache=False).logits
+        return self._run_backbone(batch).logits
 
-    def _attention(self, batch: dict[str, Any]) -> Any:
-        """The attention routing a batch needs: document masks for packed rows, the model's own otherwise."""
-        return packed_attention(self.model, training=torch.is_grad_enabled()) if is_packed(batch) else nullcontext()
+    def _run_backbone(self, batch: dict[str, Any], base_model: bool = False) -> Any:
+        """The transformers model (or its ``base_model``, without the head) on a packed or unpacked batch."""
+        inputs = self._backbone_inputs(batch)
+        # Packed rows: document-masked attention, left on until an unpacked batch or the end of fit, so that
+        # gradient checkpointing's recompute in backward attends per document too. Otherwise the model's own.
+        if is_packed(batch):
+            enable_packed_attention(self.model, training=torch.is_grad_enabled())
+        else:
+            restore_attention(self.model)
+        try:
+            return (self.model.base_model if base_model else self.model)(**inputs, use_cache=False)
+        except Exception:
+            restore_attention(self.model)  # a refused call leaves the model as it was
+            raise
+
+    def teardown(self, stage: str) -> None:
+        if self.model is not None:
+            restore_attention(self.model)  # generation / export after fit use the model's own attention
 
     @staticmethod
     def _backbone_inputs(batch: dict[str, Any]) -> dict[str, Any]:
@@ -166,19 +179,20 @@ class CausalLMModule(L.LightningModule):
 
     def token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed NLL over scored tokens, number of scored tokens) of a batch; labels are shifted here."""
-        labels = batch["labels"][:, 1:]  # (batch, seq - 1): token t predicts token t + 1
+        # Position t's target is token t + 1, the last position has none. The labels move, not the logits: slicing
+        # the (batch, seq, vocab) logits would cost a copy and a zero-filled gradient of their whole size.
+        targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # (batch, seq)
         if is_packed(batch):
             # An example's first token would be predicted from the example before it: never a target.
-            labels = labels.masked_fill(batch["position_ids"][:, 1:] == 0, IGNORE_INDEX)
-        inputs = self._backbone_inputs(batch)
-        with self._attention(batch):
-            if self.hparams.chunked_ce > 0:
-                return self._chunked_token_losses(inputs, labels)
-            logits = self.model(**inputs, use_cache=False).logits[:, :-1]  # (batch, seq - 1, vocab)
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-        return nll, (labels != IGNORE_INDEX).sum()
+            starts = F.pad(batch["position_ids"][:, 1:], (0, 1), value=0) == 0
+            targets = targets.masked_fill(starts, IGNORE_INDEX)
+        if self.hparams.chunked_ce > 0:
+            return self._chunked_token_losses(batch, targets)
+        logits = self._run_backbone(batch).logits  # (batch, seq, vocab)
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return nll, (targets != IGNORE_INDEX).sum()
 
-    def _chunked_token_losses(self, inputs: dict[str, Any], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _chunked_token_losses(self, batch: dict[str, Any], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Full logits are (tokens, vocab) in float32: 4 GiB for 8 x 1024 tokens of a 128k vocabulary, often more
         # than the whole QLoRA model. Here only the scored positions go through the head, `chunked_ce` at a time,
         # and each chunk runs under activation checkpointing so its logits are freed at once and recomputed in
@@ -191,15 +205,14 @@ class CausalLMModule(L.LightningModule):
                     f"`chunked_ce` needs logits = lm_head(hidden), but this model's config sets {name}="
                     f"{getattr(config, name)!r}; use chunked_ce=0 for {type(self.model).__name__}."
                 )
-        outputs = self.model.base_model(**inputs, use_cache=False)
-        hidden = outputs.last_hidden_state[:, :-1]  # (batch, seq - 1, hidden)
-        scored = labels != IGNORE_INDEX
-        hidden, targets = hidden[scored], labels[scored]  # (tokens, hidden), (tokens,)
+        outputs = self._run_backbone(batch, base_model=True)
+        scored = targets != IGNORE_INDEX
+        hidden, scored_targets = outputs.last_hidden_state[scored], targets[scored]  # (tokens, hidden), (tokens,)
         head = self.model.get_output_embeddings()
         nll = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, targets.numel(), self.hparams.chunked_ce):
+        for start in range(0, scored_targets.numel(), self.hparams.chunked_ce):
             end = start + self.hparams.chunked_ce
-            nll = nll + checkpoint(_chunk_nll, head, hidden[start:end], targets[start:end], use_reentrant=False)
+            nll = nll + checkpoint(_chunk_nll, head, hidden[start:end], scored_targets[start:end], use_reentrant=False)
         return nll, scored.sum()
 
     # --- steps ---------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ How transformers (5.x) takes packed rows, and why this module exists:
   package, and FA2 is faster than FlexAttention on the same mask (PyTorch's FlexAttention post: ~90% of FA2
   forward, ~85% backward). It needs CUDA and fp16/bf16.
 
-So a packed batch runs through ``packed_attention_forward``, registered in transformers' ``AttentionInterface``:
+So a packed batch runs through ``packed_attention_forward``, registered in transformers' ``AttentionInterface``
+(``enable_packed_attention`` points the model's config at it, ``restore_attention`` undoes that):
 ``varlen_attn`` on CUDA in fp16/bf16 without attention dropout, else one ``scaled_dot_product_attention`` call
 per document (exact, memory ~ the sum of squared document lengths; the CPU path). A model whose
 ``attn_implementation`` is ``flex_attention`` keeps it (the BlockMask comes from the restarting position ids;
@@ -75,13 +76,36 @@ def check_packable(model: nn.Module, training: bool = True) -> None:
         )
 
 
+def enable_packed_attention(model: nn.Module, training: bool = True) -> None:
+    """Route ``model``'s attention through ``packed_attention_forward`` until ``restore_attention(model)``.
+
+    The switch stays on through backward on purpose: gradient checkpointing recomputes each layer there, and
+    the recompute must attend per document too. While it is on, calls without ``cu_seq_lens`` are refused.
+    ``flex_attention`` models keep their backend (transformers builds a BlockMask from the position ids).
+    Idempotent; raises ``ValueError`` (and changes nothing) for models that cannot pack.
+    """
+    check_packable(model, training)
+    config = model.config
+    if config._attn_implementation in ("flex_attention", PACKED_ATTENTION):
+        return
+    _register()
+    model._lightning_lora_attention = config._attn_implementation  # what restore_attention puts back
+    config._attn_implementation = PACKED_ATTENTION
+
+
+def restore_attention(model: nn.Module) -> None:
+    """Undo ``enable_packed_attention``: the model's own ``attn_implementation`` again (no-op if not switched)."""
+    original = model.__dict__.pop("_lightning_lora_attention", None)
+    if original is not None:
+        model.config._attn_implementation = original
+
+
 @contextmanager
 def packed_attention(model: nn.Module, training: bool = True) -> Iterator[None]:
-    """Route ``model``'s attention through ``packed_attention_forward`` for the forward passes inside the block.
+    """``enable_packed_attention`` for the block, ``restore_attention`` after; keep the backward inside it.
 
-    The model's own ``attn_implementation`` is restored on exit, so unpacked calls (generation, export) are
-    unchanged. ``flex_attention`` models keep their backend. Call the model with the packed batch's
-    ``position_ids``, ``cu_seq_lens_q/k`` and ``max_length_q/k`` and no ``attention_mask``.
+    Call the model with the packed batch's ``position_ids``, ``cu_seq_lens_q/k`` and ``max_length_q/k`` and no
+    ``attention_mask``.
 
     Example::
 
@@ -89,19 +113,13 @@ def packed_attention(model: nn.Module, training: bool = True) -> Iterator[None]:
             logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                            cu_seq_lens_q=batch["cu_seq_lens"], cu_seq_lens_k=batch["cu_seq_lens"],
                            max_length_q=batch["max_length"], max_length_k=batch["max_length"]).logits
+            loss_of(logits, batch["labels"]).backward()
     """
-    check_packable(model, training)
-    config = model.config
-    previous = config._attn_implementation
-    if previous == "flex_attention":
-        yield
-        return
-    _register()
-    config._attn_implementation = PACKED_ATTENTION
+    enable_packed_attention(model, training)
     try:
         yield
     finally:
-        config._attn_implementation = previous
+        restore_attention(model)
 
 
 def packed_attention_forward(
@@ -148,8 +166,10 @@ def _check_call(
     where = f"{type(module).__name__} under packing"
     if cu_q is None or max_length is None:
         raise ValueError(
-            f"{where} got no cu_seq_lens_q / max_length_q: call the model with the packed batch's cu_seq_lens and "
-            "max_length (CausalLMModule does), or leave the packed_attention() block for unpacked inputs."
+            f"{where} got no cu_seq_lens_q / max_length_q, but the model's attention is switched to packed attention "
+            "(by CausalLMModule on a packed batch, or enable_packed_attention). Pass the packed batch's cu_seq_lens "
+            "and max_length, or call lightning_lora.tasks.packed_attention.restore_attention(model) (CausalLMModule "
+            "does on its next unpacked batch and at the end of fit) before unpacked calls."
         )
     if cu_k is not None and cu_k is not cu_q and not torch.equal(cu_k, cu_q):
         raise ValueError(f"{where}: cu_seq_lens_k differs from cu_seq_lens_q; packed self-attention needs one layout.")
