@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any
 
@@ -135,9 +136,11 @@ class CausalLMModule(L.LightningModule):
             batch.update(position_ids=position_ids, cu_seq_lens=cu_seq_lens, max_length=max_length)
         return self._run_backbone(batch).logits
 
-    def _run_backbone(self, batch: dict[str, Any], base_model: bool = False) -> Any:
+    def _run_backbone(self, batch: dict[str, Any], base_model: bool = False, logits_to_keep: torch.Tensor | None = None) -> Any:
         """The transformers model (or its ``base_model``, without the head) on a packed or unpacked batch."""
         inputs = self._backbone_inputs(batch)
+        if logits_to_keep is not None:
+            inputs["logits_to_keep"] = logits_to_keep
         # Packed rows: document-masked attention, left on until an unpacked batch or the end of fit, so that
         # gradient checkpointing's recompute in backward attends per document too. Otherwise the model's own.
         if is_packed(batch):
@@ -188,7 +191,14 @@ class CausalLMModule(L.LightningModule):
             targets = targets.masked_fill(starts, IGNORE_INDEX)
         if self.hparams.chunked_ce > 0:
             return self._chunked_token_losses(batch, targets)
-        logits = self._run_backbone(batch).logits  # (batch, seq, vocab)
+        keep = None
+        if _takes_logits_to_keep(self.model):
+            # Logits only at positions some row scores (prompts, padding, packed example starts need none): for
+            # instruction data most of the (tokens, vocab) head matmul and float32 logits. The model's own head
+            # and logit transforms still run (transformers' logits_to_keep, a 1-D tensor of positions).
+            keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+            targets = targets[:, keep]
+        logits = self._run_backbone(batch, logits_to_keep=keep).logits  # (batch, kept positions, vocab)
         nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
         return nll, (targets != IGNORE_INDEX).sum()
 
@@ -253,6 +263,10 @@ class CausalLMModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         return configure_adamw(self, hp.lr, hp.weight_decay, hp.warmup_steps, hp.lr_schedule)
+
+
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(type(model).forward).parameters
 
 
 def _chunk_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
