@@ -310,12 +310,12 @@ def run(kind: str, path: Path, args: argparse.Namespace, systems: dict[str, Syst
 
 
 def table(results: dict[str, Any], names: list[str]) -> str:
-    lines = [f"{'data':14}{'system':18}{'layout':>8}{'useful tok/s':>14}{'s/step':>9}{'useful/slots':>14}{'vs PEFT':>9}"]
+    lines = [f"{'data':14}{'system':22}{'layout':>8}{'useful tok/s':>14}{'s/step':>9}{'useful/slots':>14}{'vs PEFT':>9}"]
     for kind in ("tweets", "instructions"):
         r = results[kind]
         for name in names:
             s = r[name]
-            lines.append(f"{kind:14}{name:18}{s['layout']:>8}{s['useful_tokens_per_s']:>14,.1f}{s['seconds_per_step']:>9.3f}"
+            lines.append(f"{kind:14}{name:22}{s['layout']:>8}{s['useful_tokens_per_s']:>14,.1f}{s['seconds_per_step']:>9.3f}"
                          f"{r[s['layout']]['useful_fraction']:>14.1%}{s['speedup_vs_peft']:>8.2f}x")
         check = r["same_examples_init_loss"]
         lines.append(f"{'':14}init loss on the same examples: ours packed {check['ours_packed']:.5f}, PEFT padded "
@@ -333,7 +333,7 @@ def plot(results: dict[str, Any], names: list[str], out: Path) -> str:
         return "matplotlib is not installed: no PNG (pip install matplotlib)"
     kinds = ["tweets", "instructions"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
-    colors = {"ours_packed": "tab:orange", "ours_flex_packed": "tab:red", "ours_padded": "tab:olive", "peft_padded": "tab:blue"}
+    colors = {"ours_packed": "tab:orange", "ours_flex_packed": "tab:red", "ours_compiled_packed": "tab:brown", "ours_padded": "tab:olive", "peft_padded": "tab:blue"}
     for ax, kind in zip(axes, kinds):
         values = [results[kind][n]["useful_tokens_per_s"] for n in names]
         ax.barh(names, values, color=[colors.get(n, "gray") for n in names])
@@ -360,13 +360,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first")
     parser.add_argument("--rounds", type=int, default=2, help="alternating timing rounds")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--rows", type=int, default=None, help="packed rows per step (default 2)")
+    parser.add_argument("--row-length", type=int, default=None, help="tokens per packed row (default 1024 CPU, 2048 --gpu, 256 --tiny)")
+    parser.add_argument("--compile", action="store_true", help="also time ours packed with each decoder layer compiled")
     parser.add_argument("--flex", action="store_true", help="also time ours with attn_implementation='flex_attention' (CUDA)")
     args = parser.parse_args()
     args.device = args.device or ("cuda" if args.gpu else "cpu")
     args.shape = "tiny" if args.tiny else ("7b" if args.gpu else "cpu")
-    args.row_length, args.rows = (256, 2) if args.tiny else ((2048, 2) if args.gpu else (1024, 2))
+    args.row_length = args.row_length or (256 if args.tiny else (2048 if args.gpu else 1024))
+    args.rows = args.rows or 2
     args.steps = args.steps or (2 if args.tiny else (6 if args.gpu else 4))
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny or not args.gpu else 2)
+    if args.compile:
+        args.warmup = max(args.warmup, 3)  # the first compiled steps compile (and recompile for dynamic shapes)
     args.rounds = min(args.rounds, args.steps)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -380,6 +386,11 @@ def main() -> None:
     systems = {"ours_packed": System("ours_packed", ours_model, True, args)}
     if args.flex:
         systems["ours_flex_packed"] = System("ours_flex_packed", ours(args, "flex_attention"), True, args)
+    if args.compile:  # what LoRACallback(compile_blocks=True) does: every decoder layer compiled in place
+        compiled = ours(args)
+        for layer in compiled.model.layers:
+            layer.compile()
+        systems["ours_compiled_packed"] = System("ours_compiled_packed", compiled, True, args)
     systems["ours_padded"] = System("ours_padded", ours_model, False, args)
     systems["peft_padded"] = System("peft_padded", peft(args), False, args)
     build_seconds = round(time.perf_counter() - started, 1)
