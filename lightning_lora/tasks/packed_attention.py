@@ -186,7 +186,7 @@ def _check_call(
             f"{where}: sliding_window={window} is shorter than the packed rows ({query.shape[2]} tokens) and packed "
             "attention has no window; use rows of at most that many tokens or turn packing off."
         )
-    for name in ("softcap", "s_aux"):
+    for name in ("softcap", "s_aux", "position_bias"):
         if kwargs.get(name) is not None:
             raise ValueError(f"{where}: the model's attention uses {name}, which packed attention does not implement; turn packing off.")
 
