@@ -13,7 +13,7 @@ import io
 import json
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -61,6 +61,11 @@ def check_tokenizer(tokenizer: str | PreTrainedTokenizerBase) -> None:
 def check_positive(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def check_flag(name: str, value: bool) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}.")
 
 
 def check_fraction(name: str, value: float) -> None:
@@ -328,7 +333,7 @@ class _TokenizedDataModule(LightningDataModule):
         """Tokenize and split the file into ``train_dataset`` and ``val_dataset`` (and any others)."""
         raise NotImplementedError
 
-    def _collator(self) -> PadCollator | None:
+    def _collator(self) -> Callable[[list[Any]], Any] | None:
         """Batches the examples of a loader; None keeps torch's default collation."""
         return None
 

@@ -14,12 +14,14 @@ from lightning_lora.data._common import (
     ListDataset,
     PadCollator,
     _TokenizedDataModule,
+    check_flag,
     check_positive,
     pad_token_id,
     read_rows,
     require_columns,
     split_indices,
 )
+from lightning_lora.data.packing import PackedCollator, PackedDataset
 
 
 class InstructionDataModule(_TokenizedDataModule):
@@ -38,7 +40,9 @@ class InstructionDataModule(_TokenizedDataModule):
 
     The split is seeded like the other DataModules: validation is the first ``max(1, round(n * val_fraction))``
     shuffled rows, train the rest, cut to ``limit`` rows. Batches are right-padded to the longest row:
-    ``input_ids``, ``attention_mask`` and ``labels``, each ``(batch, seq)``.
+    ``input_ids``, ``attention_mask`` and ``labels``, each ``(batch, seq)``. With ``packing=True`` a batch is
+    ``batch_size`` rows of ``max_length`` tokens, each holding several examples that attend only to themselves
+    (``lightning_lora.data.packing`` describes the batch).
 
     Example::
 
@@ -62,6 +66,7 @@ class InstructionDataModule(_TokenizedDataModule):
         limit: int | None = None,
         num_workers: int = 0,
         encoding_errors: EncodingErrors = "strict",
+        packing: bool = False,
     ) -> None:
         """
         Args:
@@ -78,11 +83,14 @@ class InstructionDataModule(_TokenizedDataModule):
             limit: Keep at most this many training rows (validation is unchanged); None keeps all.
             num_workers: DataLoader worker processes.
             encoding_errors: How to treat non-UTF-8 bytes: "strict" (error), "replace" (U+FFFD) or "ignore".
+            packing: Pack several examples into each row of ``max_length`` tokens, each attending only to itself,
+                instead of padding every example (needs CausalLMModule or a model that honours position_ids restarts).
         """
         super().__init__(
             path, tokenizer, TABLE_EXTENSIONS, batch_size, val_fraction, seed, num_workers, encoding_errors
         )
         check_positive("max_length", max_length)
+        check_flag("packing", packing)
         if limit is not None:
             check_positive("limit", limit)
         _check_prompt_template(prompt_template)
@@ -93,6 +101,7 @@ class InstructionDataModule(_TokenizedDataModule):
         self.prompt_template = prompt_template
         self.max_length = max_length
         self.limit = limit
+        self.packing = packing
         self._pairs: list[tuple[str, str]] | None = None
 
     # prepare_data, setup and the loaders come from _TokenizedDataModule.
@@ -148,9 +157,9 @@ class InstructionDataModule(_TokenizedDataModule):
         prompt = "".join(f"{m['role']}: {m['content']}\n" for m in messages[:-1]) + "assistant: "
         return prompt, messages[-1]["content"]
 
-    def _tokenize(self, pairs: list[tuple[str, str]]) -> ListDataset:
+    def _tokenize(self, pairs: list[tuple[str, str]]) -> ListDataset | PackedDataset:
         if not pairs:
-            return ListDataset([])
+            return PackedDataset([], self.max_length) if self.packing else ListDataset([])
         tokenizer = self.tokenizer
         eos = tokenizer.eos_token_id
         # A chat template already writes BOS and the like into the text.
@@ -177,9 +186,13 @@ class InstructionDataModule(_TokenizedDataModule):
                 f"fills max_length={self.max_length}; raise max_length to keep them.",
                 stacklevel=2,
             )
+        if self.packing:
+            return PackedDataset([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples], self.max_length)
         return ListDataset(examples)
 
-    def _collator(self) -> PadCollator:
+    def _collator(self) -> PadCollator | PackedCollator:
+        if self.packing:
+            return PackedCollator(self.max_length, pad_token_id(self.tokenizer))
         return PadCollator({"input_ids": pad_token_id(self.tokenizer), "attention_mask": 0, "labels": IGNORE_INDEX})
 
 

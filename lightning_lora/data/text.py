@@ -11,12 +11,15 @@ from transformers import PreTrainedTokenizerBase
 from lightning_lora.data._common import (
     EncodingErrors,
     _TokenizedDataModule,
+    check_flag,
     check_positive,
+    pad_token_id,
     read_rows,
     read_text,
     require_columns,
     split_indices,
 )
+from lightning_lora.data.packing import PackedCollator, PackedDataset
 
 _EXTENSIONS = (".txt", ".jsonl", ".json")
 
@@ -32,6 +35,11 @@ class TextDataModule(_TokenizedDataModule):
 
     Batches are ``input_ids``, ``attention_mask`` (all ones) and ``labels`` (equal to ``input_ids``; the model
     shifts them), each ``(batch, block_size)``.
+
+    With ``packing=True`` (JSONL only) documents are not run together: each document (+ EOS), cut into
+    ``block_size`` pieces if longer, is one example, and examples are packed whole into rows of ``block_size``
+    tokens where each attends only to itself (``lightning_lora.data.packing`` describes the batch). The split
+    is then over documents: the first ``max(1, round(n_documents * val_fraction))`` shuffled ones are validation.
 
     Example::
 
@@ -51,6 +59,7 @@ class TextDataModule(_TokenizedDataModule):
         num_workers: int = 0,
         encoding_errors: EncodingErrors = "strict",
         text_column: str = "text",
+        packing: bool = False,
     ) -> None:
         """
         Args:
@@ -63,20 +72,35 @@ class TextDataModule(_TokenizedDataModule):
             num_workers: DataLoader worker processes.
             encoding_errors: How to treat non-UTF-8 bytes: "strict" (error), "replace" (U+FFFD) or "ignore".
             text_column: Column holding each document, for JSONL files.
+            packing: Pack whole documents into the blocks, each attending only to itself, instead of cutting one
+                token stream (JSONL only; needs CausalLMModule or a model that honours position_ids restarts).
         """
         super().__init__(path, tokenizer, _EXTENSIONS, batch_size, val_fraction, seed, num_workers, encoding_errors)
         check_positive("block_size", block_size)
+        check_flag("packing", packing)
+        if packing and os.path.splitext(str(path))[1].lower() == ".txt":
+            raise ValueError(
+                f"packing=True needs separate documents, but path {path!r} is a .txt file, read as one token stream "
+                "(its blocks have no padding to save). Write one document per line as JSON Lines "
+                '({"text": ...}) or use packing=False.'
+            )
         self.save_hyperparameters(ignore=None if isinstance(tokenizer, str) else ["tokenizer"])
         self.block_size = block_size
         self.text_column = text_column
+        self.packing = packing
 
-    # prepare_data, setup and the loaders come from _TokenizedDataModule; batches use torch's default collation.
+    # prepare_data, setup and the loaders come from _TokenizedDataModule; unpacked batches use torch's default collation.
 
     def _build_datasets(self) -> None:
         documents, separate = self._read_file()
         ids = self.tokenizer(documents, add_special_tokens=False)["input_ids"]
         eos = self.tokenizer.eos_token_id
-        stream = [token for doc in ids for token in (doc + [eos] if separate and eos is not None else doc)]
+        if separate and eos is not None:
+            ids = [doc + [eos] for doc in ids]
+        if self.packing:
+            self._build_packed(ids)
+            return
+        stream = [token for doc in ids for token in doc]
         n_blocks = len(stream) // self.block_size
         if n_blocks == 0:
             raise ValueError(
@@ -87,6 +111,19 @@ class TextDataModule(_TokenizedDataModule):
         train, (val,) = split_indices(n_blocks, [self.val_fraction], self.seed, self.path)
         self.train_dataset = _BlockDataset(blocks[train])
         self.val_dataset = _BlockDataset(blocks[val])
+
+    def _build_packed(self, documents: list[list[int]]) -> None:
+        train, (val,) = split_indices(len(documents), [self.val_fraction], self.seed, self.path)
+
+        def examples(indices: list[int]) -> list[dict[str, list[int]]]:
+            pieces = [documents[i][start : start + self.block_size] for i in indices for start in range(0, len(documents[i]), self.block_size)]
+            return [{"input_ids": piece, "labels": piece} for piece in pieces]
+
+        self.train_dataset = PackedDataset(examples(train), self.block_size)
+        self.val_dataset = PackedDataset(examples(val), self.block_size)
+
+    def _collator(self) -> PackedCollator | None:
+        return PackedCollator(self.block_size, pad_token_id(self.tokenizer)) if self.packing else None
 
     def _read_file(self) -> tuple[list[str], bool]:
         """The texts to tokenize, and whether they are separate documents (EOS between them)."""

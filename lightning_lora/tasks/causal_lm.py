@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any
 
@@ -12,6 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchmetrics import Metric
 
+from lightning_lora.data.packing import is_packed
 from lightning_lora.tasks._common import (
     LRSchedule,
     build_backbone,
@@ -20,6 +22,7 @@ from lightning_lora.tasks._common import (
     check_model_arg,
     configure_adamw,
 )
+from lightning_lora.tasks.packed_attention import enable_packed_attention, restore_attention
 
 IGNORE_INDEX = -100
 # Config fields of models whose logits are not plain ``lm_head(hidden)``; chunked_ce would skip that step.
@@ -54,7 +57,9 @@ class CausalLMModule(L.LightningModule):
     ``configure_model`` so it can be created under the strategy's init context.
 
     Batches are dicts with ``input_ids``, ``attention_mask`` and ``labels`` (``labels == -100`` are not scored,
-    e.g. prompt tokens); the model shifts labels by one. The loss is the mean over scored tokens.
+    e.g. prompt tokens); the model shifts labels by one. The loss is the mean over scored tokens. Packed batches
+    (the data modules' ``packing=True``, see ``lightning_lora.data.packing``) run with each example attending
+    only to itself (``lightning_lora.tasks.packed_attention``) and give each token the loss it has unpacked.
 
     Example::
 
@@ -117,22 +122,87 @@ class CausalLMModule(L.LightningModule):
 
         self.model = build_backbone(self, AutoModelForCausalLM)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (batch, seq, vocab)."""
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cu_seq_lens: torch.Tensor | None = None,
+        max_length: int | None = None,
+    ) -> torch.Tensor:
+        """Logits (batch, seq, vocab). For packed rows pass ``position_ids``, ``cu_seq_lens`` and ``max_length``."""
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if cu_seq_lens is not None:
+            batch.update(position_ids=position_ids, cu_seq_lens=cu_seq_lens, max_length=max_length)
+        return self._run_backbone(batch).logits
+
+    def _run_backbone(self, batch: dict[str, Any], base_model: bool = False, logits_to_keep: torch.Tensor | None = None) -> Any:
+        """The transformers model (or its ``base_model``, without the head) on a packed or unpacked batch."""
+        inputs = self._backbone_inputs(batch)
+        if logits_to_keep is not None:
+            inputs["logits_to_keep"] = logits_to_keep
+        # Packed rows: document-masked attention, left on until an unpacked batch or the end of fit, so that
+        # gradient checkpointing's recompute in backward attends per document too. Otherwise the model's own.
+        if is_packed(batch):
+            enable_packed_attention(self.model, training=torch.is_grad_enabled())
+        else:
+            restore_attention(self.model)
+        try:
+            return (self.model.base_model if base_model else self.model)(**inputs, use_cache=False)
+        except Exception:
+            restore_attention(self.model)  # a refused call leaves the model as it was
+            raise
+
+    def teardown(self, stage: str) -> None:
+        if self.model is not None:
+            restore_attention(self.model)  # generation / export after fit use the model's own attention
+
+    @staticmethod
+    def _backbone_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+        if not is_packed(batch):
+            return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+        if batch.get("attention_mask") is not None or batch.get("position_ids") is None or batch.get("max_length") is None:
+            raise ValueError(
+                "a packed batch (one with cu_seq_lens) needs position_ids and max_length and must not carry an "
+                f"attention_mask (it would let examples see each other); got keys {sorted(batch)}. Build packed "
+                "batches with lightning_lora.data.packing.PackedCollator."
+            )
+        cu_seq_lens, max_length = batch["cu_seq_lens"], int(batch["max_length"])
+        # transformers' names for varlen attention inputs (FlashAttentionKwargs); they reach every attention layer.
+        return {
+            "input_ids": batch["input_ids"],
+            "position_ids": batch["position_ids"],
+            "cu_seq_lens_q": cu_seq_lens,
+            "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": max_length,
+            "max_length_k": max_length,
+        }
 
     # --- loss ----------------------------------------------------------------------------------
 
     def token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed NLL over scored tokens, number of scored tokens) of a batch; labels are shifted here."""
-        labels = batch["labels"][:, 1:]  # (batch, seq - 1): token t predicts token t + 1
+        # Position t's target is token t + 1, the last position has none. The labels move, not the logits: slicing
+        # the (batch, seq, vocab) logits would cost a copy and a zero-filled gradient of their whole size.
+        targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # (batch, seq)
+        if is_packed(batch):
+            # An example's first token would be predicted from the example before it: never a target.
+            starts = F.pad(batch["position_ids"][:, 1:], (0, 1), value=0) == 0
+            targets = targets.masked_fill(starts, IGNORE_INDEX)
         if self.hparams.chunked_ce > 0:
-            return self._chunked_token_losses(batch, labels)
-        logits = self(batch["input_ids"], batch.get("attention_mask"))[:, :-1]  # (batch, seq - 1, vocab)
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-        return nll, (labels != IGNORE_INDEX).sum()
+            return self._chunked_token_losses(batch, targets)
+        keep = None
+        if _takes_logits_to_keep(self.model):
+            # Logits only at positions some row scores (prompts, padding, packed example starts need none): for
+            # instruction data most of the (tokens, vocab) head matmul and float32 logits. The model's own head
+            # and logit transforms still run (transformers' logits_to_keep, a 1-D tensor of positions).
+            keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+            targets = targets[:, keep]
+        logits = self._run_backbone(batch, logits_to_keep=keep).logits  # (batch, kept positions, vocab)
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return nll, (targets != IGNORE_INDEX).sum()
 
-    def _chunked_token_losses(self, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _chunked_token_losses(self, batch: dict[str, Any], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Full logits are (tokens, vocab) in float32: 4 GiB for 8 x 1024 tokens of a 128k vocabulary, often more
         # than the whole QLoRA model. Here only the scored positions go through the head, `chunked_ce` at a time,
         # and each chunk runs under activation checkpointing so its logits are freed at once and recomputed in
@@ -145,15 +215,14 @@ class CausalLMModule(L.LightningModule):
                     f"`chunked_ce` needs logits = lm_head(hidden), but this model's config sets {name}="
                     f"{getattr(config, name)!r}; use chunked_ce=0 for {type(self.model).__name__}."
                 )
-        outputs = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
-        hidden = outputs.last_hidden_state[:, :-1]  # (batch, seq - 1, hidden)
-        scored = labels != IGNORE_INDEX
-        hidden, targets = hidden[scored], labels[scored]  # (tokens, hidden), (tokens,)
+        outputs = self._run_backbone(batch, base_model=True)
+        scored = targets != IGNORE_INDEX
+        hidden, scored_targets = outputs.last_hidden_state[scored], targets[scored]  # (tokens, hidden), (tokens,)
         head = self.model.get_output_embeddings()
         nll = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, targets.numel(), self.hparams.chunked_ce):
+        for start in range(0, scored_targets.numel(), self.hparams.chunked_ce):
             end = start + self.hparams.chunked_ce
-            nll = nll + checkpoint(_chunk_nll, head, hidden[start:end], targets[start:end], use_reentrant=False)
+            nll = nll + checkpoint(_chunk_nll, head, hidden[start:end], scored_targets[start:end], use_reentrant=False)
         return nll, scored.sum()
 
     # --- steps ---------------------------------------------------------------------------------
@@ -183,14 +252,21 @@ class CausalLMModule(L.LightningModule):
         if self._batch_start is None:
             return
         seconds = time.perf_counter() - self._batch_start
-        mask = batch.get("attention_mask")
-        tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        if is_packed(batch):
+            tokens = int((batch["document_ids"] >= 0).sum()) if "document_ids" in batch else batch["input_ids"].numel()
+        else:
+            mask = batch.get("attention_mask")
+            tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         # Real (non-pad) tokens through forward, backward and the optimizer step, on this process.
         self.log("train_tokens_per_s", tokens / max(seconds, 1e-9), on_step=True, on_epoch=False)
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         return configure_adamw(self, hp.lr, hp.weight_decay, hp.warmup_steps, hp.lr_schedule)
+
+
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(type(model).forward).parameters
 
 
 def _chunk_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
