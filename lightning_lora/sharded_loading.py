@@ -562,6 +562,15 @@ def _install_in_fsdp_strategy(strategy: Any, model: nn.Module, build: _PartBuild
     """Make Lightning's FSDPStrategy build the model unit by unit: our param_init_fn, and a policy with the blocks as units."""
     from lightning_lora.distributed import lora_fsdp_policy
 
+    storage = build.quantization_config.storage_dtype() if build.quantization_config is not None else None
+    mixed = getattr(strategy, "mixed_precision_config", None)
+    param_dtype = getattr(mixed, "param_dtype", None)
+    if storage is not None and param_dtype is not None and param_dtype != storage:
+        raise ValueError(
+            f"FSDPStrategy casts every flat parameter to {param_dtype} for compute (precision="
+            f"{getattr(strategy.precision_plugin, 'precision', '?')!r}), which would reinterpret the packed 4-bit weights stored as "
+            f"{storage}. Use precision='bf16-mixed' or 'bf16-true' with quant_storage='bfloat16'."
+        )
     kwargs = strategy.kwargs
     block_types = {type(block) for _, block in decoder_blocks(model)}
     if kwargs.get("auto_wrap_policy") is None:
@@ -594,9 +603,11 @@ def _check_policy(policy: Any, model: nn.Module, block_types: set[type]) -> None
     except Exception:  # a policy we cannot run on its own
         return
     if missing:
-        kind = "decoder block" if type(missing[0]) in block_types else "LoRA linear"
+        if type(missing[0]) in block_types:
+            why = f"decoder block ({type(missing[0]).__name__}) its own FSDP unit, so a rank would build the whole model before FSDP shards it"
+        else:
+            why = "LoRA linear its own FSDP unit, so float32 adapters would share a flat parameter with the bf16-stored 4-bit weights"
         raise ValueError(
-            f"FSDPStrategy's auto_wrap_policy does not make every {kind} ({type(missing[0]).__name__}) its own FSDP unit, so the "
-            "sharded build could not keep memory per rank low (or would mix dtypes in one unit). Use "
-            f"auto_wrap_policy=lightning_lora.distributed.lora_fsdp_policy({sorted(t.__name__ for t in block_types)}), or leave it unset."
+            f"FSDPStrategy's auto_wrap_policy does not make every {why}. Use auto_wrap_policy="
+            f"lightning_lora.distributed.lora_fsdp_policy({sorted(t.__name__ for t in block_types)}), or leave it unset."
         )

@@ -51,15 +51,15 @@ def _plain_checkpoint(directory: Path, config, seed: int = 11) -> dict[str, torc
     return state
 
 
-def _reference(config, checkpoint=None):
+def _reference(config, checkpoint=None, device: str = "cpu"):
     """The 1-rank build the sharded ones must equal: hashes per layer, adapter, logits, parameter bytes."""
-    model = build_lora_model(config, LORA, QUANT, device="cpu", checkpoint=checkpoint, seed=5)
+    model = build_lora_model(config, LORA, QUANT, device=device, checkpoint=checkpoint, seed=5)
     full = {n: m.weight for n, m in model.named_modules() if is_4bit(m)}
     with torch.no_grad():
-        logits = model(input_ids=token_batch(batch=2, seq=8)).logits.float()
+        logits = model(input_ids=token_batch(batch=2, seq=8).to(device)).logits.float().cpu()
     return {
         "hashes": layer_hashes(model, full),
-        "adapter": {n: p.detach().float() for n, p in model.named_parameters() if "lora_" in n},
+        "adapter": {n: p.detach().float().cpu() for n, p in model.named_parameters() if "lora_" in n},
         "logits": logits,
         "packed": sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if is_4bit(m)),
         "total": sum(p.numel() * p.element_size() for p in model.parameters()),
@@ -197,8 +197,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(world: int, args: list[str], layers: int, timeout: int = 600) -> None:
-    env = {**os.environ, "LL_WORKER_LAYERS": str(layers), "OMP_NUM_THREADS": "1"}
+def _torchrun(world: int, args: list[str], layers: int, cuda: bool = False, timeout: int = 600) -> None:
+    env = {**os.environ, "LL_WORKER_LAYERS": str(layers), "OMP_NUM_THREADS": "1", "LL_WORKER_CUDA": "1" if cuda else "0"}
     for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_addr=127.0.0.1",
@@ -207,15 +207,16 @@ def _torchrun(world: int, args: list[str], layers: int, timeout: int = 600) -> N
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
-def _check_sharded_builds(tmp_path: Path, world: int, layers: int) -> None:
+def check_sharded_builds(tmp_path: Path, world: int, layers: int, device: str = "cpu") -> None:
+    """``world`` gloo ranks (all on cuda:0 with device='cuda') build FSDP2 and FSDP1 models, random and from a checkpoint, like the 1-rank build."""
     config = _config(layers)
     state = _plain_checkpoint(tmp_path / "ckpt", config)
-    references = {"random": _reference(config), "ckpt": _reference(config, tmp_path / "ckpt")}
+    references = {"random": _reference(config, device=device), "ckpt": _reference(config, tmp_path / "ckpt", device=device)}
     assert references["random"]["hashes"] != references["ckpt"]["hashes"]
     out = tmp_path / "out"
     out.mkdir()
     pairs = ["fsdp2", "random", "fsdp2", str(tmp_path / "ckpt"), "fsdp1", "random", "fsdp1", str(tmp_path / "ckpt")]
-    _torchrun(world, [str(out), *pairs], layers)
+    _torchrun(world, [str(out), *pairs], layers, cuda=device == "cuda")
 
     for shard in ("fsdp2", "fsdp1"):
         for source, ref in references.items():
@@ -255,12 +256,12 @@ def _part_index(key: str, layers: int) -> int:
 
 
 def test_two_ranks_build_and_keep_only_their_shard_fsdp1_and_fsdp2(tmp_path):
-    _check_sharded_builds(tmp_path, world=2, layers=2)
+    check_sharded_builds(tmp_path, world=2, layers=2)
 
 
 @pytest.mark.slow
 def test_four_ranks_build_and_keep_only_their_shard_fsdp1_and_fsdp2(tmp_path):
-    _check_sharded_builds(tmp_path, world=4, layers=6)
+    check_sharded_builds(tmp_path, world=4, layers=6)
 
 
 # -- through Lightning -------------------------------------------------------------------------------------
@@ -364,3 +365,44 @@ def test_model_parallel_strategy_builds_sharded_in_configure_model_and_trains(tm
     total = sum(p.numel() * p.element_size() for p in reference.parameters())
     assert abs(got["held"] / total - 0.5) < 0.02
     assert len(got["adapter"]) == 28 and all(torch.count_nonzero(v) for k, v in got["adapter"].items() if "lora_b" in k)
+
+
+def test_fsdp_strategy_gets_the_param_init_fn_and_a_lora_policy_and_refuses_casting_precisions():
+    # Lightning's FSDPStrategy needs CUDA to run; what build_lora_model does to it is checked here on one CPU rank.
+    import torch.distributed as dist
+    from lightning.pytorch.plugins.precision import FSDPPrecision
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    def strategy(precision: str, **kwargs) -> FSDPStrategy:
+        made = FSDPStrategy(precision_plugin=FSDPPrecision(precision), **kwargs)
+        made.parallel_devices = [torch.device("cpu")]
+        return made
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        config = tiny_llama().config
+        fsdp = strategy("bf16-mixed")
+        model = build_lora_model(config, LORA, QUANT, strategy=fsdp, seed=5)
+        assert all(p.is_meta for p in model.parameters())  # built by FSDP, unit by unit
+        assert fsdp.kwargs["param_init_fn"] == sharded_param_init_fn(model)
+        wrapped = FSDP(model, device_id=torch.device("cpu"), mixed_precision=fsdp.mixed_precision_config, **fsdp.kwargs)
+        units = [m for m in wrapped.modules() if isinstance(m, FSDP)]
+        assert len(units) == 1 + 2 + 2 * 14  # the root, the decoder layers, every LoRA A and B
+        assert not any(p.is_meta for p in wrapped.parameters())
+        with FSDP.summon_full_params(wrapped, writeback=False):
+            from lightning_lora.distributed import packed_4bit_bytes
+
+            got = {k.replace("_fsdp_wrapped_module.", ""): v for k, v in packed_4bit_bytes(model).items()}
+        expected = packed_4bit_bytes(build_lora_model(config, LORA, QUANT, device="cpu", seed=5))
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], v) for k, v in expected.items())
+
+        with pytest.raises(ValueError, match=r"casts every flat parameter to torch.float32 for compute \(precision='32-true'\)"):
+            build_lora_model(config, LORA, QUANT, strategy=strategy("32-true"))
+        with pytest.raises(ValueError, match="does not make every LoRA linear its own FSDP unit"):
+            build_lora_model(config, LORA, QUANT, strategy=strategy("bf16-mixed", auto_wrap_policy={LlamaDecoderLayer}))
+        with pytest.raises(ValueError, match=r"does not make every decoder block \(LlamaDecoderLayer\) its own FSDP unit"):
+            build_lora_model(config, LORA, QUANT, strategy=strategy("bf16-mixed", auto_wrap_policy=lambda module, recurse, nonwrapped_numel: recurse))
+    finally:
+        dist.destroy_process_group()
