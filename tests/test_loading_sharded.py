@@ -406,3 +406,23 @@ def test_fsdp_strategy_gets_the_param_init_fn_and_a_lora_policy_and_refuses_cast
             build_lora_model(config, LORA, QUANT, strategy=strategy("bf16-mixed", auto_wrap_policy=lambda module, recurse, nonwrapped_numel: recurse))
     finally:
         dist.destroy_process_group()
+
+
+def test_mixin_passes_its_configs_to_the_builder_and_injects_nothing_more():
+    from _lightning import token_loader, trainer
+
+    from lightning_lora import LoRAMixin
+
+    class MixinBuilt(LoRAMixin, type(_BuiltLM.make())):
+        lora_config, quantization_config, lora_backbone = LORA, QUANT, "model"
+
+        def configure_model(self):
+            if self.model is None:
+                self.model = build_lora_model(tiny_llama().config, self.lora_config, self.quantization_config,
+                                              strategy=self.trainer.strategy, seed=5)
+
+    module = MixinBuilt()
+    trainer(2).fit(module, token_loader(n=8, seq=16, batch_size=4))
+    assert module.lora_model is module.model and lora_state(module.model).config is LORA
+    assert sum(1 for n, _ in module.model.named_parameters() if "lora_" in n) == 28
+    assert any(torch.count_nonzero(p) for n, p in module.model.named_parameters() if ".lora_b." in n)
