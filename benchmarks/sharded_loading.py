@@ -120,7 +120,7 @@ def rank_run(shard: str, shape: str, device_kind: str, fake_world: int | None, h
     t0 = time.perf_counter()
     if shard == "replicated":
         from lightning_lora import inject_lora
-        from lightning_lora.distributed import fully_shard_lora
+        from lightning_lora.sharding import fully_shard_lora
         from lightning_lora.loading import build_quantized_model
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -136,7 +136,7 @@ def rank_run(shard: str, shape: str, device_kind: str, fake_world: int | None, h
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
             from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-            from lightning_lora.distributed import lora_fsdp_policy
+            from lightning_lora.sharding import lora_fsdp_policy
 
             model = FSDP(model, auto_wrap_policy=lora_fsdp_policy({LlamaDecoderLayer}), param_init_fn=sharded_param_init_fn(model),
                          device_id=device, use_orig_params=True)

@@ -482,19 +482,16 @@ def lora_init(shape: torch.Size, which: str, layer_name: str, init: str, r: int,
 
 # -- set-up checks -----------------------------------------------------------------------------------------
 def _resolve_sharding(strategy: Any, shard: Shard | None, mesh: Any, device: torch.device | str | None) -> tuple[Shard | None, Any, torch.device]:
-    from lightning_lora.distributed import strategy_kind
-
     if shard not in (None, "fsdp1", "fsdp2"):
         raise ValueError(f"`shard` must be 'fsdp1', 'fsdp2' or None, got {shard!r}.")
     if strategy is not None:
-        kind = strategy_kind(strategy)
-        implied = {"fsdp": "fsdp1", "fsdp2": "fsdp2"}.get(kind)
+        implied = _implied_shard(strategy)
         if shard is not None and shard != implied:
             raise ValueError(f"`shard`={shard!r} contradicts `strategy`={type(strategy).__name__}; leave `shard` unset with a strategy.")
         shard = implied
         if device is None:
             device = strategy.root_device
-        if kind == "fsdp2" and mesh is None:
+        if implied == "fsdp2" and mesh is None:
             full = strategy.device_mesh
             if full.mesh_dim_names and "tensor_parallel" in full.mesh_dim_names and full["tensor_parallel"].size() > 1:
                 raise ValueError(
@@ -522,6 +519,17 @@ def _resolve_sharding(strategy: Any, shard: Shard | None, mesh: Any, device: tor
 
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     return shard, mesh, device
+
+
+def _implied_shard(strategy: Any) -> Shard | None:
+    """'fsdp1' for Lightning's FSDPStrategy, 'fsdp2' for its ModelParallelStrategy (or subclasses), else None.
+
+    By class name, so that this module never imports Lightning.
+    """
+    names = {cls.__name__ for cls in type(strategy).__mro__}
+    if "FSDPStrategy" in names:
+        return "fsdp1"
+    return "fsdp2" if "ModelParallelStrategy" in names else None
 
 
 def _check_quantization(config: QuantizationConfig | None, shard: Shard | None, dtype: torch.dtype) -> None:
@@ -560,7 +568,7 @@ def _refuse_ties_across_parts(parts: list[Part]) -> None:
 
 def _install_in_fsdp_strategy(strategy: Any, model: nn.Module, build: _PartBuilder) -> None:
     """Make Lightning's FSDPStrategy build the model unit by unit: our param_init_fn, and a policy with the blocks as units."""
-    from lightning_lora.distributed import lora_fsdp_policy
+    from lightning_lora.sharding import lora_fsdp_policy
 
     storage = build.quantization_config.storage_dtype() if build.quantization_config is not None else None
     mixed = getattr(strategy, "mixed_precision_config", None)
@@ -609,5 +617,5 @@ def _check_policy(policy: Any, model: nn.Module, block_types: set[type]) -> None
             why = "LoRA linear its own FSDP unit, so float32 adapters would share a flat parameter with the bf16-stored 4-bit weights"
         raise ValueError(
             f"FSDPStrategy's auto_wrap_policy does not make every {why}. Use auto_wrap_policy="
-            f"lightning_lora.distributed.lora_fsdp_policy({sorted(t.__name__ for t in block_types)}), or leave it unset."
+            f"lightning_lora.sharding.lora_fsdp_policy({sorted(t.__name__ for t in block_types)}), or leave it unset."
         )

@@ -98,7 +98,7 @@ def run(shard: str, source: str, device: torch.device) -> dict:
         from torch.distributed.fsdp import MixedPrecision
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-        from lightning_lora.distributed import lora_fsdp_policy
+        from lightning_lora.sharding import lora_fsdp_policy
 
         # bf16 compute for the float32 LoRA units, as Lightning's bf16-mixed sets it (a wrapped adapter meets bf16 inputs)
         model = FSDP(model, auto_wrap_policy=lora_fsdp_policy({LlamaDecoderLayer}), param_init_fn=sharded_param_init_fn(model),

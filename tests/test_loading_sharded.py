@@ -327,7 +327,8 @@ from _lightning import token_loader
 from _models import tiny_llama
 from test_loading_sharded import _BuiltLM
 from lightning_lora import LoRACallback
-from lightning_lora.distributed import gather_adapter_state_dict, packed_4bit_bytes
+from lightning_lora.lightning.strategies import gather_adapter_state_dict
+from lightning_lora.sharding import packed_4bit_bytes
 from lightning_lora.inject import lora_state
 
 L.seed_everything(0)
@@ -347,7 +348,7 @@ if trainer.is_global_zero:
 
 def test_model_parallel_strategy_builds_sharded_in_configure_model_and_trains(tmp_path):
     # Two gloo ranks on CPU: configure_model builds each rank's shard, LoRACallback takes the model's config.
-    from lightning_lora.distributed import packed_4bit_bytes
+    from lightning_lora.sharding import packed_4bit_bytes
 
     script = tmp_path / "fsdp2_lightning.py"
     script.write_text(_LIGHTNING_FSDP2)
@@ -392,7 +393,7 @@ def test_fsdp_strategy_gets_the_param_init_fn_and_a_lora_policy_and_refuses_cast
         assert len(units) == 1 + 2 + 2 * 14  # the root, the decoder layers, every LoRA A and B
         assert not any(p.is_meta for p in wrapped.parameters())
         with FSDP.summon_full_params(wrapped, writeback=False):
-            from lightning_lora.distributed import packed_4bit_bytes
+            from lightning_lora.sharding import packed_4bit_bytes
 
             got = {k.replace("_fsdp_wrapped_module.", ""): v for k, v in packed_4bit_bytes(model).items()}
         expected = packed_4bit_bytes(build_lora_model(config, LORA, QUANT, device="cpu", seed=5))

@@ -25,7 +25,8 @@ from _models import tiny_llama  # noqa: E402
 from _sharded_worker import LORA, QUANT  # noqa: E402
 
 from lightning_lora import LoRACallback  # noqa: E402
-from lightning_lora.distributed import gather_adapter_state_dict, packed_4bit_bytes  # noqa: E402
+from lightning_lora.lightning.strategies import gather_adapter_state_dict  # noqa: E402
+from lightning_lora.sharding import packed_4bit_bytes  # noqa: E402
 from lightning_lora.sharded_loading import build_lora_model  # noqa: E402
 
 CUDA = torch.cuda.is_available()  # without CUDA (ModelParallelStrategy only) the same run checks the launch on CPU

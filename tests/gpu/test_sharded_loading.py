@@ -43,7 +43,7 @@ def _free_port() -> int:
 def test_lightning_two_nodes_on_one_gpu_build_sharded_and_train(tmp_path, kind):
     from _sharded_worker import LORA, QUANT
     from _models import tiny_llama
-    from lightning_lora.distributed import packed_4bit_bytes
+    from lightning_lora.sharding import packed_4bit_bytes
     from lightning_lora.sharded_loading import build_lora_model
 
     port = _free_port()
