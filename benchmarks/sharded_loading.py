@@ -9,7 +9,8 @@ values are garbage, rank 0's memory is real). ``replicated`` is today's way for 
 rank runs ``build_quantized_model`` on the whole model, then ``fully_shard``.
 
     python benchmarks/sharded_loading.py --device cpu --shape mid --runs fsdp2:1 fsdp2:2 fsdp2:4 fsdp1:2 fsdp1:4 replicated:2 --out DIR
-    python benchmarks/sharded_loading.py --device cuda --shape 70b --runs fsdp2:1 fsdp2:2 fsdp1:2 --fake-worlds 4 8 --out DIR
+    python benchmarks/sharded_loading.py --device cuda --shape 70b:8 --runs fsdp2:1 fsdp2:2 fsdp1:2 --out DIR       # bytes at 70B width
+    python benchmarks/sharded_loading.py --device cuda --shape 70b --runs fsdp2:2 fsdp1:2 --fake-worlds 4 8 --no-hashes --out DIR
 
 RSS is ``ru_maxrss`` (the process's peak resident set); "growth" is that peak minus the peak before
 the build (Python, torch, transformers, the process group, a CUDA context); "after" is the resident
@@ -33,12 +34,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from multi_gpu import MODELS  # noqa: E402  (the shapes the multi-GPU benchmark trains: tiny, small, 70b)
+
 GiB = 2**30
-SHAPES = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=128),
-    "mid": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8, vocab_size=32000),
-    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, vocab_size=32000),
-}
+# "mid": the CPU run's shape (hidden 2048 as "small", 24 layers); "tiny" with 4 layers, so that 4 ranks each own a block.
+SHAPES = {**MODELS, "tiny": {**MODELS["tiny"], "num_hidden_layers": 4}, "mid": {**MODELS["small"], "num_hidden_layers": 24}}
+
+
+def _shape(spec: str) -> dict:
+    """A shape name, optionally with its number of decoder layers: '70b' or '70b:8' (the 70B width, 8 layers)."""
+    name, _, layers = spec.partition(":")
+    if name not in SHAPES:
+        raise SystemExit(f"--shape {spec!r}: the shapes are {sorted(SHAPES)}, optionally with ':<layers>'.")
+    return {**SHAPES[name], **({"num_hidden_layers": int(layers)} if layers else {})}
 
 
 def _configs(shape: str):
@@ -46,7 +55,7 @@ def _configs(shape: str):
 
     from lightning_lora import LoRAConfig, QuantizationConfig
 
-    config = LlamaConfig(**SHAPES[shape], tie_word_embeddings=False, use_cache=False)
+    config = LlamaConfig(**_shape(shape), tie_word_embeddings=False, use_cache=False)
     quant = QuantizationConfig(mode="nf4", double_quant=True, compute_dtype="bfloat16", quant_storage="bfloat16")
     return config, LoRAConfig(r=16, alpha=32.0, target_modules="all-linear"), quant
 
@@ -237,7 +246,7 @@ def launch(shard: str, world: int, args, work: Path, fake_world: int | None = No
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="mid")
+    parser.add_argument("--shape", default="mid", help=f"one of {sorted(SHAPES)}, optionally ':<layers>' (e.g. 70b:8)")
     parser.add_argument("--runs", nargs="*", default=["fsdp2:1", "fsdp2:2", "fsdp2:4", "fsdp1:2", "fsdp1:4", "replicated:2"],
                         help="shard:world pairs (shard: fsdp2, fsdp1 or replicated)")
     parser.add_argument("--fake-worlds", nargs="*", type=int, default=[], help="FSDP2 as rank 0 of W under the fake process group")
@@ -286,13 +295,14 @@ def main() -> None:
                 row["bytes_equal_world1"] = r["fingerprints"] == reference
                 row["layers_compared"] = len(reference)
             rows.append(row)
-    report = {"fixed_malloc": args.fixed_malloc, "shape": args.shape, "model": SHAPES[args.shape], "device": args.device, "sizes_gib": {k: v / GiB for k, v in size.items() if k.endswith("bytes")},
+    stem = f"sharded_loading_{args.device}_{args.shape.replace(':', '-L')}"
+    report = {"fixed_malloc": args.fixed_malloc, "shape": args.shape, "model": _shape(args.shape), "device": args.device, "sizes_gib": {k: v / GiB for k, v in size.items() if k.endswith("bytes")},
               "rows": rows, "versions": versions(), "command": " ".join(sys.argv)}
     print(table(report))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        Path(args.out, f"sharded_loading_{args.device}_{args.shape}.json").write_text(json.dumps(report, indent=1))
-        Path(args.out, f"sharded_loading_{args.device}_{args.shape}.md").write_text(table(report) + "\n")
+        Path(args.out, f"{stem}.json").write_text(json.dumps(report, indent=1))
+        Path(args.out, f"{stem}.md").write_text(table(report) + "\n")
 
 
 def table(report: dict) -> str:
@@ -314,18 +324,11 @@ def table(report: dict) -> str:
 
 
 def versions() -> dict:
-    import importlib.metadata as md
     import platform
 
-    out = {"python": sys.version.split()[0], "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
-    for pkg in ("torch", "lightning", "transformers", "bitsandbytes"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    if torch.cuda.is_available():
-        out["gpu"] = torch.cuda.get_device_name(0)
-    return out
+    from multi_gpu import versions as package_versions
+
+    return {**package_versions(), "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
 
 
 if __name__ == "__main__":
