@@ -271,18 +271,27 @@ def main() -> None:
     for stale in work.glob("*-rank*.json"):
         stale.unlink()
     size = sizes(args.shape)
-    runs = []
-    for spec in args.runs:
-        shard, world = spec.split(":")
-        print(f"== {shard} x {world}", flush=True)
-        runs.append(launch(shard, int(world), args, work))
-    for world in args.fake_worlds:
-        print(f"== fsdp2 as rank 0 of {world} (fake process group)", flush=True)
-        runs.append(launch("fsdp2", world, args, work, fake_world=world))
+    plan = [(spec.split(":")[0], int(spec.split(":")[1]), None) for spec in args.runs] + [("fsdp2", w, w) for w in args.fake_worlds]
+    runs: list[list[dict]] = []
+    for shard, world, fake in plan:
+        print(f"== fsdp2 as rank 0 of {world} (fake process group)" if fake else f"== {shard} x {world}", flush=True)
+        try:
+            runs.append(launch(shard, world, args, work, fake_world=fake))
+        except (RuntimeError, subprocess.TimeoutExpired) as err:  # keep what the other runs measured
+            print(f"   failed: {str(err)[-2000:]}", flush=True)
+            runs.append([{"rank": 0, "world": world, "shard": shard, "fake": bool(fake), "error": str(err)[-2000:]}])
+        write_report(args, size, runs, final=False)  # after every run: a command cut short keeps its results
+    print(table(write_report(args, size, runs, final=True)))
+
+
+def write_report(args, size: dict, runs: list[list[dict]], final: bool) -> dict:
     reference = next((r[0].get("fingerprints") for r in runs if r[0]["world"] == 1 and r[0]["shard"] != "replicated"), None)
     rows = []
     for ranks in runs:
         for r in ranks:
+            if "error" in r:
+                rows.append(r)
+                continue
             world = r["world"]
             goal_host = size["packed_bytes"] / world / GiB + 2 * size["block_bf16_bytes"] / GiB + 3
             goal_growth = size["packed_bytes"] / world / GiB + 2 * size["block_bf16_bytes"] / GiB
@@ -295,14 +304,15 @@ def main() -> None:
                 row["bytes_equal_world1"] = r["fingerprints"] == reference
                 row["layers_compared"] = len(reference)
             rows.append(row)
-    stem = f"sharded_loading_{args.device}_{args.shape.replace(':', '-L')}"
-    report = {"fixed_malloc": args.fixed_malloc, "shape": args.shape, "model": _shape(args.shape), "device": args.device, "sizes_gib": {k: v / GiB for k, v in size.items() if k.endswith("bytes")},
-              "rows": rows, "versions": versions(), "command": " ".join(sys.argv)}
-    print(table(report))
+    report = {"fixed_malloc": args.fixed_malloc, "shape": args.shape, "model": _shape(args.shape), "device": args.device,
+              "sizes_gib": {k: v / GiB for k, v in size.items() if k.endswith("bytes")}, "rows": rows, "complete": final,
+              "versions": versions(), "command": " ".join(sys.argv)}
     if args.out:
+        stem = f"sharded_loading_{args.device}_{args.shape.replace(':', '-L')}"
         Path(args.out).mkdir(parents=True, exist_ok=True)
         Path(args.out, f"{stem}.json").write_text(json.dumps(report, indent=1))
         Path(args.out, f"{stem}.md").write_text(table(report) + "\n")
+    return report
 
 
 def table(report: dict) -> str:
@@ -313,6 +323,9 @@ def table(report: dict) -> str:
              "| build | world | rank | seconds | RSS before | RSS peak | goal (packed/W + 2 blocks + 3) | growth | packed/W + 2 blocks | RSS after | params held | GPU peak | GPU goal | bytes = world 1 |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['shard']} | {r['world']} | - | FAILED: {r['error'][-150:]!r} |")
+            continue
         gpu = f"{r['gpu_peak_gib']:.2f}" if "gpu_peak_gib" in r else "-"
         gpu_goal = f"{r['goal_gpu_gib']:.2f}" if "goal_gpu_gib" in r else "-"
         build = r["shard"] + (" (fake group)" if r["fake"] else "")
