@@ -229,7 +229,9 @@ def check_sharded_builds(tmp_path: Path, world: int, layers: int, device: str = 
                 assert got["adapter"].keys() == ref["adapter"].keys(), where
                 for key, value in ref["adapter"].items():
                     assert torch.equal(got["adapter"][key], value), (where, key)
-                torch.testing.assert_close(got["logits"], ref["logits"], rtol=0, atol=0, msg=where)
+                # Exact on CPU. On CUDA the wrapped-adapter route (FSDP1 units) and the fused route may pick other 4-bit kernels.
+                tolerance = 0 if device == "cpu" else 1e-3
+                torch.testing.assert_close(got["logits"], ref["logits"], rtol=tolerance, atol=tolerance, msg=where)
                 # ~1/world of the parameter bytes: FSDP pads each shard by less than world elements per tensor / unit
                 share = got["held_by_kind"]["packed"] / ref["packed"]
                 assert abs(share - 1 / world) < 0.02, (where, share)
