@@ -51,6 +51,7 @@ class LoRACallback(Callback):
         skip_nonfinite: bool = True,
         max_nonfinite_steps: int = 10,
         compile_blocks: bool | list[str] = False,
+        from_backbone: bool = False,
     ) -> None:
         """
         Args:
@@ -77,6 +78,9 @@ class LoRACallback(Callback):
             max_nonfinite_steps: Stop with an error after this many skipped steps in a row.
             compile_blocks: torch.compile each decoder layer after injection (regional compilation): True for
                 transformers models (their ``_no_split_modules``), or a list of block class names.
+            from_backbone: The backbone comes with LoRA in it (``lightning_lora.sharded_loading.build_lora_model``): take
+                its LoRA and quantization configs, so they are written once; the LoRA and quantization arguments above are
+                then unused. Without it, a backbone that comes with LoRA must have been built with this callback's config.
         """
         super().__init__()
         lora_config = LoRAConfig(
@@ -92,8 +96,10 @@ class LoRACallback(Callback):
             rank_pattern=dict(rank_pattern or {}),
             alpha_pattern=dict(alpha_pattern or {}),
         )
+        if from_backbone:
+            lora_config = None
         quantization = None
-        if quantize is not None:
+        if quantize is not None and not from_backbone:
             quantization = QuantizationConfig(mode=quantize, double_quant=double_quant, compute_dtype=compute_dtype, quant_storage=quant_storage)
         self.controller = LoRAController(
             lora_config, quantization, backbone, adapter_only_checkpoint, skip_nonfinite, max_nonfinite_steps, compile_blocks
@@ -102,7 +108,8 @@ class LoRACallback(Callback):
         self.merge_on_export = merge_on_export
 
     @property
-    def lora_config(self) -> LoRAConfig:
+    def lora_config(self) -> LoRAConfig | None:
+        """The LoRA config; with ``from_backbone``, None until the backbone is built."""
         return self.controller.lora_config
 
     @property

@@ -34,7 +34,7 @@ class LoRAController:
 
     def __init__(
         self,
-        lora_config: LoRAConfig,
+        lora_config: LoRAConfig | None,
         quantization_config: QuantizationConfig | None = None,
         backbone: str | None = None,
         adapter_only_checkpoint: bool = True,
@@ -98,8 +98,13 @@ class LoRAController:
 
     def ready_to_inject(self, pl_module: nn.Module) -> bool:
         module = self.backbone_of(pl_module)
-        if module is None or lora_state(module) is not None:
+        if module is None:
             return False
+        if lora_state(module) is not None:
+            self.adopt_or_check(lora_state(module))
+            return False
+        if self.lora_config is None:
+            return False  # from_backbone: the backbone must come with LoRA (configure_model may still build it)
         params = list(module.parameters())
         return bool(params) and not any(p.is_meta for p in params)
 
@@ -121,6 +126,23 @@ class LoRAController:
         module = self.backbone_of(pl_module)
         return module is not None and lora_state(module) is not None
 
+    def adopt_or_check(self, state: Any) -> None:
+        """A backbone that came with LoRA (e.g. from ``sharded_loading.build_lora_model``): take its configs (no config
+        of our own, i.e. ``from_backbone``) or refuse it when they differ from ours."""
+        if self.lora_config is None:
+            self.lora_config = state.config
+            self.quantization_config = self.quantization_config or state.quantization
+            return
+        for name, mine, theirs in (("LoRA", self.lora_config, state.config), ("quantization", self.quantization_config, state.quantization)):
+            if mine is None or theirs is None or mine == theirs:
+                continue
+            field = next(f for f in mine.to_dict() if getattr(mine, f) != getattr(theirs, f))
+            raise ValueError(
+                f"The backbone already has LoRA, built with {name} `{field}`={getattr(theirs, field)!r}, but this "
+                f"LoRACallback/LoRAMixin has `{field}`={getattr(mine, field)!r}. Pass the same config to both, or use "
+                "LoRACallback(from_backbone=True) to take the backbone's."
+            )
+
     def inject_after_configure_model(self, pl_module: nn.Module, device: torch.device | None) -> None:
         """The last chance before the strategy wraps the model and the optimizer is built."""
         self.maybe_inject(pl_module, device)
@@ -130,6 +152,11 @@ class LoRAController:
         module = self.backbone_of(pl_module)
         if module is None or lora_state(module) is None:
             where = f"`self.{self.backbone}`" if self.backbone else "the LightningModule"
+            if self.lora_config is None:
+                raise RuntimeError(
+                    f"LoRACallback(from_backbone=True) expects {where} to come with LoRA in it after configure_model(), but it has "
+                    "none. Build it with lightning_lora.sharded_loading.build_lora_model, or give the callback a LoRA config."
+                )
             raise RuntimeError(
                 f"LoRA was never injected: {where} had no materialized weights in setup() or after configure_model(). "
                 "Build the backbone in __init__, setup or configure_model, and set `backbone` to its attribute name."
