@@ -288,7 +288,10 @@ def _device(name: str | None) -> Any:
 
     if name is None:
         if not torch.cuda.is_available():
-            raise RuntimeError("No CUDA GPU is visible: pass device='cpu' to measure on the CPU (tiny models only).")
+            raise RuntimeError(
+                "No CUDA GPU is visible: pass device='cpu' (`--measure-device cpu`) to measure on the CPU; it runs the whole "
+                "model's compute for one rank, so only small models finish in reasonable time."
+            )
         name = "cuda"
     device = torch.device(name)
     if device.type == "cuda":

@@ -117,3 +117,30 @@ dist.destroy_process_group()
     lines = out.stdout.strip().splitlines()
     assert lines[0] == "False ['', 'lm_head', 'model.embed_tokens', 'model.layers.0', 'model.layers.1']"
     assert lines[1] == "True ['', 'model.layers.0', 'model.layers.1']"
+
+
+# --- lightning-lora estimate --measure ------------------------------------------------------------------
+
+
+def test_cli_estimate_measure_prints_the_measurement_beside_the_formula(tmp_path, capsys):
+    import json
+
+    from lightning_lora import cli
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    common = ["estimate", "--model", str(tmp_path), "--r", "16", "--seq-len", "32", "--activation-checkpointing"]
+    cli.main([*common, "--strategy", "fsdp2", "--num-gpus", "2", "--measure", "--measure-device", "cpu"])
+    out = capsys.readouterr().out
+    assert "total (peak per GPU)" in out  # the formula's table first
+    assert "Measured as rank 0 of 2 (fsdp2, fake process group) on cpu" in out
+    assert "estimate, without the CUDA context" in out and "against the measured peak" in out
+    with pytest.raises(SystemExit):
+        cli.main([*common, "--measure"])  # strategy 'single': nothing to simulate
+    assert "--measure simulates sharding across GPUs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main([*common, "--strategy", "fsdp", "--num-gpus", "2", "--chunked-ce", "--measure"])
+    assert "chunked_ce=False" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            cli.main([*common, "--strategy", "fsdp2", "--num-gpus", "64", "--measure"])
+        assert "No CUDA GPU is visible: pass device='cpu'" in capsys.readouterr().err
