@@ -221,15 +221,21 @@ def _gib(n: int) -> str:
     return f"{n / GiB:>9.3f}" if n else f"{'-':>9}"
 
 
+def _read_config_file(model_config: Any) -> Any:
+    """The dict in a config.json (given the file or its folder); anything that is not a path, unchanged."""
+    if not isinstance(model_config, (str, os.PathLike)):
+        return model_config
+    path = os.fspath(model_config)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"`model_config` path {os.fspath(model_config)!r} has no config.json: pass a model folder or its config.json.")
+    with open(path) as f:
+        return json.load(f)
+
+
 def _load_config(model_config: Any) -> _Shape:
-    if isinstance(model_config, (str, os.PathLike)):
-        path = os.fspath(model_config)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        if not os.path.isfile(path):
-            raise ValueError(f"`model_config` path {os.fspath(model_config)!r} has no config.json: pass a model folder or its config.json.")
-        with open(path) as f:
-            model_config = json.load(f)
+    model_config = _read_config_file(model_config)
     if isinstance(model_config, Mapping):
         get = model_config.get
     elif hasattr(model_config, "to_dict"):  # a transformers PretrainedConfig, read without importing transformers

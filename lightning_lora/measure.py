@@ -36,7 +36,6 @@ rank to size for), and CPU offload.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -223,14 +222,9 @@ def _make_spec(model_config: Any, **kwargs: Any) -> dict[str, Any]:
 
 def _config_fields(model_config: Any) -> dict[str, Any]:
     """A JSON-able dict of the model's config fields (the subprocess rebuilds the config from it)."""
-    if isinstance(model_config, (str, os.PathLike)):
-        path = os.fspath(model_config)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        if not os.path.isfile(path):
-            raise ValueError(f"`model_config` path {os.fspath(model_config)!r} has no config.json: pass a model folder or its config.json.")
-        with open(path) as f:
-            return json.load(f)
+    from lightning_lora.estimate import _read_config_file
+
+    model_config = _read_config_file(model_config)
     if isinstance(model_config, dict):
         return dict(model_config)
     if hasattr(model_config, "to_dict"):
@@ -532,6 +526,7 @@ class _CudaMeter:
 
     def reset_peak(self) -> None:
         self.torch.cuda.synchronize(self.device)
+        self.torch.cuda.empty_cache()  # what building left cached (e.g. the quantized templates) is no part of a step
         self.torch.cuda.reset_peak_memory_stats(self.device)
 
     def result(self) -> dict[str, int]:
