@@ -77,9 +77,9 @@ def run_scenario(name: str, work: Path, cpu: bool, model_override: str | None = 
     from torch.utils.data import DataLoader, TensorDataset
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from lightning_lora import LoRACallback, QuantizationConfig
-    from lightning_lora import distributed as dist_utils
+    from lightning_lora import LoRACallback, QuantizationConfig, sharding
     from lightning_lora.adapter_io import adapter_state_dict
+    from lightning_lora.lightning import strategies
     from lightning_lora.loading import build_quantized_model
     from lightning_lora.quantization import is_4bit
 
@@ -126,7 +126,7 @@ def run_scenario(name: str, work: Path, cpu: bool, model_override: str | None = 
             if spec["strategy"] == "fsdp2" and not self._sharded:
                 if spec.get("lora_bf16"):
                     self.model.to(torch.bfloat16)  # every tensor of a group bf16 (the bitsandbytes #1945 set-up)
-                dist_utils.fully_shard_lora(self.model, {LlamaDecoderLayer}, mesh=self.device_mesh["data_parallel"])
+                sharding.fully_shard_lora(self.model, {LlamaDecoderLayer}, mesh=self.device_mesh["data_parallel"])
                 self._sharded = True
 
         def training_step(self, batch_, batch_idx):
@@ -189,7 +189,7 @@ def run_scenario(name: str, work: Path, cpu: bool, model_override: str | None = 
         from lightning.pytorch.strategies import FSDPStrategy
 
         strategy = FSDPStrategy(
-            auto_wrap_policy=dist_utils.lora_fsdp_policy({LlamaDecoderLayer}),
+            auto_wrap_policy=sharding.lora_fsdp_policy({LlamaDecoderLayer}),
             activation_checkpointing_policy={LlamaDecoderLayer} if spec.get("checkpointing") else None,
             use_orig_params=True,
             state_dict_type=spec.get("state_dict_type", "full"),
@@ -228,7 +228,7 @@ def run_scenario(name: str, work: Path, cpu: bool, model_override: str | None = 
     fit_seconds = time.perf_counter() - t_fit
 
     # Adapter: gathered from every shard (collective on every rank); identical on every rank?
-    adapter = dist_utils.gather_adapter_state_dict(trainer, module.model) if error is None else {}
+    adapter = strategies.gather_adapter_state_dict(trainer, module.model) if error is None else {}
     flat = torch.cat([v.float().reshape(-1) for v in adapter.values()]) if adapter else torch.zeros(1)
     same_on_ranks = None
     if world > 1 and error is None:

@@ -301,7 +301,8 @@ def _build_rank_model(spec: dict[str, Any], device: Any, mesh: Any) -> tuple[Any
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lightning_lora import distributed
+    from lightning_lora import sharding
+    from lightning_lora.blocks import block_classes_of
     from lightning_lora.checkpointing import enable_activation_checkpointing
     from lightning_lora.config import LoRAConfig, QuantizationConfig
     from lightning_lora.inject import inject_lora
@@ -322,7 +323,7 @@ def _build_rank_model(spec: dict[str, Any], device: Any, mesh: Any) -> tuple[Any
         for name, param in model.named_parameters():
             if param.requires_grad:
                 param.data = param.data.to(torch.bfloat16)
-    blocks = distributed.block_classes_of(model)
+    blocks = block_classes_of(model)
     hf_checkpointing = spec["activation_checkpointing"] and (spec["strategy"] == "fsdp2" or spec["offload_activations"])
     if hf_checkpointing:  # as CausalLMModule(gradient_checkpointing=True) does before sharding
         enable_activation_checkpointing(model, offload_to_cpu=spec["offload_activations"])
@@ -334,7 +335,7 @@ def _build_rank_model(spec: dict[str, Any], device: Any, mesh: Any) -> tuple[Any
                 fully_shard(block, mesh=mesh)
             fully_shard(model, mesh=mesh)
         else:
-            distributed.fully_shard_lora(model, blocks, mesh=mesh)
+            sharding.fully_shard_lora(model, blocks, mesh=mesh)
         model.to_empty(device=device)  # only this rank's shards get storage
         _fill(model, config, device)
         return model, quant_state_bytes
@@ -344,7 +345,7 @@ def _build_rank_model(spec: dict[str, Any], device: Any, mesh: Any) -> tuple[Any
     # FSDPStrategy(auto_wrap_policy=lora_fsdp_policy(...), activation_checkpointing_policy={block}), bf16-mixed.
     wrapped = FullyShardedDataParallel(
         model,
-        auto_wrap_policy=distributed.lora_fsdp_policy(blocks),
+        auto_wrap_policy=sharding.lora_fsdp_policy(blocks),
         mixed_precision=MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16, buffer_dtype=torch.bfloat16),
         sharding_strategy=ShardingStrategy.FULL_SHARD,
         device_id=device,
@@ -447,7 +448,7 @@ def _train_step(model: Any, optimizer: Any, ids: Any, strategy: str, device: Any
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     if strategy == "fsdp":
-        model.clip_grad_norm_(1.0)  # what lightning_lora.distributed.clip_grad_norm does under FSDP1
+        model.clip_grad_norm_(1.0)  # what lightning_lora.lightning.strategies.clip_grad_norm does under FSDP1
     else:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
     optimizer.step()
