@@ -11,6 +11,7 @@ Three more commands are dispatched before Lightning's parser sees the arguments:
     lightning-lora export   --checkpoint CKPT --config CFG --output DIR [--merged]
     lightning-lora merge    --base MODEL_DIR_OR_CFG --adapter DIR --output DIR
     lightning-lora estimate --model CONFIG_JSON [--quantization nf4 --r 16 --batch-size 2 --seq-len 2048 ...]
+    lightning-lora estimate --model CONFIG_JSON --strategy fsdp2 --num-gpus 64 --measure   # + measured on this GPU
 
 Any string ``pkg://<package>/<path>`` in a config is replaced by that path inside the installed
 package before anything is built (see ``lightning_lora.tasks._paths``).
@@ -397,7 +398,9 @@ def estimate_command(argv: Sequence[str]) -> None:
     )
     parser.add_argument("--batch-size", dest="batch_size", type=int, help="Micro-batch of sequences per GPU.")
     parser.add_argument("--seq-len", dest="seq_len", type=int, help="Padded tokens per sequence.")
-    parser.add_argument("--strategy", choices=("single", "ddp", "fsdp"), help="How the GPUs share the work.")
+    parser.add_argument(
+        "--strategy", choices=("single", "ddp", "fsdp", "fsdp2"), help="How the GPUs share the work (fsdp2: ModelParallelStrategy)."
+    )
     parser.add_argument("--num-gpus", dest="num_gpus", type=int, help="GPUs the run uses.")
     parser.add_argument(
         "--activation-checkpointing",
@@ -415,7 +418,17 @@ def estimate_command(argv: Sequence[str]) -> None:
         help="Loss computed in chunks (CausalLMModule chunked_ce > 0).",
     )
     parser.add_argument("--lora-dropout", dest="lora_dropout", type=float, help="LoRA dropout (> 0 stores a dropout mask).")
+    parser.add_argument(
+        "--offload-activations", dest="offload_activations", action=argparse.BooleanOptionalAction,
+        help="Checkpointed layer inputs kept in host memory (needs --activation-checkpointing).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--measure", action="store_true", default=False,
+        help="Also measure: train a few steps as rank 0 of --num-gpus on this machine's GPU (torch's fake process group).",
+    )  # fmt: skip
+    parser.add_argument("--measure-device", dest="measure_device", default=None, help="Where to measure: cuda (default), cuda:N or cpu.")
     args = vars(parser.parse_args(argv))
+    measure, measure_device = args.pop("measure"), args.pop("measure_device")
     try:
         from lightning_lora.estimate import estimate_memory
     except ImportError as err:
@@ -430,6 +443,13 @@ def estimate_command(argv: Sequence[str]) -> None:
     except (ValueError, TypeError) as err:
         raise CLIError(str(err)) from err
     print(estimate.table())
+    if measure:
+        from lightning_lora.measure import compare_with_estimate
+
+        try:
+            print(compare_with_estimate(model, args, device=measure_device), flush=True)
+        except (ValueError, TypeError, RuntimeError) as err:
+            raise CLIError(str(err)) from err
 
 
 # --- helpers -----------------------------------------------------------------------------------------

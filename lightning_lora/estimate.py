@@ -29,17 +29,28 @@ Assumptions (the comments next to each term say why it exists):
   the loss backward (all saved activations plus the full-vocabulary fp32 loss buffers) and a decoder
   layer's backward (saved activations, the layer's recomputed activations when checkpointing,
   the logits the model output still holds, dequantization and gradient buffers).
-- FSDP: gradients exist only for trainable parameters (FSDP2, or FSDP1 with each LoRA layer its own
-  unit). FSDP1 with ``use_orig_params=True`` and LoRA inside the decoder-layer unit also allocates a
-  gradient for the frozen part of the unit (pytorch #104690): about one more layer of weights.
+- FSDP, two strategies: 'fsdp' is Lightning's FSDPStrategy (FSDP1, ``lora_fsdp_policy``: one unit per
+  decoder layer and per LoRA A / B, ``use_orig_params=True``, bf16-mixed), 'fsdp2' is ModelParallelStrategy
+  with ``fully_shard_lora``. Sharded bytes follow each one's padding exactly (FSDP2 cuts every parameter
+  along dim 0; FSDP1 flattens each unit, aligns parameters to 16 bytes, pads to the world size). Neither
+  shards the 4-bit ``quant_state``: every rank holds all block scales (0.127 bit/param with double quant;
+  ``unsharded_weights``). Both keep the root unit gathered from forward to the end of backward; FSDP2's
+  input embedding and output head have groups of their own (resharded after forward), so only the head is
+  gathered again, for the loss backward. Two decoder layers are in flight during a layer's backward.
+  Gradients exist only for the LoRA parameters (their own FSDP1 units, so pytorch #104690 does not apply).
+- Checked on the CPU against rank 0 of 2-8 ranks under torch's fake process group (``lightning_lora.measure``):
+  sharded parameter, quant-state and optimizer bytes exactly; the FSDP terms of the peak within 1 MB at small
+  shapes. ``benchmarks/simulated_scale.py`` measures the 70B and 405B shapes at 2-64 ranks on one GPU.
 - The total is what ``torch.cuda.max_memory_allocated()`` reports plus ``CUDA_CONTEXT_BYTES``. The
   caching allocator reserves more than it hands out (nvidia-smi shows the reserve): measured 5-18%
   on top of the peak allocation; ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` narrows the gap.
 - Checked against real steps on an H200 (nf4 + LoRA r=16 all-linear, AdamW, bf16): Llama-2-7B shape,
   batch 2 x 2048, 26.84 vs 26.74 GiB allocated without checkpointing, 6.97 vs 6.93 GiB with it;
   smaller shapes within 3.1% (tests/test_estimate.py::test_estimate_matches_cuda_peak).
-- Not modelled: CPU offload, paged optimizers, padding masks beyond the SDPA kernels above and
-  NCCL communication buffers. FSDP and DDP terms are arithmetic, not yet measured on several GPUs.
+- ``offload_activations``: the checkpointed layer inputs live in host memory
+  (``lightning_lora.checkpointing``); two of them are on the GPU at a time.
+- Not modelled: CPU offload of parameters, paged optimizers, padding masks beyond the SDPA kernels above and
+  NCCL communication buffers (outside torch's allocator). DDP terms are arithmetic.
 """
 
 from __future__ import annotations
@@ -66,6 +77,13 @@ DDP_BUCKET_CAP_BYTES = 25 * MiB
 # FSDP holds the unsharded parameters of the unit being computed and of the one prefetched next
 # (BackwardPrefetch.BACKWARD_PRE, FSDP2's default prefetch of one unit).
 FSDP_UNSHARDED_LAYERS = 2
+# Decoder layers all-gathered during the loss backward: FSDP1's root unit prefetches the last layer as the
+# backward starts; under FSDP2 the head's own group prefetches it only once the loss gradient is done.
+FSDP_LAYERS_AT_LOSS = {"fsdp": 1, "fsdp2": 0}
+# FSDP1 with use_orig_params=True aligns every original parameter inside a FlatParameter to 16 bytes.
+FSDP1_ALIGN_BYTES = 16
+# With offloaded checkpoints, layer inputs on the GPU at once: the one being copied out (or in) and the next.
+OFFLOAD_IN_FLIGHT = 2
 # `chunked_ce=True` models torchtune's CEWithChunkedOutputLoss: bf16 logits in 8 chunks, each chunk
 # upcast to fp32 and reduced on its own, so only one chunk's fp32 loss buffers exist at a time.
 CE_CHUNKS = 8
@@ -75,7 +93,8 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 _BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 _QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
-_STRATEGIES = ("single", "ddp", "fsdp")
+_STRATEGIES = ("single", "ddp", "fsdp", "fsdp2")
+_FSDP = ("fsdp", "fsdp2")
 _OPTIMIZER_STATES = {"adamw": 2, "sgd": 0}  # AdamW: exp_avg + exp_avg_sq; SGD without momentum keeps none
 _REQUIRED_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 
@@ -150,11 +169,14 @@ class MemoryEstimate:
     ddp_buckets: int
     cuda_context: int
     peak_phase: str = field(default="")
-    """'loss backward' or 'decoder-layer backward': the moment of the step the breakdown describes."""
+    """'loss backward', 'decoder-layer backward' or (FSDP2) 'output-head backward': the moment the breakdown describes."""
     other_phase_total: int = field(default=0)
-    """Total at the other moment, for comparison."""
+    """Total at the next-highest moment, for comparison."""
+    other_phase: str = field(default="")
     layer_activations: int = field(default=0)
     """Bytes one decoder layer saves for backward without checkpointing (not a term of `total`)."""
+    unsharded_weights: int = field(default=0)
+    """The part of ``base_weights`` that FSDP does not shard: 4-bit block scales and code tables (every rank holds all)."""
     parameters: ParameterCount | None = field(default=None)
     summary: str = field(default="")
 
@@ -189,8 +211,9 @@ class MemoryEstimate:
         # "-": a term that is not live at the peak (or does not apply to this set-up).
         lines += [f"{'':2}{label:<38}{_gib(getattr(self, name))}" for name, label in self._ROWS.items()]
         lines.append(f"{'':2}{'total (peak per GPU)':<38}{self.total / GiB:>9.3f}")
-        other = "decoder-layer backward" if self.peak_phase == "loss backward" else "loss backward"
-        lines.append(f"  peak during the {self.peak_phase}; the {other} needs {self.other_phase_total / GiB:.3f} GiB")
+        if self.unsharded_weights:
+            lines.append(f"  of the frozen weights, {self.unsharded_weights / GiB:.3f} GiB are 4-bit scales that every GPU holds whole")
+        lines.append(f"  peak during the {self.peak_phase}; the {self.other_phase} needs {self.other_phase_total / GiB:.3f} GiB")
         return "\n".join(lines)
 
 
@@ -198,15 +221,21 @@ def _gib(n: int) -> str:
     return f"{n / GiB:>9.3f}" if n else f"{'-':>9}"
 
 
+def _read_config_file(model_config: Any) -> Any:
+    """The dict in a config.json (given the file or its folder); anything that is not a path, unchanged."""
+    if not isinstance(model_config, (str, os.PathLike)):
+        return model_config
+    path = os.fspath(model_config)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"`model_config` path {os.fspath(model_config)!r} has no config.json: pass a model folder or its config.json.")
+    with open(path) as f:
+        return json.load(f)
+
+
 def _load_config(model_config: Any) -> _Shape:
-    if isinstance(model_config, (str, os.PathLike)):
-        path = os.fspath(model_config)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        if not os.path.isfile(path):
-            raise ValueError(f"`model_config` path {os.fspath(model_config)!r} has no config.json: pass a model folder or its config.json.")
-        with open(path) as f:
-            model_config = json.load(f)
+    model_config = _read_config_file(model_config)
     if isinstance(model_config, Mapping):
         get = model_config.get
     elif hasattr(model_config, "to_dict"):  # a transformers PretrainedConfig, read without importing transformers
@@ -333,6 +362,59 @@ def _layer_activation_bytes(shape: _Shape, targets: tuple[str, ...], r: int, bat
     return total
 
 
+def _quant_state_bytes(in_features: int, out_features: int, quantization: str, double_quant: bool) -> int:
+    """Bytes of a 4-bit layer's ``quant_state`` (block scales, code tables): the part of ``weight_bytes`` FSDP never shards."""
+    if quantization not in ("nf4", "fp4"):
+        return 0
+    return weight_bytes(in_features, out_features, quantization=quantization, double_quant=double_quant) - math.ceil(in_features * out_features / 2)
+
+
+@dataclass(frozen=True)
+class _Param:
+    """A parameter as FSDP sees it: elements, size of dim 0 (FSDP2 shards along it), bytes per element."""
+
+    numel: int
+    dim0: int
+    elem: int
+
+
+def _layer_params(shape: _Shape, quantization: str, e: int) -> list[_Param]:
+    """The frozen parameters of one decoder layer in module order (projections, then the two norms)."""
+    params = []
+    for i, o, bias in shape.linears().values():
+        if quantization in ("nf4", "fp4"):
+            packed = (i * o + 1) // (2 * e)  # bitsandbytes packs two 4-bit values a byte into `dtype`-sized storage
+            params.append(_Param(packed, packed, e))
+        else:
+            params.append(_Param(i * o, o, e))
+        if bias:
+            params.append(_Param(o, o, e))
+    return params + [_Param(shape.hidden, shape.hidden, e)] * 2
+
+
+def _root_params(shape: _Shape, e: int) -> tuple[list[_Param], _Param, _Param | None]:
+    """(the root unit's parameters in module order, the input embedding, the untied output head or None)."""
+    embed = _Param(shape.vocab * shape.hidden, shape.vocab, e)
+    norm = _Param(shape.hidden, shape.hidden, e)
+    head = None if shape.tied else _Param(shape.vocab * shape.hidden, shape.vocab, e)
+    return [embed, norm] + ([head] if head else []), embed, head
+
+
+def _fsdp2_shard(params: list[_Param], world: int) -> int:
+    """Bytes per rank under FSDP2: each parameter cut along dim 0 in `world` chunks, every rank's chunk padded to the first."""
+    return sum(math.ceil(p.dim0 / world) * (p.numel // p.dim0) * p.elem for p in params)
+
+
+def _fsdp1_unit(params: list[_Param], world: int, align_elems: int) -> tuple[int, int]:
+    """(bytes per rank, unsharded bytes) of one FSDP1 unit: a FlatParameter that aligns each original parameter to
+    `align_elems` elements (use_orig_params=True) and is padded to a multiple of the world size, then cut evenly."""
+    total = 0
+    for p in params:
+        total += (-total) % align_elems + p.numel
+    total += (-total) % world
+    return total // world * params[0].elem, total * params[0].elem
+
+
 def estimate_memory(
     model_config: Any,
     *,
@@ -342,16 +424,23 @@ def estimate_memory(
     target_modules: list[str] | str = "all-linear",
     batch_size: int = 1,
     seq_len: int = 2048,
-    strategy: Literal["single", "ddp", "fsdp"] = "single",
+    strategy: Literal["single", "ddp", "fsdp", "fsdp2"] = "single",
     num_gpus: int = 1,
     activation_checkpointing: bool = False,
+    offload_activations: bool = False,
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16",
     lora_dtype: Literal["bf16", "fp16", "fp32"] = "fp32",
     optimizer: Literal["adamw", "sgd"] = "adamw",
     chunked_ce: bool = False,
     lora_dropout: float = 0.0,
 ) -> MemoryEstimate:
-    """Predict the peak GPU memory per GPU of LoRA / QLoRA training (see the module docstring for the model)."""
+    """Predict the peak GPU memory per GPU of LoRA / QLoRA training (see the module docstring for the model).
+
+    ``strategy``: 'single', 'ddp', 'fsdp' (Lightning's FSDPStrategy: FSDP1 with ``lora_fsdp_policy``,
+    ``use_orig_params=True``, bf16-mixed) or 'fsdp2' (ModelParallelStrategy with ``fully_shard_lora``).
+    ``offload_activations``: checkpointed layer inputs kept in host memory
+    (``enable_activation_checkpointing(model, offload_to_cpu=True)``); needs ``activation_checkpointing``.
+    """
     _check_positive_int("r", r, "the LoRA rank is usually 8 to 64")
     _check_positive_int("batch_size", batch_size, "it is the micro-batch per GPU, at least 1")
     _check_positive_int("seq_len", seq_len, "give the padded sequence length in tokens")
@@ -362,7 +451,16 @@ def estimate_memory(
     _check_choice("lora_dtype", lora_dtype, _BYTES)
     _check_choice("optimizer", optimizer, _OPTIMIZER_STATES)
     if strategy == "single" and num_gpus > 1:
-        raise ValueError(f"`num_gpus`={num_gpus!r} needs a distributed strategy: pass strategy='ddp' or strategy='fsdp', or num_gpus=1.")
+        raise ValueError(
+            f"`num_gpus`={num_gpus!r} needs a distributed strategy: pass strategy='ddp', strategy='fsdp' or strategy='fsdp2', or num_gpus=1."
+        )
+    if strategy in _FSDP and quantization == "int8":
+        raise ValueError(
+            f"`quantization`='int8' cannot be sharded with `strategy`={strategy!r} (bitsandbytes keeps int8 scales outside "
+            "the parameters): use 'nf4' with FSDP, or strategy='ddp' for int8."
+        )
+    if offload_activations and not activation_checkpointing:
+        raise ValueError("`offload_activations`=True offloads the checkpointed layer inputs: set `activation_checkpointing`=True too.")
     if not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"`lora_dropout` must be in [0, 1), got {lora_dropout!r}.")
     shape = _load_config(model_config)
@@ -376,26 +474,27 @@ def estimate_memory(
     layer_weights = sum(weight_bytes(i, o, quantization=quantization, double_quant=double_quant, dtype=dtype) for i, o, _ in linears.values())
     layer_weights += e * (2 * h + sum(o for _, o, bias in linears.values() if bias))
     root_weights = e * (vocab * h * (1 if shape.tied else 2) + h)
-    shards = num_gpus if strategy == "fsdp" else 1  # FSDP shards everything it wraps; DDP replicates
-    base_weights = math.ceil((shape.layers * layer_weights + root_weights) / shards)
-    lora_params = math.ceil(counts.lora * lora_e / shards)
-    lora_grads = lora_params  # gradients take the parameters' dtype
+    lora_total = counts.lora * lora_e
+    base_weights, lora_params = shape.layers * layer_weights + root_weights, lora_total
+    fsdp_layer = fsdp_root_loss = fsdp_root_layer = fsdp_head = 0
+    unsharded = 0
+    if strategy in _FSDP:
+        base_weights, lora_params, unsharded, fsdp_layer, fsdp_root_loss, fsdp_root_layer, fsdp_head = _fsdp_terms(
+            shape, targets, r, num_gpus, strategy, quantization, double_quant, e, lora_e
+        )
+    lora_grads = lora_params  # gradients take the parameters' dtype (FSDP1 casts its bf16-reduced shards back)
     optimizer_states = _OPTIMIZER_STATES[optimizer] * lora_params  # torch's AdamW keeps states in the param dtype
-
-    fsdp_unsharded = 0
-    if strategy == "fsdp" and num_gpus > 1:
-        # All-gathered copies next to the local shards: the decoder layers in flight (their LoRA weights and
-        # grads too, before reduce-scatter), plus the root unit (embedding, final norm, head), which FSDP
-        # keeps unsharded from forward through backward because backward needs it at once.
-        fsdp_unsharded = FSDP_UNSHARDED_LAYERS * (layer_weights + 2 * counts.lora_per_layer * lora_e) + root_weights
     # DDP's Reducer allocates every bucket's flat gradient buffer at construction (Reducer::initialize_buckets);
     # 25 MiB caps each bucket, so the buffers together are one more copy of all LoRA grads
     # (gradient_as_bucket_view=True would remove it; Lightning leaves it False).
-    ddp_buckets = counts.lora * lora_e if strategy == "ddp" else 0
+    ddp_buckets = lora_total if strategy == "ddp" else 0
 
     layer_acts = _layer_activation_bytes(shape, targets, r, batch_size, seq_len, e, lora_e, lora_dropout)
     rope = 2 * e * seq_len * shape.head_dim  # cos and sin (seq, head_dim), one pair shared by all layers
-    if activation_checkpointing:
+    if offload_activations:
+        # Host memory keeps each checkpoint's input; the GPU holds the one being written out and the one fetched back.
+        saved = OFFLOAD_IN_FLIGHT * e * t * h + rope
+    elif activation_checkpointing:
         saved = shape.layers * e * t * h + rope  # each checkpoint keeps only its layer's input (t, h)
     else:
         saved = shape.layers * layer_acts + rope
@@ -410,27 +509,96 @@ def estimate_memory(
     # grad_input = grad_output @ W, that grad_input (t, in), the gradient entering the layer (t, h) and
     # the LoRA path's own grad_input before autograd sums the two.
     max_in = max(i for i, _, _ in linears.values())
-    dequant_buffers = (e * max(i * o for i, o, _ in linears.values()) if quantization != "none" else 0) + e * t * max_in
+    dequant_weight = e * max(i * o for i, o, _ in linears.values()) if quantization != "none" else 0
+    dequant_buffers = dequant_weight + e * t * max_in
     backward_working = e * t * (h + max_in)
 
     static = dict(
         base_weights=base_weights, lora_params=lora_params, lora_grads=lora_grads, optimizer_states=optimizer_states,
-        fsdp_unsharded=fsdp_unsharded, ddp_buckets=ddp_buckets, cuda_context=CUDA_CONTEXT_BYTES,
+        ddp_buckets=ddp_buckets, cuda_context=CUDA_CONTEXT_BYTES,
     )  # fmt: skip
-    loss_phase = dict(activations=saved + final_norm, logits_loss=logits + loss_buffers, dequant_buffers=0, backward_working=0)
+    loss_phase = dict(
+        activations=saved + final_norm, logits_loss=logits + loss_buffers, dequant_buffers=0, backward_working=0,
+        fsdp_unsharded=fsdp_root_loss + FSDP_LAYERS_AT_LOSS.get(strategy, 0) * fsdp_layer,
+    )  # fmt: skip
+    if strategy == "fsdp" and num_gpus > 1:
+        # FSDP1 wraps each LoRA A / B as a unit, so LoRALinear runs base and adapter apart (bitsandbytes' own
+        # autograd node for the base): a layer's backward then frees saved activations before it dequantizes, and
+        # its peak is the recomputation, holding one dequantized weight (measured on CPU at several sizes).
+        dequant_buffers, backward_working = dequant_weight, 0
     layer_phase = dict(
         activations=saved + (layer_acts if activation_checkpointing else 0),  # checkpointing recomputes one layer
         logits_loss=logits, dequant_buffers=dequant_buffers, backward_working=backward_working,
+        fsdp_unsharded=fsdp_root_layer + FSDP_UNSHARDED_LAYERS * fsdp_layer,
     )  # fmt: skip
-    loss_total, layer_total = sum(loss_phase.values()), sum(layer_phase.values())
-    peak, phase, other = (loss_phase, "loss backward", layer_total) if loss_total >= layer_total else (layer_phase, "decoder-layer backward", loss_total)
+    phases = {"loss backward": loss_phase, "decoder-layer backward": layer_phase}
+    if strategy == "fsdp2" and not shape.tied and num_gpus > 1:
+        # Once the loss gradient reaches the logits, the head's group (gathered again at the start of backward)
+        # prefetches the last layer: the fp32 loss buffers are gone, the bf16 logits gradient is there.
+        phases["output-head backward"] = dict(
+            activations=saved + final_norm, logits_loss=2 * logits, dequant_buffers=0, backward_working=0,
+            fsdp_unsharded=fsdp_root_loss + fsdp_layer,
+        )  # fmt: skip
+    if strategy not in _FSDP or num_gpus == 1:
+        for terms in phases.values():
+            terms["fsdp_unsharded"] = 0  # one rank holds everything already
+    ranked = sorted(phases, key=lambda name: sum(phases[name].values()), reverse=True)
+    phase, other = ranked[0], ranked[1]
+    peak = phases[phase]
     quant = quantization + ("+dq" if double_quant and quantization in ("nf4", "fp4") else "")
+    checkpointing = ("on, inputs offloaded to the CPU" if offload_activations else "on") if activation_checkpointing else "off"
     summary = (
         f"Peak GPU memory per GPU: Llama h={h} x{shape.layers} layers, {quant}, LoRA r={r} on {len(targets)} projections, "
-        f"batch {batch_size} x seq {seq_len}, {strategy} on {num_gpus} GPU(s), checkpointing {'on' if activation_checkpointing else 'off'}"
+        f"batch {batch_size} x seq {seq_len}, {strategy} on {num_gpus} GPU(s), checkpointing {checkpointing}"
     )
     return MemoryEstimate(
-        **static, **peak, peak_phase=phase, other_phase_total=other + sum(static.values()),
-        layer_activations=layer_acts, parameters=counts, summary=summary,
+        **static, **peak, peak_phase=phase, other_phase=other, other_phase_total=sum(phases[other].values()) + sum(static.values()),
+        layer_activations=layer_acts, unsharded_weights=unsharded, parameters=counts, summary=summary,
     )  # fmt: skip
 
+
+def _fsdp_terms(
+    shape: _Shape, targets: tuple[str, ...], r: int, world: int, strategy: str, quantization: str, double_quant: bool, e: int, lora_e: int
+) -> tuple[int, int, int, int, int, int, int]:
+    """Per-rank bytes under FSDP: (frozen weights, LoRA parameters, of the frozen weights those not sharded,
+    one decoder layer all-gathered with its LoRA in flight, root unsharded at the loss backward, at a layer's
+    backward, the FSDP2 output head's group all-gathered for its backward).
+
+    Both strategies shard parameters only: every rank keeps the whole ``quant_state`` of every 4-bit layer.
+    FSDP2 cuts each parameter along dim 0 (``_fsdp2_shard``); FSDP1 flattens each unit (``_fsdp1_unit``):
+    one per decoder layer (its frozen weights), one per LoRA A / B (``lora_fsdp_policy``) and the root. FSDP1
+    all-gathers in ``param_dtype`` (bf16-mixed: the compute dtype), FSDP2 without an ``mp_policy`` in each
+    parameter's own dtype. The root unit is not resharded after forward (both FSDPs special-case it); under
+    FSDP2 ``fully_shard_lora`` gives an untied input embedding and output head groups of their own, resharded
+    after forward like the layers: the head is gathered again for its backward, the embedding never (it is frozen
+    and its output needs no gradient), so neither is held during the loss or the layers' backward.
+    """
+    linears = shape.linears()
+    scales = shape.layers * sum(_quant_state_bytes(i, o, quantization, double_quant) for i, o, _ in linears.values())
+    frozen = _layer_params(shape, quantization, e)
+    root, embed, head = _root_params(shape, e)
+    lora = [(_Param(r * linears[n][0], r, lora_e), _Param(linears[n][1] * r, linears[n][1], lora_e)) for n in targets]
+    lora_unsharded = sum(a.numel + b.numel for a, b in lora)
+    if strategy == "fsdp2":
+        weights = shape.layers * _fsdp2_shard(frozen, world) + _fsdp2_shard(root, world)
+        lora_shards = shape.layers * _fsdp2_shard([p for pair in lora for p in pair], world)
+        layer_full = sum(p.numel * p.elem for p in frozen) + lora_e * lora_unsharded
+        head_full = 0
+        if head is None:  # tied: one group holds embedding and head, like the root unit of FSDP1
+            root_loss = root_layer = sum(p.numel * p.elem for p in root)
+        else:
+            # The root's pre-backward prefetches the head's group as backward starts, so the loss backward holds it.
+            head_full = head.numel * e
+            root_loss, root_layer = shape.hidden * e + head_full, shape.hidden * e
+    else:
+        align = FSDP1_ALIGN_BYTES // e  # FlatParameter alignment, in elements of the all-gather dtype
+        layer_shard, layer_full = _fsdp1_unit(frozen, world, align)
+        root_shard, root_full = _fsdp1_unit(root, world, align)
+        weights = shape.layers * layer_shard + root_shard
+        lora_shards = shape.layers * sum(_fsdp1_unit([p], world, align)[0] for pair in lora for p in pair)
+        layer_full += e * lora_unsharded  # LoRA units are all-gathered in param_dtype
+        root_loss = root_layer = root_full
+        head_full = 0
+    # The layer's LoRA gradients in flight: unsharded, plus the reduce-scatter's input copy.
+    layer_inflight = layer_full + 2 * lora_e * lora_unsharded
+    return weights + scales, lora_shards, scales, layer_inflight, root_loss, root_layer, head_full

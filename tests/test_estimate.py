@@ -155,11 +155,17 @@ def test_checkpointing_lowers_activations():
     assert on.base_weights == off.base_weights
 
 
-def test_fsdp_halves_sharded_terms():
+@pytest.mark.parametrize("strategy", ["fsdp", "fsdp2"])
+def test_fsdp_halves_sharded_terms(strategy):
     single = estimate_memory(LLAMA_70B, activation_checkpointing=True)
-    fsdp = estimate_memory(LLAMA_70B, strategy="fsdp", num_gpus=2, activation_checkpointing=True)
-    for name in ("base_weights", "lora_params", "lora_grads", "optimizer_states"):
-        assert getattr(fsdp, name) == pytest.approx(getattr(single, name) / 2, abs=1)
+    fsdp = estimate_memory(LLAMA_70B, strategy=strategy, num_gpus=2, activation_checkpointing=True)
+    # Every rank keeps the whole quant state (block scales, code tables) of every 4-bit layer: FSDP shards parameters only.
+    scales = 80 * sum(weight_bytes(i, o) - i * o // 2 for i, o in ((8192, 8192), (8192, 1024), (8192, 1024), (8192, 8192),
+                                                                 (8192, 28672), (8192, 28672), (28672, 8192)))  # fmt: skip
+    assert fsdp.unsharded_weights == scales and single.unsharded_weights == 0
+    assert fsdp.base_weights - scales == pytest.approx((single.base_weights - scales) / 2, rel=1e-6)
+    for name in ("lora_params", "lora_grads", "optimizer_states"):
+        assert getattr(fsdp, name) == pytest.approx(getattr(single, name) / 2, rel=1e-6)
     assert 0 < fsdp.fsdp_unsharded < 0.15 * fsdp.base_weights  # two layers + the root, not the model
     assert fsdp.total < 0.65 * single.total  # activations and the CUDA context are not sharded
 
@@ -169,11 +175,34 @@ def test_70b_nf4_weights():
     single = estimate_memory(LLAMA_70B)
     assert 36.0e9 < single.base_weights < 36.8e9
     fsdp = estimate_memory(LLAMA_70B, strategy="fsdp", num_gpus=2)
-    assert 18.0e9 < fsdp.base_weights < 18.4e9  # ~16.9 GiB per GPU
+    # Half the packed weights, embedding and head (34.2 + 1.05 GB) / 2 = 17.6 GB, plus all the block scales (1.09 GB).
+    assert 17.6e9 + 1.07e9 < fsdp.base_weights < 17.7e9 + 1.1e9
     # Double quant saves (0.5 - 0.127) bit per quantized weight.
     plain = estimate_memory(LLAMA_70B, double_quant=False)
     saved_bits = (plain.base_weights - single.base_weights) * 8 / single.parameters.quantizable
     assert saved_bits == pytest.approx(0.5 - 8 / 64 - 32 / (64 * 256), rel=1e-3)
+
+
+def test_fsdp2_and_fsdp1_differ_where_their_sharding_does():
+    # Rank counts above the LoRA rank: FSDP2 cuts lora_a (r=16 rows) along dim 0, so rank 0 keeps 1 of 16 rows at
+    # 64 ranks, where FSDP1 flattens each adapter and gives every rank 1/64.
+    fsdp1 = estimate_memory(LLAMA_70B, strategy="fsdp", num_gpus=64, activation_checkpointing=True)
+    fsdp2 = estimate_memory(LLAMA_70B, strategy="fsdp2", num_gpus=64, activation_checkpointing=True)
+    lora_a = 80 * 16 * (8192 * 6 + 28672) * 4  # fp32 A of q, k, v, o, gate, up (in 8192) and down (in 28672)
+    assert fsdp2.lora_params - fsdp1.lora_params == pytest.approx(lora_a * (1 / 16 - 1 / 64), rel=1e-3)
+    # FSDP1's root unit (embedding + head) stays gathered through backward; FSDP2's embedding and head groups do not.
+    root = 2 * 32000 * 8192 * 2
+    assert fsdp1.fsdp_unsharded - fsdp2.fsdp_unsharded == pytest.approx(root, rel=0.02)
+    tied = estimate_memory(LLAMA_70B | dict(tie_word_embeddings=True), strategy="fsdp2", num_gpus=64, activation_checkpointing=True)
+    assert tied.fsdp_unsharded > fsdp2.fsdp_unsharded  # tied: one group, the root's, holds both
+
+
+def test_offloaded_checkpoints_leave_two_layer_inputs():
+    kept = estimate_memory(LLAMA_70B, strategy="fsdp2", num_gpus=8, activation_checkpointing=True)
+    offloaded = estimate_memory(LLAMA_70B, strategy="fsdp2", num_gpus=8, activation_checkpointing=True, offload_activations=True)
+    assert kept.activations - offloaded.activations == (80 - 2) * 2048 * 8192 * 2
+    with pytest.raises(ValueError, match="`offload_activations`=True .* `activation_checkpointing`=True"):
+        estimate_memory(LLAMA_70B, offload_activations=True)
 
 
 def test_terms_scale_as_expected():
@@ -215,7 +244,8 @@ def test_table_and_dict_agree_with_total():
         (dict(num_gpus=0), ["`num_gpus`", "0", "use 1"]),
         (dict(strategy="deepspeed"), ["`strategy`", "'deepspeed'", "'fsdp'"]),
         (dict(quantization="nf3"), ["`quantization`", "'nf3'", "'nf4'"]),
-        (dict(num_gpus=2), ["`num_gpus`", "2", "strategy='fsdp'"]),
+        (dict(num_gpus=2), ["`num_gpus`", "2", "strategy='fsdp'", "strategy='fsdp2'"]),
+        (dict(strategy="fsdp2", num_gpus=2, quantization="int8"), ["`quantization`", "'int8'", "'nf4'", "'ddp'"]),
         (dict(target_modules=["lm_head"]), ["`target_modules`", "'lm_head'", "q_proj"]),
     ],
 )
