@@ -135,7 +135,7 @@ def build_lora_model(
     if shard is not None:
         _refuse_ties_across_parts(parts)
     state.quantization = quantization_config
-    state.quantized = [s.name for part in parts for s in part.slots if will_quantize(s, quantization_config, skip)]
+    state.plan.quantize = [s.name for part in parts for s in part.slots if will_quantize(s, quantization_config, skip)]
     if state.quantized:
         model.is_loaded_in_4bit = quantization_config.mode != "int8"
         model.is_loaded_in_8bit = quantization_config.mode == "int8"
