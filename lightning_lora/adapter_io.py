@@ -8,19 +8,22 @@ anything into the model: it loads all of the adapter or none of it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 from torch import nn
 
 from lightning_lora._version import __version__
-from lightning_lora._io import atomic_write, atomic_write_bytes
+from lightning_lora._io import atomic_directory, read_files, require_directory_path
 from lightning_lora._matching import matches_suffix, pattern_value, unwrapped_name
 from lightning_lora.config import LoRAConfig
 from lightning_lora.inject import (
@@ -147,15 +150,16 @@ def save_adapter(
     state_dict: dict[str, torch.Tensor] | None = None,
     base_model_name_or_path: str | None = None,
 ) -> Path:
-    """Write ``model``'s adapter to ``directory`` in PEFT's format, each file atomically.
+    """Write ``model``'s adapter to ``directory`` in PEFT's format; the directory changes as a whole or not at all.
 
     ``state_dict`` overrides the tensors (e.g. gathered from FSDP shards); keys as in ``adapter_state_dict``.
+    Refuses, before writing anything, an adapter with a non-floating or non-finite tensor. The weights'
+    metadata carries the LoRA config and a checksum of the tensors, which ``read_adapter`` checks.
     """
     state = require_lora_state(model, "save_adapter")
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"`directory`={str(directory)!r} is a file; save_adapter needs a directory path.")
+    directory = require_directory_path(directory, "directory")
     tensors = adapter_state_dict(model) if state_dict is None else state_dict
+    check_adapter_values(tensors, "the adapter to save", what="Refusing to write it; nothing was written")
     peft_tensors = {key: value.detach().to("cpu").contiguous() for key, value in to_peft_keys(tensors).items()}
     metadata = {
         "format": "pt",
@@ -163,39 +167,103 @@ def save_adapter(
         "backbone_fingerprint": backbone_fingerprint(model),
         "quantization": json.dumps(state.quantization.to_dict() if state.quantization else None),
         "lora_config": json.dumps(state.config.to_dict()),
+        _CHECKSUM_KEY: _tensors_digest(peft_tensors),
     }
-    config = peft_config_dict(model, base_model_name_or_path)
-    atomic_write(directory / ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(peft_tensors, tmp, metadata=metadata))
-    atomic_write_bytes(directory / ADAPTER_CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    config = (json.dumps(peft_config_dict(model, base_model_name_or_path), indent=2, sort_keys=True) + "\n").encode()
+    # An adapter_model.bin of an older save would be stale next to the new files: this writer owns every adapter_model.*.
+    with atomic_directory(directory, owned=("adapter_model.*", ADAPTER_CONFIG_NAME)) as tmp:
+        (tmp / ADAPTER_CONFIG_NAME).write_bytes(config)
+        save_file(peft_tensors, str(tmp / ADAPTER_WEIGHTS_NAME), metadata=metadata)
     return directory
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
-    """(PEFT config dict, tensors keyed by module path, safetensors metadata) of a saved adapter."""
+    """(PEFT config dict, tensors keyed by module path, safetensors metadata) of a saved adapter.
+
+    Both files are read from one version of the directory (see ``_io.read_files``). When the weights
+    carry lightning_lora's metadata, their checksum and LoRA config are checked against the tensors
+    and against ``adapter_config.json``: a corrupted file or a directory mixing two saves raises.
+    """
     directory = Path(directory)
     config_path, weights_path = directory / ADAPTER_CONFIG_NAME, directory / ADAPTER_WEIGHTS_NAME
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"`directory`={str(directory)!r} has no {path.name}: an adapter directory holds "
-                f"{ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME} (as written by save_adapter or PEFT's save_pretrained)."
-            )
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{str(config_path)!r} is not valid JSON ({err}); the file is corrupted: re-export the adapter.") from None
-    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{str(config_path)!r} describes peft_type={config.get('peft_type') if isinstance(config, dict) else config!r}; only LoRA adapters load here.")
+        files = read_files(directory, (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME))
+    except (FileNotFoundError, NotADirectoryError) as err:
+        missing = Path(err.filename or directory).name if isinstance(err, FileNotFoundError) and err.filename else None
+        raise FileNotFoundError(
+            f"`directory`={str(directory)!r} has no {missing if missing in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME) else 'adapter'}: "
+            f"an adapter directory holds {ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME} (as written by save_adapter or "
+            "PEFT's save_pretrained)."
+        ) from None
     try:
-        with safe_open(str(weights_path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        config = json.loads(files[ADAPTER_CONFIG_NAME].decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ValueError(f"{str(config_path)!r} is not valid JSON ({str(err)[:200]}); the file is corrupted: re-export the adapter.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(config_path)!r} holds a JSON {type(config).__name__}, not an object of LoraConfig fields; the file is corrupted: re-export the adapter.")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{str(config_path)!r} describes peft_type={config.get('peft_type')!r}; only LoRA adapters load here.")
+    lora_config_from_peft(config)  # the config on its own first: its errors name the field and the fix
+    tensors, metadata = _parse_safetensors(files[ADAPTER_WEIGHTS_NAME], weights_path)
+    _check_saved_together(config, tensors, metadata, config_path, weights_path)
+    return config, from_peft_keys(tensors), metadata
+
+
+_CHECKSUM_KEY = "tensors_sha256"
+# lightning_lora's config field -> PEFT's key; the fields that fix what the adapter computes, in both files.
+_CROSS_CHECKED = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "bias": "bias", "use_rslora": "use_rslora", "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern"}
+
+
+def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{str(tensor.dtype)}|{tuple(tensor.shape)}|".encode())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def _parse_safetensors(data: bytes, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    problem = None
+    try:
+        tensors = safetensors_load(data)
+        size = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+    except (SafetensorError, ValueError, RuntimeError, OverflowError, MemoryError, UnicodeDecodeError, AttributeError) as err:
+        problem = f"{type(err).__name__}: {str(err)[:200]}"
+    else:
+        if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            problem = "its metadata is not a map of strings"
+    if problem is not None:
         raise ValueError(
-            f"{str(weights_path)!r} cannot be read as safetensors ({err}): the file is truncated or corrupted. "
+            f"{str(path)!r} cannot be read as safetensors ({problem}): the file is truncated or corrupted. "
             "Re-export the adapter or restore it from a checkpoint."
         ) from None
-    return config, from_peft_keys(tensors), metadata
+    return tensors, metadata
+
+
+def _check_saved_together(config: dict[str, Any], tensors: dict[str, torch.Tensor], metadata: dict[str, str], config_path: Path, weights_path: Path) -> None:
+    """The checks that lightning_lora's metadata allows: tensors against their checksum, the two files against each other."""
+    if "lightning_lora_version" not in metadata:
+        return  # written by PEFT or another tool: nothing to check against
+    if _CHECKSUM_KEY in metadata and metadata[_CHECKSUM_KEY] != _tensors_digest(tensors):
+        raise ValueError(
+            f"{str(weights_path)!r} is corrupted: its tensors do not match the checksum (`{_CHECKSUM_KEY}`) written with them. "
+            "Re-export the adapter or restore it from a checkpoint."
+        )
+    try:
+        saved = json.loads(metadata["lora_config"])
+    except (KeyError, json.JSONDecodeError, RecursionError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{str(weights_path)!r} has damaged metadata (`lora_config`): the file is corrupted. Re-export the adapter.")
+    for field, key in _CROSS_CHECKED.items():
+        if field in saved and config.get(key, saved[field]) != saved[field]:
+            raise ValueError(
+                f"{str(config_path)!r} has `{key}`={config.get(key)!r}, but {ADAPTER_WEIGHTS_NAME} was saved with {key}={saved[field]!r}: "
+                "the two files come from different saves, or one was edited. Re-save the adapter (or restore both files together)."
+            )
 
 
 def lora_config_from_peft(config: dict[str, Any]) -> LoRAConfig:
@@ -255,13 +323,21 @@ def check_adapter_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[st
         got = tuple(tensors[key].shape)
         if got != shape:
             hint = ""
-            if key.endswith((".lora_a.weight", ".lora_b.weight")):
+            if key.endswith((".lora_a.weight", ".lora_b.weight")) and len(got) == len(shape) == 2:
                 rank_dim = 0 if key.endswith(".lora_a.weight") else 1
                 if got[1 - rank_dim] == shape[1 - rank_dim]:
                     hint = f" The adapter has rank r={got[rank_dim]} here, the model r={shape[rank_dim]}: build the model with the adapter's r."
             raise ValueError(f"The adapter in {source} does not fit this model: {key!r} has shape {got} in the file, {shape} in the model.{hint}")
-        if not tensors[key].is_floating_point():
-            raise ValueError(f"The adapter in {source} holds {key!r} as {tensors[key].dtype}; adapter tensors must be floating point.")
+    check_adapter_values({key: tensors[key] for key in expected}, f"the adapter in {source}")
+
+
+def check_adapter_values(tensors: Mapping[str, torch.Tensor], source: str, what: str = "Nothing was loaded") -> None:
+    """Raise a ValueError naming the first tensor of ``tensors`` that is not floating point or holds NaN/Inf."""
+    for key, value in tensors.items():
+        if not value.is_floating_point():
+            raise ValueError(f"{source[0].upper()}{source[1:]} holds {key!r} as {value.dtype}; adapter tensors must be floating point. {what}.")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{source[0].upper()}{source[1:]} holds NaN/Inf values in {key!r}. {what}: restore the adapter from an earlier checkpoint.")
 
 
 @torch.no_grad()

@@ -121,7 +121,7 @@ def test_saved_adapter_has_exact_keys_config_and_metadata(tmp_path):
     }
     with safe_open(str(directory / ADAPTER_WEIGHTS_NAME), framework="pt") as handle:
         metadata = handle.metadata()
-    assert set(metadata) == {"format", "lightning_lora_version", "backbone_fingerprint", "quantization", "lora_config"}
+    assert set(metadata) == {"format", "lightning_lora_version", "backbone_fingerprint", "quantization", "lora_config", "tensors_sha256"}
     assert metadata["lightning_lora_version"] == __version__
     assert metadata["backbone_fingerprint"] == backbone_fingerprint(model)
     assert json.loads(metadata["lora_config"]) == lora_state(model).config.to_dict()
