@@ -107,6 +107,10 @@ class LoRAConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled as a call on plain values, which torch.load(weights_only=True) allows (see _rebuild_config).
+        return (_rebuild_config, ("LoRAConfig", self.to_dict()))
+
 
 @dataclass
 class QuantizationConfig:
@@ -155,6 +159,26 @@ class QuantizationConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_config, ("QuantizationConfig", self.to_dict()))
+
+
+def _rebuild_config(kind: str, fields: dict[str, Any]) -> LoRAConfig | QuantizationConfig:
+    """Unpickle a LoRAConfig / QuantizationConfig from plain values, through ``__init__`` so every check runs again.
+
+    A LightningModule that calls ``save_hyperparameters()`` with a config among its arguments puts the
+    config in its checkpoints; this function is on torch's ``weights_only`` allowlist (registered below),
+    so those checkpoints load with ``weights_only=True``. A dataclass pickled field by field would need
+    the class itself allowlisted, and would skip ``__post_init__``'s checks.
+    """
+    classes = {"LoRAConfig": LoRAConfig, "QuantizationConfig": QuantizationConfig}
+    if kind not in classes or not isinstance(fields, dict):
+        raise ValueError(f"A pickled lightning_lora config names {kind!r} with {type(fields).__name__} fields; the checkpoint is corrupted.")
+    return classes[kind](**fields)
+
+
+torch.serialization.add_safe_globals([_rebuild_config])
 
 
 def _dtype_name(dtype: str | torch.dtype) -> str:
