@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -25,16 +26,33 @@ from torch import nn
 
 from lightning_lora._version import __version__
 from lightning_lora._io import atomic_directory, read_files, require_directory_path
-from lightning_lora._matching import matches_suffix, path_under, unwrapped_name
+from lightning_lora._matching import matches_suffix, path_under, pattern_value, unwrapped_name
 from lightning_lora.config import LoRAConfig, peft_fields
 from lightning_lora.inject import backbone_fingerprint, inject_lora, lora_state, plan_injection, require_lora_state
-from lightning_lora.layers import LoRALinear, is_supported_base
+from lightning_lora.layers import LoRALinear, is_supported_base, lora_layers, require_unmerged
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
-# PEFT features that change the math; an adapter using one cannot be loaded as plain LoRA.
-_UNSUPPORTED_PEFT_FLAGS = ("use_dora", "use_qalora", "lora_bias", "layer_replication", "trainable_token_indices")
+# Every field of PEFT 0.21's LoraConfig is one of three kinds (tests/test_adapter_io.py checks the list against
+# the installed peft). Implemented: the keys of ``peft_fields()`` (r, lora_alpha, lora_dropout, target_modules,
+# exclude_modules, bias, modules_to_save, init_lora_weights, use_rslora, rank_pattern, alpha_pattern).
+# Metadata, which changes nothing this library computes (fan_in_fan_out follows the layer type here, as PEFT
+# corrects it; megatron_core / qalora_group_size / runtime_config only matter with the refused fields):
+_PEFT_METADATA = frozenset({
+    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+    "fan_in_fan_out", "megatron_core", "qalora_group_size", "runtime_config",
+})  # fmt: skip
+# Features whose math this library does not implement: refused unless at PEFT's default (None, False or empty).
+_PEFT_REFUSED = frozenset({
+    "layers_to_transform", "layers_pattern", "megatron_config", "trainable_token_indices", "loftq_config", "eva_config",
+    "corda_config", "lora_ga_config", "use_dora", "velora_config", "alora_invocation_tokens", "use_qalora",
+    "monteclora_config", "layer_replication", "lora_bias", "target_parameters", "use_bdlora", "arrow_config",
+    "kasa_config", "ensure_weight_tying",
+})  # fmt: skip
+# init_lora_weights values that only decide the initial A and B (a loaded adapter overwrites both); the others
+# (pissa, olora, loftq, corda, eva, orthogonal, ...) also rewrite the base weights or are data-dependent.
+_PLAIN_INITS = (True, False, "gaussian")
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -44,7 +62,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     plan = require_lora_state(model, "adapter_state_dict").plan
     out = {}
-    for name, param in model.named_parameters():
+    for name, param in model.named_parameters(remove_duplicate=False):  # a tied tensor under every name
         name = unwrapped_name(name)
         if plan.is_adapter_param(name):  # the rule inject_lora froze everything else by
             out[name] = param.detach()
@@ -242,16 +260,38 @@ def _check_saved_together(config: dict[str, Any], tensors: dict[str, torch.Tenso
 
 def lora_config_from_peft(config: dict[str, Any]) -> LoRAConfig:
     """The LoRAConfig an ``adapter_config.json`` stands for; rejects PEFT features plain LoRA lacks."""
-    for flag in _UNSUPPORTED_PEFT_FLAGS:
-        if config.get(flag):
-            raise ValueError(f"The adapter uses PEFT's `{flag}`={config[flag]!r}, which lightning_lora does not implement; export it from PEFT without it.")
+    implemented = {key: name for name, (key, _) in peft_fields().items()}
+    for key, value in config.items():
+        if key in implemented or key in _PEFT_METADATA or _is_default(value):
+            continue
+        if key in _PEFT_REFUSED:
+            raise ValueError(f"The adapter uses PEFT's `{key}`={value!r}, which lightning_lora does not implement; export it from PEFT without it.")
+        raise ValueError(
+            f"The adapter's config has `{key}`={value!r}, which is not a field of PEFT 0.21's LoraConfig: it may change the "
+            "adapter's math (a newer PEFT?), which lightning_lora does not implement. Remove it if it is only metadata."
+        )
+    init = config.get("init_lora_weights", True)
+    if not any(init is plain or (isinstance(init, str) and init == plain) for plain in _PLAIN_INITS):
+        raise ValueError(
+            f"The adapter uses PEFT's `init_lora_weights`={init!r}, which lightning_lora does not implement (it changes the base "
+            "weights or depends on data); convert it to a plain LoRA in PEFT first, or use one initialized with True/'gaussian'."
+        )
     # A key the file lacks, or holds as null, means PEFT's default.
     values = {name: default if config.get(key) is None else config[key] for name, (key, default) in peft_fields().items()}
-    values.update(
-        target_modules=values["target_modules"] or "all-linear",
-        init="gaussian" if config.get("init_lora_weights", True) == "gaussian" else "kaiming",
-    )
-    return LoRAConfig(**values)
+    values.update(target_modules=values["target_modules"] or "all-linear", init="gaussian" if init == "gaussian" else "kaiming")
+    try:
+        return LoRAConfig(**values)
+    except (ValueError, TypeError) as err:
+        # LoRAConfig names its own field (`alpha`); say which key of the file holds it (`lora_alpha`).
+        field = re.match(r"`(\w+)", str(err))
+        key = implemented.get(field.group(1), field.group(1)) if field else None
+        where = f"`{key}`={config.get(key)!r} in {ADAPTER_CONFIG_NAME}: " if key in config else f"{ADAPTER_CONFIG_NAME}: "
+        raise type(err)(where + str(err)) from None
+
+
+def _is_default(value: Any) -> bool:
+    """None, False or empty: the default of every refused PEFT field, and what a newer PEFT writes for an unused one."""
+    return value is None or value is False or (isinstance(value, (dict, list, str)) and not value)
 
 
 def expected_adapter_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[int, ...]]:
@@ -303,20 +343,55 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
 
         model = load_adapter(AutoModelForCausalLM.from_pretrained(path), "adapters/run1")
     """
-    peft_config, tensors, _ = read_adapter(directory)
+    require_unmerged(model, "load_adapter")
+    return load_read_adapter(model, read_adapter(directory), source=repr(str(directory)))
+
+
+@torch.no_grad()
+def load_read_adapter(model: nn.Module, read: tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]], source: str) -> nn.Module:
+    """``load_adapter`` for what ``read_adapter`` returned: for callers that look at the files first and must load
+    exactly what they looked at (a second read could see a newer save)."""
+    require_unmerged(model, "load_adapter")
+    peft_config, tensors, _ = read
     state = lora_state(model)
-    config = lora_config_from_peft(peft_config) if state is None else state.config
-    check_adapter_tensors(expected_adapter_shapes(model, config), tensors, source=repr(str(directory)))
+    file_config = lora_config_from_peft(peft_config)
+    config = file_config if state is None else state.config
+    check_adapter_tensors(expected_adapter_shapes(model, config), tensors, source=source)
+    if state is not None:
+        check_adapter_scales(model, file_config, source)
     if state is None:
         inject_lora(model, config)
-    load_adapter_state_dict(model, tensors, source=repr(str(directory)))
+    load_adapter_state_dict(model, tensors, source=source)
     return model
+
+
+def check_adapter_scales(model: nn.Module, config: LoRAConfig, source: str) -> None:
+    """Raise if an adapter saved with ``config`` would run at another scale in ``model``'s LoRA layers than it was
+    trained at (``lora_alpha``, ``use_rslora`` or ``alpha_pattern`` differ): shapes alone do not show that."""
+    for path, layer in lora_layers(model).items():
+        path = unwrapped_name(path)
+        r = int(pattern_value(path, config.rank_pattern, config.r))
+        alpha = float(pattern_value(path, config.alpha_pattern, config.alpha))
+        scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        if not math.isclose(scale, layer.scale, rel_tol=1e-6):
+            raise ValueError(
+                f"The adapter in {source} was trained at scale {scale:g} in {path!r} (lora_alpha={alpha:g}, r={r}, "
+                f"use_rslora={config.use_rslora}), but this model's LoRA layer there has scale {layer.scale:g} (alpha={layer.alpha:g}, "
+                f"r={layer.r}): it would compute another update. Inject LoRA with the adapter's lora_alpha / use_rslora / "
+                "alpha_pattern, or load it into a model without LoRA (it is injected from the adapter's config)."
+            )
 
 
 @torch.no_grad()
 def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "the state dict") -> None:
     """Copy adapter tensors (keys as in ``adapter_state_dict``) into ``model``, after checking all of them."""
+    require_unmerged(model, "load_adapter_state_dict")
     params = adapter_state_dict(model)
     check_adapter_tensors({key: tuple(value.shape) for key, value in params.items()}, tensors, source)
+    first_name: dict[int, str] = {}
+    for key, param in params.items():  # a tied tensor appears under each of its names: they must agree
+        other = first_name.setdefault(id(param), key)
+        if other != key and not torch.equal(tensors[key].to(tensors[other].dtype), tensors[other]):
+            raise ValueError(f"The adapter in {source} holds different values for {other!r} and {key!r}, which are one tied tensor in this model. Nothing was loaded.")
     for key, param in params.items():
         param.copy_(tensors[key].to(device=param.device, dtype=param.dtype))
