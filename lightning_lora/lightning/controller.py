@@ -198,6 +198,20 @@ class LoRAController:
             checkpoint, self.require_injected(pl_module), pl_module, backbone=self.backbone, adapter_only=self.adapter_only_checkpoint
         )
 
+    def restore(self, pl_module: nn.Module, path: str | os.PathLike, parameter: str = "ckpt_path") -> None:
+        """Load a checkpoint file of a LoRA run into ``pl_module`` (LoRA injected) outside ``Trainer.fit``: the checked
+        reader, the resume checks, then the weights (``lightning-lora export`` does this)."""
+        checkpoint = checkpoints.load_checkpoint(path, parameter=parameter)
+        if "state_dict" not in checkpoint:
+            raise checkpoints.CheckpointError(f"`{parameter}`={str(path)!r} is not a Lightning checkpoint (no 'state_dict'); pass a .ckpt written by `fit`.")
+        self.validate_checkpoint(checkpoint, pl_module)
+        result = pl_module.load_state_dict(checkpoint["state_dict"], strict=False)
+        if result.unexpected_keys:
+            raise checkpoints.CheckpointError(
+                f"`{parameter}`={str(path)!r} holds {len(result.unexpected_keys)} tensors this model lacks "
+                f"(first: {result.unexpected_keys[0]!r}); pass the config it was trained with."
+            )
+
     # -- training steps (see guards.py) ------------------------------------------------------------
     def handle_nonfinite_gradients(self, trainer: Any, pl_module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.guard.check_gradients(trainer, optimizer)
