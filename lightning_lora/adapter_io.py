@@ -152,7 +152,13 @@ def save_adapter(
     directory = require_directory_path(directory, "directory")
     tensors = adapter_state_dict(model) if state_dict is None else state_dict
     check_adapter_values(tensors, "the adapter to save", what="Refusing to write it; nothing was written")
-    peft_tensors = {key: value.detach().to("cpu").contiguous() for key, value in to_peft_keys(tensors).items()}
+    peft_tensors, storages = {}, set()
+    for key, value in to_peft_keys(tensors).items():
+        value = value.detach().to("cpu").contiguous()
+        if value.untyped_storage().data_ptr() in storages:
+            value = value.clone()  # a tied tensor, saved under each of its names: safetensors refuses shared storage
+        storages.add(value.untyped_storage().data_ptr())
+        peft_tensors[key] = value
     metadata = {
         "format": "pt",
         "lightning_lora_version": __version__,
@@ -202,8 +208,10 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str
 
 
 _CHECKSUM_KEY = "tensors_sha256"
-# lightning_lora's config field -> PEFT's key; the fields that fix what the adapter computes, in both files.
-_CROSS_CHECKED = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "bias": "bias", "use_rslora": "use_rslora", "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern"}
+_OUR_METADATA = frozenset({"lightning_lora_version", "backbone_fingerprint", "quantization", "lora_config", _CHECKSUM_KEY})
+# The fields that fix what the adapter computes, written to both files (target_modules and modules_to_save are
+# resolved to paths in adapter_config.json, and the tensors' keys check them).
+_CROSS_CHECKED = ("r", "alpha", "dropout", "bias", "use_rslora", "rank_pattern", "alpha_pattern")
 
 
 def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -237,8 +245,11 @@ def _parse_safetensors(data: bytes, path: Path) -> tuple[dict[str, torch.Tensor]
 
 def _check_saved_together(config: dict[str, Any], tensors: dict[str, torch.Tensor], metadata: dict[str, str], config_path: Path, weights_path: Path) -> None:
     """The checks that lightning_lora's metadata allows: tensors against their checksum, the two files against each other."""
-    if "lightning_lora_version" not in metadata:
+    if not _OUR_METADATA & set(metadata):
         return  # written by PEFT or another tool: nothing to check against
+    damaged = sorted(set(metadata) - _OUR_METADATA - {"format"}) or [k for k in ("lightning_lora_version", "lora_config") if k not in metadata]
+    if damaged:
+        raise ValueError(f"{str(weights_path)!r} has damaged metadata (`{damaged[0]}`): the file is corrupted. Re-export the adapter.")
     if _CHECKSUM_KEY in metadata and metadata[_CHECKSUM_KEY] != _tensors_digest(tensors):
         raise ValueError(
             f"{str(weights_path)!r} is corrupted: its tensors do not match the checksum (`{_CHECKSUM_KEY}`) written with them. "
@@ -250,8 +261,11 @@ def _check_saved_together(config: dict[str, Any], tensors: dict[str, torch.Tenso
         saved = None
     if not isinstance(saved, dict):
         raise ValueError(f"{str(weights_path)!r} has damaged metadata (`lora_config`): the file is corrupted. Re-export the adapter.")
-    for field, key in _CROSS_CHECKED.items():
-        if field in saved and config.get(key, saved[field]) != saved[field]:
+    keys = peft_fields()
+    for field in _CROSS_CHECKED:
+        key, default = keys[field]
+        value = default if config.get(key) is None else config[key]  # as lora_config_from_peft reads it
+        if field in saved and value != saved[field]:
             raise ValueError(
                 f"{str(config_path)!r} has `{key}`={config.get(key)!r}, but {ADAPTER_WEIGHTS_NAME} was saved with {key}={saved[field]!r}: "
                 "the two files come from different saves, or one was edited. Re-save the adapter (or restore both files together)."
@@ -284,7 +298,8 @@ def lora_config_from_peft(config: dict[str, Any]) -> LoRAConfig:
     except (ValueError, TypeError) as err:
         # LoRAConfig names its own field (`alpha`); say which key of the file holds it (`lora_alpha`).
         field = re.match(r"`(\w+)", str(err))
-        key = implemented.get(field.group(1), field.group(1)) if field else None
+        to_key = {name: key for name, (key, _) in peft_fields().items()}
+        key = to_key.get(field.group(1), field.group(1)) if field else None
         where = f"`{key}`={config.get(key)!r} in {ADAPTER_CONFIG_NAME}: " if key in config else f"{ADAPTER_CONFIG_NAME}: "
         raise type(err)(where + str(err)) from None
 
@@ -309,7 +324,7 @@ def check_adapter_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[st
         raise ValueError(
             f"The adapter in {source} does not fit this model: {len(missing)} missing keys (first: {missing[:3]}) and "
             f"{len(unexpected)} unexpected keys (first: {unexpected[:3]}). It was saved from another architecture or "
-            "LoRA config (target_modules, bias, modules_to_save); load it into the model it was trained on."
+            "LoRA config (target_modules, exclude_modules, bias, modules_to_save); load it into the model it was trained on."
         )
     for key, shape in expected.items():
         got = tuple(tensors[key].shape)
@@ -318,7 +333,7 @@ def check_adapter_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[st
             if key.endswith((".lora_a.weight", ".lora_b.weight")) and len(got) == len(shape) == 2:
                 rank_dim = 0 if key.endswith(".lora_a.weight") else 1
                 if got[1 - rank_dim] == shape[1 - rank_dim]:
-                    hint = f" The adapter has rank r={got[rank_dim]} here, the model r={shape[rank_dim]}: build the model with the adapter's r."
+                    hint = f" The adapter has rank r={got[rank_dim]} here, the model r={shape[rank_dim]}: build the model with the adapter's r (and rank_pattern)."
             raise ValueError(f"The adapter in {source} does not fit this model: {key!r} has shape {got} in the file, {shape} in the model.{hint}")
     check_adapter_values({key: tensors[key] for key in expected}, f"the adapter in {source}")
 

@@ -36,11 +36,11 @@ def _check_patterns(name: str, patterns: list[str] | str | None, suffix_keys: bo
         raise TypeError(f"`{name}` must be a list of module names or one regex string, got {patterns!r}. Pass e.g. ['q_proj', 'v_proj'].")
     for pattern in regexes:
         try:
-            re.compile(pattern)
             if suffix_keys:
-                _regex.check(suffix_regex(pattern))
+                _regex.check(suffix_regex(pattern))  # first: it refuses an overlong pattern before re compiles it
             elif isinstance(patterns, str):
                 _regex.check(pattern)
+            re.compile(pattern)
         except (re.error, RecursionError, OverflowError) as err:
             raise ValueError(f"`{name}` entry {pattern[:200]!r} is not a valid regex ({err}). Escape special characters.") from None
         except _regex.RegexTooComplex as err:
@@ -169,7 +169,7 @@ class QuantizationConfig:
             raise ValueError(f"`mode` must be one of {_QUANT_MODES}, got {self.mode!r}.")
         if not isinstance(self.double_quant, bool):
             raise TypeError(f"`double_quant` must be True or False, got {self.double_quant!r}.")
-        if self.compute_dtype is not None and _dtype_name(self.compute_dtype) not in _DTYPES:
+        if self.compute_dtype is not None and _dtype_name(self.compute_dtype) not in tuple(_DTYPES):
             raise ValueError(f"`compute_dtype` must be one of {sorted(_DTYPES)} or None, got {self.compute_dtype!r}.")
         if self.compute_dtype is not None:
             self.compute_dtype = _dtype_name(self.compute_dtype)

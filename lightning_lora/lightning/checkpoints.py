@@ -170,7 +170,8 @@ def is_sharded_checkpoint(checkpoint: dict[str, Any]) -> bool:
 
 
 # -- reading and writing checkpoint files ------------------------------------------------------------
-_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global|Unsupported class (\S+)")
+# torch's wording for a refused object ("GLOBAL os.system was not an allowed global", "... whose module posix is blocked").
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)|Unsupported class ([\w.]+)")
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu", parameter: str = "ckpt_path") -> dict[str, Any]:
