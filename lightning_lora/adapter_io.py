@@ -333,7 +333,7 @@ def check_adapter_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[st
             if key.endswith((".lora_a.weight", ".lora_b.weight")) and len(got) == len(shape) == 2:
                 rank_dim = 0 if key.endswith(".lora_a.weight") else 1
                 if got[1 - rank_dim] == shape[1 - rank_dim]:
-                    hint = f" The adapter has rank r={got[rank_dim]} here, the model r={shape[rank_dim]}: build the model with the adapter's r (and rank_pattern)."
+                    hint = f" The adapter has rank r={got[rank_dim]} here, the model r={shape[rank_dim]}: build the model with the adapter's r. (Per-layer ranks come from rank_pattern.)"
             raise ValueError(f"The adapter in {source} does not fit this model: {key!r} has shape {got} in the file, {shape} in the model.{hint}")
     check_adapter_values({key: tensors[key] for key in expected}, f"the adapter in {source}")
 
