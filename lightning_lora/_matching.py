@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from functools import lru_cache
 
 from torch import nn
+
+from lightning_lora import _regex
 
 # Last path components of classification / LM heads that "all-linear" and quantization leave alone.
 _HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "embed_out"})
@@ -36,29 +37,36 @@ def parent_of(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
+def replace_modules(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Set the submodule at each path of ``modules``; only attribute sets, so it cannot fail halfway for valid paths."""
+    slots = [(*parent_of(model, path), module) for path, module in modules.items()]  # resolve every path first
+    for parent, child, module in slots:
+        setattr(parent, child, module)
+
+
 def matches_suffix(path: str, name: str) -> bool:
     return path == name or path.endswith("." + name)
-
-
-@lru_cache(maxsize=1024)
-def _compiled(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
 
 
 def matches_any(path: str, patterns: list[str] | str | None) -> bool:
     if patterns is None:
         return False
     if isinstance(patterns, str):
-        return _compiled(patterns).fullmatch(path) is not None
+        return _regex.fullmatch(patterns, path)  # bounded time even for a hostile pattern
     return any(matches_suffix(path, name) for name in patterns)
 
 
 def pattern_value(path: str, pattern_map: dict[str, int | float], default: int | float) -> int | float:
     """The value of the first key of ``pattern_map`` that matches ``path`` as a suffix regex."""
     for pattern, value in pattern_map.items():
-        if _compiled(rf"(.*\.)?(?:{pattern})").fullmatch(path):
+        if _regex.fullmatch(suffix_regex(pattern), path):
             return value
     return default
+
+
+def suffix_regex(pattern: str) -> str:
+    """The regex ``pattern_value`` matches for a ``rank_pattern`` / ``alpha_pattern`` key: ``pattern`` as a path suffix."""
+    return rf"(.*\.)?(?:{pattern})"
 
 
 def output_head_names(model: nn.Module) -> set[str]:

@@ -9,29 +9,50 @@ anything into the model: it loads all of the adapter or none of it.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import math
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 from torch import nn
 
 from lightning_lora._version import __version__
-from lightning_lora._io import atomic_write, atomic_write_bytes
-from lightning_lora._matching import matches_suffix, path_under, unwrapped_name
+from lightning_lora._io import atomic_directory, read_files, require_directory_path
+from lightning_lora._matching import matches_suffix, path_under, pattern_value, unwrapped_name
 from lightning_lora.config import LoRAConfig, peft_fields
 from lightning_lora.inject import backbone_fingerprint, inject_lora, lora_state, plan_injection, require_lora_state
-from lightning_lora.layers import LoRALinear, is_supported_base
+from lightning_lora.layers import LoRALinear, is_supported_base, lora_layers, require_unmerged
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
-# PEFT features that change the math; an adapter using one cannot be loaded as plain LoRA.
-_UNSUPPORTED_PEFT_FLAGS = ("use_dora", "use_qalora", "lora_bias", "layer_replication", "trainable_token_indices")
+# Every field of PEFT 0.21's LoraConfig is one of three kinds (tests/test_adapter_io.py checks the list against
+# the installed peft). Implemented: the keys of ``peft_fields()`` (r, lora_alpha, lora_dropout, target_modules,
+# exclude_modules, bias, modules_to_save, init_lora_weights, use_rslora, rank_pattern, alpha_pattern).
+# Metadata, which changes nothing this library computes (fan_in_fan_out follows the layer type here, as PEFT
+# corrects it; megatron_core / qalora_group_size / runtime_config only matter with the refused fields):
+_PEFT_METADATA = frozenset({
+    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+    "fan_in_fan_out", "megatron_core", "qalora_group_size", "runtime_config",
+})  # fmt: skip
+# Features whose math this library does not implement: refused unless at PEFT's default (None, False or empty).
+_PEFT_REFUSED = frozenset({
+    "layers_to_transform", "layers_pattern", "megatron_config", "trainable_token_indices", "loftq_config", "eva_config",
+    "corda_config", "lora_ga_config", "use_dora", "velora_config", "alora_invocation_tokens", "use_qalora",
+    "monteclora_config", "layer_replication", "lora_bias", "target_parameters", "use_bdlora", "arrow_config",
+    "kasa_config", "ensure_weight_tying",
+})  # fmt: skip
+# init_lora_weights values that only decide the initial A and B (a loaded adapter overwrites both); the others
+# (pissa, olora, loftq, corda, eva, orthogonal, ...) also rewrite the base weights or are data-dependent.
+_PLAIN_INITS = (True, False, "gaussian")
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -41,7 +62,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     plan = require_lora_state(model, "adapter_state_dict").plan
     out = {}
-    for name, param in model.named_parameters():
+    for name, param in model.named_parameters(remove_duplicate=False):  # a tied tensor under every name
         name = unwrapped_name(name)
         if plan.is_adapter_param(name):  # the rule inject_lora froze everything else by
             out[name] = param.detach()
@@ -121,69 +142,171 @@ def save_adapter(
     state_dict: dict[str, torch.Tensor] | None = None,
     base_model_name_or_path: str | None = None,
 ) -> Path:
-    """Write ``model``'s adapter to ``directory`` in PEFT's format, each file atomically.
+    """Write ``model``'s adapter to ``directory`` in PEFT's format; the directory changes as a whole or not at all.
 
     ``state_dict`` overrides the tensors (e.g. gathered from FSDP shards); keys as in ``adapter_state_dict``.
+    Refuses, before writing anything, an adapter with a non-floating or non-finite tensor. The weights'
+    metadata carries the LoRA config and a checksum of the tensors, which ``read_adapter`` checks.
     """
     state = require_lora_state(model, "save_adapter")
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"`directory`={str(directory)!r} is a file; save_adapter needs a directory path.")
+    directory = require_directory_path(directory, "directory")
     tensors = adapter_state_dict(model) if state_dict is None else state_dict
-    peft_tensors = {key: value.detach().to("cpu").contiguous() for key, value in to_peft_keys(tensors).items()}
+    check_adapter_values(tensors, "the adapter to save", what="Refusing to write it; nothing was written")
+    peft_tensors, storages = {}, set()
+    for key, value in to_peft_keys(tensors).items():
+        value = value.detach().to("cpu").contiguous()
+        if value.untyped_storage().data_ptr() in storages:
+            value = value.clone()  # a tied tensor, saved under each of its names: safetensors refuses shared storage
+        storages.add(value.untyped_storage().data_ptr())
+        peft_tensors[key] = value
     metadata = {
         "format": "pt",
         "lightning_lora_version": __version__,
         "backbone_fingerprint": backbone_fingerprint(model),
         "quantization": json.dumps(state.quantization.to_dict() if state.quantization else None),
         "lora_config": json.dumps(state.config.to_dict()),
+        _CHECKSUM_KEY: _tensors_digest(peft_tensors),
     }
-    config = peft_config_dict(model, base_model_name_or_path)
-    atomic_write(directory / ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(peft_tensors, tmp, metadata=metadata))
-    atomic_write_bytes(directory / ADAPTER_CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    config = (json.dumps(peft_config_dict(model, base_model_name_or_path), indent=2, sort_keys=True) + "\n").encode()
+    # An adapter_model.bin of an older save would be stale next to the new files: this writer owns every adapter_model.*.
+    with atomic_directory(directory, owned=("adapter_model.*", ADAPTER_CONFIG_NAME)) as tmp:
+        (tmp / ADAPTER_CONFIG_NAME).write_bytes(config)
+        save_file(peft_tensors, str(tmp / ADAPTER_WEIGHTS_NAME), metadata=metadata)
     return directory
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
-    """(PEFT config dict, tensors keyed by module path, safetensors metadata) of a saved adapter."""
+    """(PEFT config dict, tensors keyed by module path, safetensors metadata) of a saved adapter.
+
+    Both files are read from one version of the directory (see ``_io.read_files``). When the weights
+    carry lightning_lora's metadata, their checksum and LoRA config are checked against the tensors
+    and against ``adapter_config.json``: a corrupted file or a directory mixing two saves raises.
+    """
     directory = Path(directory)
     config_path, weights_path = directory / ADAPTER_CONFIG_NAME, directory / ADAPTER_WEIGHTS_NAME
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"`directory`={str(directory)!r} has no {path.name}: an adapter directory holds "
-                f"{ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME} (as written by save_adapter or PEFT's save_pretrained)."
-            )
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{str(config_path)!r} is not valid JSON ({err}); the file is corrupted: re-export the adapter.") from None
-    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{str(config_path)!r} describes peft_type={config.get('peft_type') if isinstance(config, dict) else config!r}; only LoRA adapters load here.")
+        files = read_files(directory, (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME))
+    except (FileNotFoundError, NotADirectoryError) as err:
+        missing = Path(err.filename or directory).name if isinstance(err, FileNotFoundError) and err.filename else None
+        raise FileNotFoundError(
+            f"`directory`={str(directory)!r} has no {missing if missing in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME) else 'adapter'}: "
+            f"an adapter directory holds {ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME} (as written by save_adapter or "
+            "PEFT's save_pretrained)."
+        ) from None
     try:
-        with safe_open(str(weights_path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        config = json.loads(files[ADAPTER_CONFIG_NAME].decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ValueError(f"{str(config_path)!r} is not valid JSON ({str(err)[:200]}); the file is corrupted: re-export the adapter.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(config_path)!r} holds a JSON {type(config).__name__}, not an object of LoraConfig fields; the file is corrupted: re-export the adapter.")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{str(config_path)!r} describes peft_type={config.get('peft_type')!r}; only LoRA adapters load here.")
+    lora_config_from_peft(config)  # the config on its own first: its errors name the field and the fix
+    tensors, metadata = _parse_safetensors(files[ADAPTER_WEIGHTS_NAME], weights_path)
+    _check_saved_together(config, tensors, metadata, config_path, weights_path)
+    return config, from_peft_keys(tensors), metadata
+
+
+_CHECKSUM_KEY = "tensors_sha256"
+_OUR_METADATA = frozenset({"lightning_lora_version", "backbone_fingerprint", "quantization", "lora_config", _CHECKSUM_KEY})
+# The fields that fix what the adapter computes, written to both files (target_modules and modules_to_save are
+# resolved to paths in adapter_config.json, and the tensors' keys check them).
+_CROSS_CHECKED = ("r", "alpha", "dropout", "bias", "use_rslora", "rank_pattern", "alpha_pattern")
+
+
+def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{str(tensor.dtype)}|{tuple(tensor.shape)}|".encode())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def _parse_safetensors(data: bytes, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    problem = None
+    try:
+        tensors = safetensors_load(data)
+        size = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+    except (SafetensorError, ValueError, RuntimeError, OverflowError, MemoryError, UnicodeDecodeError, AttributeError) as err:
+        problem = f"{type(err).__name__}: {str(err)[:200]}"
+    else:
+        if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            problem = "its metadata is not a map of strings"
+    if problem is not None:
         raise ValueError(
-            f"{str(weights_path)!r} cannot be read as safetensors ({err}): the file is truncated or corrupted. "
+            f"{str(path)!r} cannot be read as safetensors ({problem}): the file is truncated or corrupted. "
             "Re-export the adapter or restore it from a checkpoint."
         ) from None
-    return config, from_peft_keys(tensors), metadata
+    return tensors, metadata
+
+
+def _check_saved_together(config: dict[str, Any], tensors: dict[str, torch.Tensor], metadata: dict[str, str], config_path: Path, weights_path: Path) -> None:
+    """The checks that lightning_lora's metadata allows: tensors against their checksum, the two files against each other."""
+    if not _OUR_METADATA & set(metadata):
+        return  # written by PEFT or another tool: nothing to check against
+    damaged = sorted(set(metadata) - _OUR_METADATA - {"format"}) or [k for k in ("lightning_lora_version", "lora_config") if k not in metadata]
+    if damaged:
+        raise ValueError(f"{str(weights_path)!r} has damaged metadata (`{damaged[0]}`): the file is corrupted. Re-export the adapter.")
+    if _CHECKSUM_KEY in metadata and metadata[_CHECKSUM_KEY] != _tensors_digest(tensors):
+        raise ValueError(
+            f"{str(weights_path)!r} is corrupted: its tensors do not match the checksum (`{_CHECKSUM_KEY}`) written with them. "
+            "Re-export the adapter or restore it from a checkpoint."
+        )
+    try:
+        saved = json.loads(metadata["lora_config"])
+    except (KeyError, json.JSONDecodeError, RecursionError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{str(weights_path)!r} has damaged metadata (`lora_config`): the file is corrupted. Re-export the adapter.")
+    keys = peft_fields()
+    for field in _CROSS_CHECKED:
+        key, default = keys[field]
+        value = default if config.get(key) is None else config[key]  # as lora_config_from_peft reads it
+        if field in saved and value != saved[field]:
+            raise ValueError(
+                f"{str(config_path)!r} has `{key}`={config.get(key)!r}, but {ADAPTER_WEIGHTS_NAME} was saved with {key}={saved[field]!r}: "
+                "the two files come from different saves, or one was edited. Re-save the adapter (or restore both files together)."
+            )
 
 
 def lora_config_from_peft(config: dict[str, Any]) -> LoRAConfig:
     """The LoRAConfig an ``adapter_config.json`` stands for; rejects PEFT features plain LoRA lacks."""
-    for flag in _UNSUPPORTED_PEFT_FLAGS:
-        if config.get(flag):
-            raise ValueError(f"The adapter uses PEFT's `{flag}`={config[flag]!r}, which lightning_lora does not implement; export it from PEFT without it.")
+    implemented = {key: name for name, (key, _) in peft_fields().items()}
+    for key, value in config.items():
+        if key in implemented or key in _PEFT_METADATA or _is_default(value):
+            continue
+        if key in _PEFT_REFUSED:
+            raise ValueError(f"The adapter uses PEFT's `{key}`={value!r}, which lightning_lora does not implement; export it from PEFT without it.")
+        raise ValueError(
+            f"The adapter's config has `{key}`={value!r}, which is not a field of PEFT 0.21's LoraConfig: it may change the "
+            "adapter's math (a newer PEFT?), which lightning_lora does not implement. Remove it if it is only metadata."
+        )
+    init = config.get("init_lora_weights", True)
+    if not any(init is plain or (isinstance(init, str) and init == plain) for plain in _PLAIN_INITS):
+        raise ValueError(
+            f"The adapter uses PEFT's `init_lora_weights`={init!r}, which lightning_lora does not implement (it changes the base "
+            "weights or depends on data); convert it to a plain LoRA in PEFT first, or use one initialized with True/'gaussian'."
+        )
     # A key the file lacks, or holds as null, means PEFT's default.
     values = {name: default if config.get(key) is None else config[key] for name, (key, default) in peft_fields().items()}
-    values.update(
-        target_modules=values["target_modules"] or "all-linear",
-        init="gaussian" if config.get("init_lora_weights", True) == "gaussian" else "kaiming",
-    )
-    return LoRAConfig(**values)
+    values.update(target_modules=values["target_modules"] or "all-linear", init="gaussian" if init == "gaussian" else "kaiming")
+    try:
+        return LoRAConfig(**values)
+    except (ValueError, TypeError) as err:
+        # LoRAConfig names its own field (`alpha`); say which key of the file holds it (`lora_alpha`).
+        field = re.match(r"`(\w+)", str(err))
+        to_key = {name: key for name, (key, _) in peft_fields().items()}
+        key = to_key.get(field.group(1), field.group(1)) if field else None
+        where = f"`{key}`={config.get(key)!r} in {ADAPTER_CONFIG_NAME}: " if key in config else f"{ADAPTER_CONFIG_NAME}: "
+        raise type(err)(where + str(err)) from None
+
+
+def _is_default(value: Any) -> bool:
+    """None, False or empty: the default of every refused PEFT field, and what a newer PEFT writes for an unused one."""
+    return value is None or value is False or (isinstance(value, (dict, list, str)) and not value)
 
 
 def expected_adapter_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[int, ...]]:
@@ -201,19 +324,27 @@ def check_adapter_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[st
         raise ValueError(
             f"The adapter in {source} does not fit this model: {len(missing)} missing keys (first: {missing[:3]}) and "
             f"{len(unexpected)} unexpected keys (first: {unexpected[:3]}). It was saved from another architecture or "
-            "LoRA config (target_modules, bias, modules_to_save); load it into the model it was trained on."
+            "LoRA config (target_modules, exclude_modules, bias, modules_to_save); load it into the model it was trained on."
         )
     for key, shape in expected.items():
         got = tuple(tensors[key].shape)
         if got != shape:
             hint = ""
-            if key.endswith((".lora_a.weight", ".lora_b.weight")):
+            if key.endswith((".lora_a.weight", ".lora_b.weight")) and len(got) == len(shape) == 2:
                 rank_dim = 0 if key.endswith(".lora_a.weight") else 1
                 if got[1 - rank_dim] == shape[1 - rank_dim]:
-                    hint = f" The adapter has rank r={got[rank_dim]} here, the model r={shape[rank_dim]}: build the model with the adapter's r."
+                    hint = f" The adapter has rank r={got[rank_dim]} here, the model r={shape[rank_dim]}: build the model with the adapter's r. (Per-layer ranks come from rank_pattern.)"
             raise ValueError(f"The adapter in {source} does not fit this model: {key!r} has shape {got} in the file, {shape} in the model.{hint}")
-        if not tensors[key].is_floating_point():
-            raise ValueError(f"The adapter in {source} holds {key!r} as {tensors[key].dtype}; adapter tensors must be floating point.")
+    check_adapter_values({key: tensors[key] for key in expected}, f"the adapter in {source}")
+
+
+def check_adapter_values(tensors: Mapping[str, torch.Tensor], source: str, what: str = "Nothing was loaded") -> None:
+    """Raise a ValueError naming the first tensor of ``tensors`` that is not floating point or holds NaN/Inf."""
+    for key, value in tensors.items():
+        if not value.is_floating_point():
+            raise ValueError(f"{source[0].upper()}{source[1:]} holds {key!r} as {value.dtype}; adapter tensors must be floating point. {what}.")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{source[0].upper()}{source[1:]} holds NaN/Inf values in {key!r}. {what}: restore the adapter from an earlier checkpoint.")
 
 
 @torch.no_grad()
@@ -227,20 +358,55 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
 
         model = load_adapter(AutoModelForCausalLM.from_pretrained(path), "adapters/run1")
     """
-    peft_config, tensors, _ = read_adapter(directory)
+    require_unmerged(model, "load_adapter")
+    return load_read_adapter(model, read_adapter(directory), source=repr(str(directory)))
+
+
+@torch.no_grad()
+def load_read_adapter(model: nn.Module, read: tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]], source: str) -> nn.Module:
+    """``load_adapter`` for what ``read_adapter`` returned: for callers that look at the files first and must load
+    exactly what they looked at (a second read could see a newer save)."""
+    require_unmerged(model, "load_adapter")
+    peft_config, tensors, _ = read
     state = lora_state(model)
-    config = lora_config_from_peft(peft_config) if state is None else state.config
-    check_adapter_tensors(expected_adapter_shapes(model, config), tensors, source=repr(str(directory)))
+    file_config = lora_config_from_peft(peft_config)
+    config = file_config if state is None else state.config
+    check_adapter_tensors(expected_adapter_shapes(model, config), tensors, source=source)
+    if state is not None:
+        check_adapter_scales(model, file_config, source)
     if state is None:
         inject_lora(model, config)
-    load_adapter_state_dict(model, tensors, source=repr(str(directory)))
+    load_adapter_state_dict(model, tensors, source=source)
     return model
+
+
+def check_adapter_scales(model: nn.Module, config: LoRAConfig, source: str) -> None:
+    """Raise if an adapter saved with ``config`` would run at another scale in ``model``'s LoRA layers than it was
+    trained at (``lora_alpha``, ``use_rslora`` or ``alpha_pattern`` differ): shapes alone do not show that."""
+    for path, layer in lora_layers(model).items():
+        path = unwrapped_name(path)
+        r = int(pattern_value(path, config.rank_pattern, config.r))
+        alpha = float(pattern_value(path, config.alpha_pattern, config.alpha))
+        scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        if not math.isclose(scale, layer.scale, rel_tol=1e-6):
+            raise ValueError(
+                f"The adapter in {source} was trained at scale {scale:g} in {path!r} (lora_alpha={alpha:g}, r={r}, "
+                f"use_rslora={config.use_rslora}), but this model's LoRA layer there has scale {layer.scale:g} (alpha={layer.alpha:g}, "
+                f"r={layer.r}): it would compute another update. Inject LoRA with the adapter's lora_alpha / use_rslora / "
+                "alpha_pattern, or load it into a model without LoRA (it is injected from the adapter's config)."
+            )
 
 
 @torch.no_grad()
 def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "the state dict") -> None:
     """Copy adapter tensors (keys as in ``adapter_state_dict``) into ``model``, after checking all of them."""
+    require_unmerged(model, "load_adapter_state_dict")
     params = adapter_state_dict(model)
     check_adapter_tensors({key: tuple(value.shape) for key, value in params.items()}, tensors, source)
+    first_name: dict[int, str] = {}
+    for key, param in params.items():  # a tied tensor appears under each of its names: they must agree
+        other = first_name.setdefault(id(param), key)
+        if other != key and not torch.equal(tensors[key].to(tensors[other].dtype), tensors[other]):
+            raise ValueError(f"The adapter in {source} holds different values for {other!r} and {key!r}, which are one tied tensor in this model. Nothing was loaded.")
     for key, param in params.items():
         param.copy_(tensors[key].to(device=param.device, dtype=param.dtype))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -36,22 +35,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 # Imported so that short class names work on the command line: --model CausalLMModule, --data TextDataModule.
 import lightning_lora.data
 import lightning_lora.tasks  # noqa: F401
+from lightning_lora import _yaml
+from lightning_lora._io import require_directory_path
 from lightning_lora.tasks._paths import resolve_path, resolve_paths
 
 _DESCRIPTION = (
     "LoRA / QLoRA fine-tuning with PyTorch Lightning. Subcommands fit/validate/test/predict take a YAML "
     "config (--config); `lightning-lora export|merge|estimate --help` describe the other commands."
-)
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "added_tokens.json",
-    "chat_template.jinja",
 )
 
 
@@ -132,6 +122,7 @@ class LoRACLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"description": _DESCRIPTION})
         kwargs.setdefault("parser_class", LoRAArgumentParser)
+        _yaml.install()  # every YAML it reads is bounded: nested aliases are refused before they expand
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -189,6 +180,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     except CLIError as err:
         print(f"lightning-lora: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except (ValueError, TypeError, OSError) as err:
+        # The library's own checks (bad input, a damaged file, a full disk) print one line; anything raised
+        # elsewhere (the user's module, torch) keeps its traceback, and LIGHTNING_LORA_DEBUG=1 shows ours too.
+        if os.environ.get("LIGHTNING_LORA_DEBUG") or not _raised_by_library(err):
+            raise
+        print(f"lightning-lora: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _raised_by_library(err: BaseException) -> bool:
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    package = os.path.dirname(os.path.abspath(__file__))
+    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(package + os.sep)
 
 
 # --- export ------------------------------------------------------------------------------------------
@@ -211,6 +217,7 @@ def export_command(argv: Sequence[str]) -> None:
     args = parser.parse_args(argv)
     _require_file("--checkpoint", args.checkpoint, "the .ckpt file written by `lightning-lora fit`")
     _require_file("--config", args.config, "the YAML config used for training")
+    require_directory_path(args.output, "--output")  # before any work
 
     module, datamodule, callback = _build_from_config(args.config)
     callback.controller.maybe_inject(module, torch.device("cpu"))  # quantized as in training, so --merged matches it
@@ -220,8 +227,7 @@ def export_command(argv: Sequence[str]) -> None:
     if args.merged:
         from lightning_lora.export import save_merged
 
-        save_merged(backbone, output, dtype=_dtype(args.dtype))
-        _copy_tokenizer(_tokenizer_dir(module, datamodule), output)
+        save_merged(backbone, output, dtype=_dtype(args.dtype), tokenizer_dir=_tokenizer_dir(module, datamodule), parameter="--output")
         print(f"Wrote merged weights to {output}")
     else:
         from lightning_lora.adapter_io import save_adapter
@@ -256,21 +262,10 @@ def _build_from_config(config_path: str) -> tuple[Any, Any, Any]:
 
 def load_lora_checkpoint(module: torch.nn.Module, callback: Any, checkpoint_path: str) -> None:
     """Load an adapter-only Lightning checkpoint into ``module`` (LoRA already injected), after checking it fits."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise CLIError(
-            f"--checkpoint {checkpoint_path!r} is not a Lightning checkpoint (no 'state_dict'); pass a .ckpt written by `fit`."
-        )
     try:
-        callback.controller.validate_checkpoint(checkpoint, module)
+        callback.controller.restore(module, checkpoint_path, parameter="--checkpoint")  # the checked reader: weights_only=True
     except ValueError as err:
         raise CLIError(f"--checkpoint {checkpoint_path!r} does not fit --config: {err}") from err
-    result = module.load_state_dict(checkpoint["state_dict"], strict=False)
-    if result.unexpected_keys:
-        raise CLIError(
-            f"--checkpoint {checkpoint_path!r} holds {len(result.unexpected_keys)} tensors this model lacks "
-            f"(first: {result.unexpected_keys[0]!r}); pass the config it was trained with."
-        )
 
 
 # --- merge -------------------------------------------------------------------------------------------
@@ -302,27 +297,28 @@ def merge_command(argv: Sequence[str]) -> None:
         "--dtype", choices=("float32", "bfloat16", "float16"), help="Dtype of merged weights (default: the base's)."
     )
     args = parser.parse_args(argv)
-    from lightning_lora.adapter_io import ADAPTER_CONFIG_NAME, load_adapter, read_adapter
+    from lightning_lora.adapter_io import ADAPTER_CONFIG_NAME, load_read_adapter, read_adapter
+    from lightning_lora.export import save_merged
 
+    require_directory_path(args.output, "--output")  # before any work
     adapter = resolve_path(args.adapter)
     if not os.path.isfile(os.path.join(adapter, ADAPTER_CONFIG_NAME)):
         raise CLIError(
             f"--adapter {args.adapter!r} has no {ADAPTER_CONFIG_NAME}; pass a directory written by `export`, the callback's export_dir/adapter, or PEFT's save_pretrained."
         )
+    read = read_adapter(adapter)  # once: the head's size and the loaded tensors come from the same save
     if args.base.endswith((".yaml", ".yml")):
         _require_file("--base", args.base, "a lightning-lora YAML config or a model directory")
         module, datamodule, _ = _build_from_config_without_lora(args.base)
         base, tokenizer_dir = module.model, _tokenizer_dir(module, datamodule)
     else:
-        _, tensors, _ = read_adapter(adapter)
-        base = _load_base(resolve_path(args.base), args.task, args.num_labels, tensors)
+        base = _load_base(resolve_path(args.base), args.task, args.num_labels, read[1])
         tokenizer_dir = resolve_path(args.base)
     try:
-        load_adapter(base, adapter)
+        load_read_adapter(base, read, source=repr(adapter))
     except ValueError as err:
         raise CLIError(f"--adapter {args.adapter!r} does not fit --base {args.base!r}: {err}") from err
-    save_merged_pretrained(base, args.output, dtype=_dtype(args.dtype))
-    _copy_tokenizer(tokenizer_dir, Path(args.output))
+    save_merged(base, args.output, dtype=_dtype(args.dtype), tokenizer_dir=tokenizer_dir, parameter="--output")
     print(f"Wrote the merged model to {args.output}")
 
 
@@ -368,13 +364,6 @@ def _head_labels(tensors: dict[str, torch.Tensor]) -> int | None:
             if (key == suffix or key.endswith("." + suffix)) and value.dim() == 2:
                 return int(value.shape[0])
     return None
-
-
-def save_merged_pretrained(model: torch.nn.Module, output: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
-    """``merged_state_dict(model)`` written with ``save_pretrained`` (``lightning_lora.export.save_merged``)."""
-    from lightning_lora.export import save_merged
-
-    save_merged(model, output, dtype=dtype)
 
 
 # --- estimate ----------------------------------------------------------------------------------------
@@ -476,16 +465,6 @@ def _tokenizer_dir(module: Any, datamodule: Any) -> str | None:
     if isinstance(tokenizer, str):
         return resolve_path(tokenizer)
     return _base_name(module)
-
-
-def _copy_tokenizer(source: str | None, output: Path) -> None:
-    """Copy the tokenizer files next to merged weights, so the output directory is a complete model."""
-    if not source or not os.path.isdir(source):
-        return
-    for name in _TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(source, name)):
-            output.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(os.path.join(source, name), output / name)
 
 
 _COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {

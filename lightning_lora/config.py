@@ -6,11 +6,15 @@ keys, and every cross-field check lives in ``__post_init__`` so a bad value fail
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import torch
+
+from lightning_lora import _regex
+from lightning_lora._matching import suffix_regex
 
 BiasMode = Literal["none", "all", "lora_only"]
 InitMode = Literal["kaiming", "gaussian"]
@@ -22,18 +26,28 @@ _QUANT_MODES = ("nf4", "fp4", "int8")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _check_patterns(name: str, patterns: list[str] | str | None) -> None:
+def _check_patterns(name: str, patterns: list[str] | str | None, suffix_keys: bool = False) -> None:
+    """A list of names, or one regex string; ``suffix_keys``: every entry is a regex matched as a path suffix
+    (``rank_pattern`` keys). Every regex must be one that matching can bound in time (see ``_regex``)."""
     if patterns is None:
         return
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+    regexes = [patterns] if isinstance(patterns, str) else patterns
+    if not isinstance(regexes, (list, tuple)) or not all(isinstance(p, str) for p in regexes):
         raise TypeError(f"`{name}` must be a list of module names or one regex string, got {patterns!r}. Pass e.g. ['q_proj', 'v_proj'].")
-    for pattern in patterns:
+    for pattern in regexes:
         try:
+            if suffix_keys:
+                _regex.check(suffix_regex(pattern))  # first: it refuses an overlong pattern before re compiles it
+            elif isinstance(patterns, str):
+                _regex.check(pattern)
             re.compile(pattern)
-        except re.error as err:
-            raise ValueError(f"`{name}` entry {pattern!r} is not a valid regex ({err}). Escape special characters.") from None
+        except (re.error, RecursionError, OverflowError) as err:
+            raise ValueError(f"`{name}` entry {pattern[:200]!r} is not a valid regex ({err}). Escape special characters.") from None
+        except _regex.RegexTooComplex as err:
+            raise ValueError(
+                f"`{name}` entry {pattern[:200]!r} cannot be matched in bounded time ({err}): Python's re would backtrack "
+                "for ages on it. Simplify it (no quantifier inside a repeated group next to a lookaround or backreference)."
+            ) from None
 
 
 @dataclass
@@ -75,14 +89,16 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"`r` must be a positive integer, got {self.r!r}. Set it to e.g. 8. Typical values are 4 to 64.")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ValueError(f"`alpha` must be a positive number, got {self.alpha!r}. Set it to a positive number. A common choice is 2 * r.")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"`alpha` must be a finite positive number, got {self.alpha!r}. Set it to a positive number. A common choice is 2 * r.")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}. Use 0.0 to disable it.")
         if self.bias not in _BIAS_MODES:
             raise ValueError(f"`bias` must be one of {_BIAS_MODES}, got {self.bias!r}.")
         if self.init not in _INIT_MODES:
             raise ValueError(f"`init` must be one of {_INIT_MODES}, got {self.init!r}.")
+        if not isinstance(self.use_rslora, bool):  # "false" is truthy: a string must not switch rsLoRA on
+            raise TypeError(f"`use_rslora` must be True or False, got {self.use_rslora!r}.")
         if isinstance(self.target_modules, (list, tuple)) and len(self.target_modules) == 0:
             raise ValueError(f"`target_modules` is empty (got {self.target_modules!r}): name at least one module, e.g. ['q_proj', 'v_proj'], or use 'all-linear'.")
         if self.target_modules != "all-linear":
@@ -91,19 +107,27 @@ class LoRAConfig:
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str):
                 self.modules_to_save = [self.modules_to_save]
+            if not isinstance(self.modules_to_save, (list, tuple)):
+                raise TypeError(f"`modules_to_save` must be a list of module names, got {self.modules_to_save!r}. Pass e.g. ['classifier'].")
             _check_patterns("modules_to_save", list(self.modules_to_save))
         for name, pattern_map, kind in (("rank_pattern", self.rank_pattern, int), ("alpha_pattern", self.alpha_pattern, (int, float))):
             if not isinstance(pattern_map, dict):
                 raise TypeError(f"`{name}` must be a dict of regex -> value, got {pattern_map!r}. Pass e.g. {{'q_proj': 16}}.")
-            _check_patterns(name, list(pattern_map))
+            _check_patterns(name, list(pattern_map), suffix_keys=True)
             for key, value in pattern_map.items():
                 if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
                     raise ValueError(f"`{name}[{key!r}]` must be a positive number, got {value!r}.")
+                if not math.isfinite(value):
+                    raise ValueError(f"`{name}[{key!r}]` must be finite, got {value!r}. Set it to a positive number such as 16.")
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled as a call on plain values, which torch.load(weights_only=True) allows (see _rebuild_config).
+        return (_rebuild_config, ("LoRAConfig", self.to_dict()))
 
 
 ADAPTER_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(LoRAConfig) if f.metadata.get("adapter"))
@@ -145,7 +169,7 @@ class QuantizationConfig:
             raise ValueError(f"`mode` must be one of {_QUANT_MODES}, got {self.mode!r}.")
         if not isinstance(self.double_quant, bool):
             raise TypeError(f"`double_quant` must be True or False, got {self.double_quant!r}.")
-        if self.compute_dtype is not None and _dtype_name(self.compute_dtype) not in _DTYPES:
+        if self.compute_dtype is not None and _dtype_name(self.compute_dtype) not in tuple(_DTYPES):
             raise ValueError(f"`compute_dtype` must be one of {sorted(_DTYPES)} or None, got {self.compute_dtype!r}.")
         if self.compute_dtype is not None:
             self.compute_dtype = _dtype_name(self.compute_dtype)
@@ -168,8 +192,30 @@ class QuantizationConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_config, ("QuantizationConfig", self.to_dict()))
+
+
+def _rebuild_config(kind: str, fields: dict[str, Any]) -> LoRAConfig | QuantizationConfig:
+    """Unpickle a LoRAConfig / QuantizationConfig from plain values, through ``__init__`` so every check runs again.
+
+    A LightningModule that calls ``save_hyperparameters()`` with a config among its arguments puts the
+    config in its checkpoints; this function is on torch's ``weights_only`` allowlist (registered below),
+    so those checkpoints load with ``weights_only=True``. A dataclass pickled field by field would need
+    the class itself allowlisted, and would skip ``__post_init__``'s checks.
+    """
+    classes = {"LoRAConfig": LoRAConfig, "QuantizationConfig": QuantizationConfig}
+    if kind not in classes or not isinstance(fields, dict):
+        raise ValueError(f"A pickled lightning_lora config names {kind!r} with {type(fields).__name__} fields; the checkpoint is corrupted.")
+    return classes[kind](**fields)
+
+
+torch.serialization.add_safe_globals([_rebuild_config])
+
 
 def _dtype_name(dtype: str | torch.dtype) -> str:
     if isinstance(dtype, torch.dtype):
         return str(dtype).removeprefix("torch.")
+    if not isinstance(dtype, str):
+        return dtype  # the caller's check then names the bad value
     return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)

@@ -3,8 +3,9 @@
 A transformers model is written with its own ``save_pretrained`` (``config.json``, ``model.safetensors``,
 ``generation_config.json`` where it has one), through a LoRA-free copy built on the meta device that takes
 the merged tensors by assignment, so no second full set of weights is allocated. Any other module is
-written as ``model.safetensors`` (plus ``config.json`` when it carries a config). Every file is written
-atomically (temp file, fsync, rename): an interrupted export leaves the previous files intact.
+written as ``model.safetensors`` (plus ``config.json`` when it carries a config). The directory changes
+as a whole (``_io.atomic_directory``): an interrupted export, or a full disk, leaves the previous one as
+it was, and a reader never sees the weights of one export next to the config of another.
 """
 
 from __future__ import annotations
@@ -12,31 +13,70 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lightning_lora._io import atomic_write, atomic_write_bytes, atomic_write_files
+from lightning_lora._io import atomic_directory, require_directory_path
+from lightning_lora.adapter_io import adapter_state_dict, check_adapter_values
 from lightning_lora.merge import merged_state_dict
 
 MERGED_WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+# Weight files of an earlier export that this one may not rewrite (another sharding, the .bin format).
+_OWNED = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json", "config.json", "generation_config.json")
 
 
-def save_merged(model: nn.Module, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+def save_merged(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    *,
+    tokenizer_dir: str | os.PathLike | None = None,
+    parameter: str = "directory",
+) -> Path:
     """Save ``merged_state_dict(model)`` so ``AutoModel*.from_pretrained(directory)`` (or a plain
     ``load_state_dict``) gets the fine-tuned model with no LoRA and no quantization.
 
     Tensors that share storage (tied embeddings) are written once; transformers re-ties them on load.
+    ``tokenizer_dir``: copy the tokenizer files found there, so the directory is a complete model.
+    ``directory`` is replaced as a whole; an adapter with a NaN/Inf or integer tensor is refused first.
     """
-    directory = Path(directory)
+    directory = require_directory_path(directory, parameter)
+    check_adapter_values(adapter_state_dict(model), "the adapter to merge", what="Refusing to write merged weights; nothing was written")
     state = merged_state_dict(model, dtype=dtype)
-    if _is_pretrained(model):
-        _save_pretrained(model, state, directory, dtype)
-    else:
-        _save_safetensors(model, state, directory, dtype)
+    owned = _OWNED + (TOKENIZER_FILES if tokenizer_dir is not None else ())  # a tokenizer put there by hand stays
+    with atomic_directory(directory, owned=owned, parameter=parameter) as tmp:
+        if _is_pretrained(model):
+            _save_pretrained(model, state, tmp, dtype)
+        else:
+            _save_safetensors(model, state, tmp, dtype)
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, tmp)
     return directory
+
+
+def copy_tokenizer_files(source: str | os.PathLike, target: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer files of ``source`` (if it is a directory) into ``target``; returns their names."""
+    if not os.path.isdir(source):
+        return []
+    copied = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(source, name))]
+    for name in copied:
+        shutil.copyfile(os.path.join(source, name), Path(target) / name)
+    return copied
 
 
 def _is_pretrained(model: nn.Module) -> bool:
@@ -60,8 +100,7 @@ def _save_pretrained(model: nn.Module, state: dict[str, torch.Tensor], directory
         plain.tie_weights()
     if dtype is not None:
         plain.config.dtype = dtype
-    # Each file lands atomically; weight files of an earlier export that this one does not rewrite go.
-    atomic_write_files(directory, plain.save_pretrained, stale=("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin"))
+    plain.save_pretrained(directory)
 
 
 def _buffer_or_none(model: nn.Module, name: str) -> torch.Tensor | None:
@@ -80,7 +119,7 @@ def _save_safetensors(model: nn.Module, state: dict[str, torch.Tensor], director
             continue  # a tied duplicate
         seen.add(ident)
         tensors[key] = value.detach().to("cpu").contiguous()
-    atomic_write(directory / MERGED_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    save_file(tensors, str(directory / MERGED_WEIGHTS_NAME), metadata={"format": "pt"})
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         data = config.to_dict()
@@ -88,4 +127,4 @@ def _save_safetensors(model: nn.Module, state: dict[str, torch.Tensor], director
         if dtype is not None:
             data["torch_dtype"] = str(dtype).removeprefix("torch.")
             data["dtype"] = data["torch_dtype"]
-        atomic_write_bytes(directory / "config.json", (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode())
+        (directory / "config.json").write_bytes((json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode())

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lightning_lora import quantization
-from lightning_lora._matching import matches_any, output_head_names, parent_of, path_under, pattern_value, unwrapped_name
+from lightning_lora._matching import matches_any, output_head_names, path_under, pattern_value, replace_modules, unwrapped_name
 from lightning_lora.config import LoRAConfig, QuantizationConfig
 from lightning_lora.layers import LoRALinear, base_features, is_supported_base, lora_layers
 
@@ -73,7 +73,7 @@ class InjectionPlan:
         for path, layer in self.layers.items():
             for name, shape in LoRALinear.adapter_shapes(layer.in_features, layer.out_features, layer.r).items():
                 shapes[f"{path}.{name}"] = shape
-        for name, param in model.named_parameters():
+        for name, param in model.named_parameters(remove_duplicate=False):  # a tied tensor under every name
             injected = self.injected_name(unwrapped_name(name))
             if self.is_adapter_param(injected):
                 shapes[injected] = tuple(param.shape)
@@ -125,6 +125,7 @@ def is_adapter_param(model: nn.Module, name: str) -> bool:
 def plan_injection(model: nn.Module, config: LoRAConfig, quantization_config: QuantizationConfig | None = None) -> InjectionPlan:
     """The ``InjectionPlan`` for ``model``; validates the config against the model (raises with the candidates)."""
     to_save = find_modules_to_save(model, config)
+    _check_tied(model, to_save)
     layers = {}
     for path in find_targets(model, config, skip=to_save):
         in_features, out_features = base_features(model.get_submodule(path))
@@ -135,6 +136,27 @@ def plan_injection(model: nn.Module, config: LoRAConfig, quantization_config: Qu
         skip = output_head_names(model) | {name for name, _ in model.named_modules() if path_under(name, to_save)}
         quantize = quantization.quantization_targets(model, quantization_config, skip=skip)
     return InjectionPlan(config, layers, to_save, quantize)
+
+
+def _check_tied(model: nn.Module, to_save: list[str]) -> None:
+    """Refuse a ``modules_to_save`` tensor that is tied to one outside them (a tied output head and input embedding):
+    training it would change the other, frozen-by-design module, and the adapter would not save that change there."""
+    if not to_save:
+        return
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(unwrapped_name(name))
+    for names in aliases.values():
+        inside = [name for name in names if path_under(name, to_save)]
+        outside = [name for name in names if name not in inside]
+        if inside and outside:
+            other = outside[0].rpartition(".")[0]
+            raise ValueError(
+                f"`modules_to_save` includes {inside[0]!r}, which is tied to {outside[0]!r} (one tensor, e.g. tied input and "
+                f"output embeddings): training it would change {other!r} too. Add {other.rpartition('.')[2]!r} to "
+                "modules_to_save as well (both are then trained and saved), or untie the weights first "
+                "(e.g. `model.config.tie_word_embeddings = False` and give the head its own copy)."
+            )
 
 
 def find_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str]:
@@ -207,21 +229,37 @@ def inject_lora(
         raise TypeError(f"`quantization_config` must be a QuantizationConfig or None, got {type(quantization_config).__name__} {quantization_config!r}; pass e.g. QuantizationConfig(mode='nf4').")
     if lora_state(model) is not None or lora_layers(model):
         raise ValueError("The model already has LoRA layers: `inject_lora` was called twice. Inject once, or call it on a fresh model.")
+    refuse_peft_model(model, "inject_lora")
     plan = plan_injection(model, config, quantization_config)
+    # All or nothing: every new module (quantized copies, LoRA layers) is built before the model changes;
+    # what follows the builds is attribute sets and requires_grad flags, which cannot fail.
+    bases: dict[str, nn.Module] = {}
     if quantization_config is not None:
-        quantization.require_bitsandbytes("quantization_config", quantization_config)  # fail before anything changes
-        quantization.quantize_modules(model, quantization_config, plan.quantize, device=device)
-
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for path, layer in plan.layers.items():
-        parent, child = parent_of(model, path)
-        setattr(parent, child, LoRALinear.from_config(getattr(parent, child), config, r=layer.r, alpha=layer.alpha))
+        quantization.require_bitsandbytes("quantization_config", quantization_config)
+        bases = quantization.quantized_copies(model, quantization_config, plan.quantize, device=device)
+    wrapped = {
+        path: LoRALinear.from_config(bases[path] if path in bases else model.get_submodule(path), config, r=layer.r, alpha=layer.alpha)
+        for path, layer in plan.layers.items()
+    }
+    replace_modules(model, {**bases, **wrapped})  # a quantized target goes in inside its LoRA layer
+    if quantization_config is not None:
+        quantization.mark_quantized(model, quantization_config, bool(bases))
     for name, param in model.named_parameters():
-        if plan.is_adapter_param(unwrapped_name(name)):
-            param.requires_grad_(True)
+        param.requires_grad_(plan.is_adapter_param(unwrapped_name(name)))
     setattr(model, _STATE_ATTR, LoRAState(plan, quantization_config, backbone_fingerprint(model)))
     return model
+
+
+def refuse_peft_model(model: nn.Module, caller: str) -> None:
+    """Raise if ``model`` is a PEFT model or holds PEFT's layers: LoRA would nest inside them."""
+    for name, module in model.named_modules():
+        peft_class = next((cls for cls in type(module).__mro__ if cls.__module__.split(".")[0] == "peft"), None)
+        if peft_class is not None:
+            where = f"{type(module).__name__} at {name!r}" if name else type(module).__name__
+            raise ValueError(
+                f"`{caller}` got a model wrapped by PEFT ({where}): its LoRA would nest inside PEFT's layers. "
+                "Pass the base model, or call `model.merge_and_unload()` (or `model.unload()`) on the PEFT model first."
+            )
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -67,8 +67,17 @@ class LoRALinear(nn.Module):
                 f"LoRALinear cannot wrap {type(base_layer).__name__}: supported bases are nn.Linear, "
                 "transformers Conv1D and bitsandbytes Linear4bit / Linear8bitLt."
             )
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"`r` must be a positive integer, got {r!r}. Set it to e.g. 8.")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+            raise ValueError(f"`alpha` must be a finite positive number, got {alpha!r}. Set it to e.g. 2 * r.")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}. Use 0.0 to disable it.")
+        if not isinstance(use_rslora, bool):
+            raise TypeError(f"`use_rslora` must be True or False, got {use_rslora!r}.")
         if quantization.is_4bit(base_layer):
             quantization.keep_standard_layout(base_layer)  # also for layers quantized by transformers
+            quantization.load_4bit_state(base_layer)
         self.base_layer = base_layer
         self.in_features, self.out_features = base_features(base_layer)
         self.r = r
@@ -199,6 +208,18 @@ def fused_training(model: nn.Module, enabled: bool) -> Iterator[nn.Module]:
     finally:
         for layer, fused in zip(layers, previous):
             layer.fused = fused
+
+
+def require_unmerged(model: nn.Module, caller: str) -> None:
+    """Raise if any LoRA layer of ``model`` is merged: changing A or B then would make ``unmerge`` subtract
+    another update than the one merged in, corrupting the frozen base weight."""
+    merged = [name for name, layer in lora_layers(model).items() if layer.merged]
+    if merged:
+        raise ValueError(
+            f"`{caller}` got a model whose LoRA is merged into the base weights ({len(merged)} layers, first: {merged[0]!r}): "
+            "changing the adapter now would corrupt the base at the next unmerge. Call `unmerge_lora(model)` first "
+            "(and `merge_lora(model)` again afterwards)."
+        )
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

@@ -12,7 +12,7 @@ from torch import nn
 from lightning_lora import quantization
 from lightning_lora.config import _DTYPES, _dtype_name
 from lightning_lora.inject import require_lora_state
-from lightning_lora.layers import lora_layers
+from lightning_lora.layers import lora_layers, require_unmerged
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -107,6 +107,7 @@ def cast_adapters(model: nn.Module, dtype: torch.dtype | str) -> nn.Module:
         model = cast_adapters(load_adapter(model, "adapter/"), torch.bfloat16).eval()
     """
     require_lora_state(model, "cast_adapters")
+    require_unmerged(model, "cast_adapters")  # a rounded delta would not subtract what merge added
     if isinstance(dtype, str):
         dtype = _DTYPES.get(_dtype_name(dtype), dtype)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from lightning_lora._matching import matches_any, output_head_names, parent_of
+from lightning_lora._matching import matches_any, output_head_names, replace_modules
 from lightning_lora.config import QuantizationConfig
 
 if TYPE_CHECKING:
@@ -120,7 +120,33 @@ def quantize_linear(linear: nn.Linear, config: QuantizationConfig, device: torch
         layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
     layer.train(linear.training)
     keep_standard_layout(layer)
+    if config.mode != "int8":
+        load_4bit_state(layer)
     return layer.to(device)  # quantization happens here, one layer at a time
+
+
+def load_4bit_state(layer: nn.Module) -> None:
+    """Let ``layer.load_state_dict`` restore a 4-bit weight exactly (idempotent).
+
+    bitsandbytes' ``Linear4bit`` saves its quant state beside the packed weight (``weight.absmax``,
+    ``weight.quant_map``, ...) but has no loader for it: loading its own state dict fails on those keys, and
+    copying the packed bytes alone would pair them with this layer's scales. The hook rebuilds the weight
+    from the bytes and the saved quant state, so a full checkpoint of a 4-bit model resumes.
+    """
+    if not getattr(layer, "_lightning_lora_loads_4bit", False):
+        layer.register_load_state_dict_pre_hook(_load_4bit_pre_hook)
+        layer._lightning_lora_loads_4bit = True
+
+
+def _load_4bit_pre_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    key = prefix + "weight"
+    stats = {name[len(key) + 1 :]: state_dict.pop(name) for name in [n for n in state_dict if n.startswith(key + ".")]}
+    if not stats or key not in state_dict:
+        state_dict.update({f"{key}.{name}": value for name, value in stats.items()})  # nothing to rebuild: report as usual
+        return
+    data = state_dict[key]
+    # The default loader then copies the same packed bytes into the rebuilt weight.
+    module.weight = _bnb().nn.Params4bit.from_prequantized(data, stats, requires_grad=False, device=module.weight.device, module=module)
 
 
 def keep_standard_layout(layer: nn.Module) -> None:
@@ -172,18 +198,32 @@ def quantization_targets(model: nn.Module, config: QuantizationConfig, skip: set
 
 
 def quantize_modules(model: nn.Module, config: QuantizationConfig, paths: list[str], device: torch.device | str | None = None) -> list[str]:
-    """Replace the ``nn.Linear`` at each of ``paths`` by its bitsandbytes copy, one at a time; returns ``paths``.
+    """Replace the ``nn.Linear`` at each of ``paths`` by its bitsandbytes copy, all or nothing; returns ``paths``.
+
+    Every copy is built before the first one is swapped in, so a failure (a layer bitsandbytes cannot
+    pack, out of memory) leaves the model as it was. The full-precision layers are therefore freed only
+    at the end: quantizing onto another device (``device="cuda"`` from a CPU model) keeps the peak at
+    what the model already held, on the same device the quantized copies come on top of it.
+    """
+    copies = quantized_copies(model, config, paths, device)
+    replace_modules(model, copies)
+    mark_quantized(model, config, bool(copies))
+    return list(paths)
+
+
+def quantized_copies(model: nn.Module, config: QuantizationConfig, paths: list[str], device: torch.device | str | None = None) -> dict[str, nn.Module]:
+    """path -> the bitsandbytes copy of the ``nn.Linear`` there, one layer at a time; the model is not changed.
 
     The one quantize loop: ``quantize_model``, ``inject_lora`` and block-by-block loading all go through it.
     """
-    for path in paths:
-        parent, child = parent_of(model, path)
-        setattr(parent, child, quantize_linear(getattr(parent, child), config, device))
-    if paths and hasattr(model, "config"):
+    return {path: quantize_linear(model.get_submodule(path), config, device) for path in paths}
+
+
+def mark_quantized(model: nn.Module, config: QuantizationConfig, quantized: bool = True) -> None:
+    if quantized and hasattr(model, "config"):
         # PEFT and transformers look at these flags to pick their quantized code paths.
         model.is_loaded_in_4bit = config.mode != "int8"
         model.is_loaded_in_8bit = config.mode == "int8"
-    return list(paths)
 
 
 def quantized_paths(model: nn.Module) -> list[str]:

@@ -121,7 +121,7 @@ def test_saved_adapter_has_exact_keys_config_and_metadata(tmp_path):
     }
     with safe_open(str(directory / ADAPTER_WEIGHTS_NAME), framework="pt") as handle:
         metadata = handle.metadata()
-    assert set(metadata) == {"format", "lightning_lora_version", "backbone_fingerprint", "quantization", "lora_config"}
+    assert set(metadata) == {"format", "lightning_lora_version", "backbone_fingerprint", "quantization", "lora_config", "tensors_sha256"}
     assert metadata["lightning_lora_version"] == __version__
     assert metadata["backbone_fingerprint"] == backbone_fingerprint(model)
     assert json.loads(metadata["lora_config"]) == lora_state(model).config.to_dict()
@@ -402,3 +402,49 @@ def test_failed_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
     save_adapter(model, directory)  # and a later save succeeds
     assert (directory / ADAPTER_WEIGHTS_NAME).read_bytes() != before[ADAPTER_WEIGHTS_NAME]
     assert sorted(os.listdir(directory)) == sorted(before)
+
+
+# --- every PEFT field: implemented, metadata, or refused ---------------------------------------------
+
+
+def test_every_field_of_the_installed_peft_lora_config_is_classified():
+    import dataclasses
+
+    from lightning_lora.adapter_io import _PEFT_METADATA, _PEFT_REFUSED
+    from lightning_lora.config import peft_fields
+
+    implemented = {key for key, _ in peft_fields().values()}
+    peft = {f.name for f in dataclasses.fields(LoraConfig)}
+    assert implemented == {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias", "modules_to_save", "init_lora_weights", "use_rslora", "rank_pattern", "alpha_pattern"}
+    assert peft == implemented | _PEFT_METADATA | _PEFT_REFUSED  # a new PEFT field fails here until it is classified
+    assert not (implemented & _PEFT_METADATA or implemented & _PEFT_REFUSED or _PEFT_METADATA & _PEFT_REFUSED)
+
+
+@pytest.mark.parametrize("field", ["fan_in_fan_out", "inference_mode", "task_type", "revision", "peft_version", "megatron_core", "qalora_group_size"])
+def test_metadata_fields_load_exactly_what_was_saved(tmp_path, field):
+    model, directory = saved_model(tmp_path)
+    config = json.loads((directory / ADAPTER_CONFIG_NAME).read_text())
+    config[field] = {"fan_in_fan_out": True, "inference_mode": False, "task_type": "CAUSAL_LM", "revision": "v2", "peft_version": "9.9", "megatron_core": "x", "qalora_group_size": 64}[field]
+    (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(config))
+    loaded = load_adapter(tiny_llama(), directory)
+    want, got = adapter_state_dict(model), adapter_state_dict(loaded)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert [layer.scale for layer in lora_layers(loaded).values()] == [layer.scale for layer in lora_layers(model).values()]
+
+
+def test_tied_modules_to_save_train_and_save_under_both_names(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def tied():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+
+    model = inject_lora(tied(), LoRAConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head", "embed_tokens"]))
+    assert model.lm_head.weight.requires_grad and model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)  # what training the shared tensor does
+    saved = adapter_state_dict(model)
+    assert {"lm_head.weight", "model.embed_tokens.weight"} <= set(saved)
+    loaded = load_adapter(tied(), save_adapter(model, tmp_path / "a"))
+    torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight, rtol=0, atol=0)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,9 @@ from lightning_lora import (
     save_adapter,
 )
 from lightning_lora.adapter_io import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from lightning_lora.export import save_merged
+from lightning_lora.layers import LoRALinear
+from lightning_lora.merge import cast_adapters
 from lightning_lora.data import InstructionDataModule, TextClassificationDataModule, TextDataModule
 from test_data import word_tokenizer
 
@@ -269,6 +273,284 @@ CASES = [
 ]
 
 
+# -- helpers of the second set of cases (issue 13) -----------------------------------------------------
+NAN, INF = float("nan"), float("inf")
+
+
+def _call(make_args: Callable[[Path], tuple[Callable[[], Any], nn.Module | None, Path | None]]) -> Callable[[Path], tuple]:
+    return make_args
+
+
+def _merged(targets=QV, **kwargs) -> nn.Module:
+    model = _injected(targets, **kwargs)
+    merge_lora(model)
+    return model
+
+
+def _nonfinite(value: float) -> nn.Module:
+    model = _injected()
+    with torch.no_grad():
+        next(t for k, t in adapter_state_dict(model).items() if k.endswith("lora_b.weight")).fill_(value)
+    return model
+
+
+def _tied_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+def _peft_wrapped(tmp):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=QV))
+    return (lambda: inject_lora(model, LoRAConfig(r=4, target_modules=QV))), model, None
+
+
+def _edit_metadata(change: Callable[[dict[str, str]], None]) -> Callable[[Path], None]:
+    def edit(directory: Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(directory / ADAPTER_WEIGHTS_NAME), framework="pt") as handle:
+            metadata = dict(handle.metadata())
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        change(metadata)
+        save_file(tensors, directory / ADAPTER_WEIGHTS_NAME, metadata=metadata)
+
+    return edit
+
+
+def _flip_tensor_byte(directory: Path) -> None:
+    data = bytearray((directory / ADAPTER_WEIGHTS_NAME).read_bytes())
+    data[-5] ^= 0x10  # inside the last tensor: only the checksum can tell
+    (directory / ADAPTER_WEIGHTS_NAME).write_bytes(bytes(data))
+
+
+def _raw_config(text: str) -> Callable[[Path], None]:
+    return lambda directory: (directory / ADAPTER_CONFIG_NAME).write_text(text)
+
+
+_CHECKPOINT: dict[str, bytes] = {}
+
+
+def _base_checkpoint() -> bytes:
+    """One adapter-only checkpoint of a 1-step LoRACallback run, written once per test session."""
+    if "bytes" not in _CHECKPOINT:
+        module = LlamaLM(build_in="init")
+        t = trainer(1, [LoRACallback(r=4, target_modules=QV, backbone="model")])
+        t.fit(module, token_loader(n=8))
+        buffer = io.BytesIO()
+        checkpoint = t._checkpoint_connector.dump_checkpoint(weights_only=False)
+        torch.save(checkpoint, buffer)
+        _CHECKPOINT["bytes"] = buffer.getvalue()
+    return _CHECKPOINT["bytes"]
+
+
+def _tampered_resume(edit: Callable[[dict], None] | None = None, raw: bytes | None = None, evil: bool = False):
+    """Resume a LoRACallback run from the shared checkpoint after ``edit`` changed it (or from ``raw`` bytes)."""
+
+    def make(tmp):
+        path = tmp / "ckpt" / "last.ckpt"
+        path.parent.mkdir()
+        if raw is not None:
+            path.write_bytes(raw)
+        elif evil:
+            checkpoint = torch.load(io.BytesIO(_base_checkpoint()), weights_only=True)
+            checkpoint["payload"] = _RunsCode(tmp / "marker")
+            torch.save(checkpoint, path)
+        else:
+            checkpoint = torch.load(io.BytesIO(_base_checkpoint()), weights_only=True)
+            edit(checkpoint)
+            torch.save(checkpoint, path)
+        module = LlamaLM(build_in="init")
+        callback = LoRACallback(r=4, target_modules=QV, backbone="model")
+
+        def run():
+            try:
+                trainer(2, [callback]).fit(module, token_loader(n=8), ckpt_path=str(path))
+            finally:
+                assert not (tmp / "marker").exists()
+
+        return run, None, path.parent
+
+    return make
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _adapter_key(checkpoint: dict, index: int = 0) -> str:
+    return sorted(k for k in checkpoint["state_dict"] if ".lora_" in k)[index]
+
+
+def _cli_text(text: str, command: str = "fit") -> Callable[[Path], tuple]:
+    def make(tmp):
+        from lightning_lora import cli
+
+        path = tmp / "cfg" / "config.yaml"
+        path.parent.mkdir()
+        path.write_text(text)
+
+        def run():
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                try:
+                    cli.main([command, "--config", str(path)])
+                except SystemExit as exit_:
+                    assert exit_.code == 2 and len(err.getvalue().strip().splitlines()) <= 2, err.getvalue()
+                    raise CLIExit(err.getvalue()) from None
+
+        return run, None, path.parent
+
+    return make
+
+
+def _cli_command(make_argv: Callable[[Path], list[str]]) -> Callable[[Path], tuple]:
+    def make(tmp):
+        from lightning_lora import cli
+
+        argv = make_argv(tmp)
+
+        def run():
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                try:
+                    cli.main(argv)
+                except SystemExit as exit_:
+                    assert exit_.code == 2 and "Traceback" not in err.getvalue(), err.getvalue()
+                    raise CLIExit(err.getvalue()) from None
+
+        return run, None, tmp / "data"
+
+    return make
+
+
+def _merge_argv(tmp: Path) -> list[str]:
+    base = tmp / "base"
+    tiny_llama().save_pretrained(base)
+    adapter = save_adapter(_injected(), tmp / "adapter")
+    output = _write(tmp, "out.bin", b"a file")
+    return ["merge", "--base", str(base), "--adapter", str(adapter), "--output", str(output)]
+
+
+def _export_argv(tmp: Path) -> list[str]:
+    output = _write(tmp, "out.bin", b"a file")
+    checkpoint = _write(tmp, "x.ckpt", b"never read")
+    return ["export", "--checkpoint", str(checkpoint), "--config", str(Path(__file__).parent.parent / "configs" / "tiny-llama-cpu.yaml"), "--output", str(output)]
+
+
+def _billion_laughs() -> str:
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    return "\n".join(lines) + "\ntrainer: {max_steps: *a8}\n"
+
+
+def _peft_field(field: str, value: Any, target=lambda: tiny_llama()) -> Callable[[Path], tuple]:
+    return _load_case(target=target, edit=_edit_config(lambda c: c.update({field: value})))
+
+
+def _failing_export_dir(tmp):
+    path = _write(tmp, "export.bin", b"a file")
+    module = LlamaLM(build_in="init")
+    run = lambda: trainer(1, [LoRACallback(r=4, target_modules=QV, backbone="model", export_dir=str(path))]).fit(module, token_loader(n=4))  # noqa: E731
+    return run, module.model, path.parent
+
+
+CASES += [
+    # LoRAConfig / QuantizationConfig / LoRALinear: types and finiteness
+    Case("alpha-nan", _lora(alpha=NAN), ValueError, ["`alpha`", "nan", "set"]),
+    Case("alpha-inf", _lora(alpha=INF), ValueError, ["`alpha`", "inf", "set"]),
+    Case("alpha-minus-inf", _lora(alpha=-INF), ValueError, ["`alpha`", "-inf", "set"]),
+    Case("dropout-nan", _lora(dropout=NAN), ValueError, ["`dropout`", "nan", "Use"]),
+    Case("use-rslora-string", _lora(use_rslora="false"), TypeError, ["`use_rslora`", "'false'", "must be True or False"]),
+    Case("use-rslora-int", _lora(use_rslora=1), TypeError, ["`use_rslora`", "1", "must be True or False"]),
+    Case("alpha-pattern-nan", _lora(alpha_pattern={"q_proj": NAN}), ValueError, ["`alpha_pattern['q_proj']`", "nan", "Set it"]),
+    Case("alpha-pattern-inf", _lora(alpha_pattern={"q_proj": INF}), ValueError, ["`alpha_pattern['q_proj']`", "inf", "Set it"]),
+    Case("modules-to-save-int", _lora(modules_to_save=5), TypeError, ["`modules_to_save`", "5", "Pass"]),
+    Case("target-lookahead-nested", _lora(target_modules=r"(?=(a+)+b)(a+)+c"), ValueError, ["`target_modules`", "'(?=(a+)+b)(a+)+c'", "bounded time", "Simplify"]),
+    Case("target-backreference-nested", _lora(target_modules=r"(a+)+\1"), ValueError, ["`target_modules`", "bounded time", "Simplify"]),
+    Case("target-nested-300", _lora(target_modules="(" * 300 + "a" + ")" * 300), ValueError, ["`target_modules`", "levels deep", "Simplify"]),
+    Case("rank-pattern-hostile-key", _lora(rank_pattern={r"(?=(a+)+b)(a+)+c": 4}), ValueError, ["`rank_pattern`", "bounded time", "Simplify"]),
+    Case("quant-compute-dtype-list", _quant(compute_dtype=["bf16"]), ValueError, ["`compute_dtype`", "['bf16']", "one of"]),
+    Case("lora-linear-r-zero", lambda tmp: (lambda: LoRALinear(nn.Linear(32, 32), r=0, alpha=8), None, None), ValueError, ["`r`", "0", "Set"]),
+    Case("lora-linear-alpha-nan", lambda tmp: (lambda: LoRALinear(nn.Linear(32, 32), r=4, alpha=NAN), None, None), ValueError, ["`alpha`", "nan", "Set"]),
+    Case("lora-linear-rslora-string", lambda tmp: (lambda: LoRALinear(nn.Linear(32, 32), r=4, alpha=8, use_rslora="no"), None, None), TypeError, ["`use_rslora`", "'no'", "must be True or False"]),
+    # LoRACallback options
+    Case("callback-adapter-only-string", _callback(adapter_only_checkpoint="yes"), TypeError, ["`adapter_only_checkpoint`", "'yes'", "must be True or False"]),
+    Case("callback-skip-nonfinite-string", _callback(skip_nonfinite="no"), TypeError, ["`skip_nonfinite`", "'no'", "must be True or False"]),
+    Case("callback-merge-on-export-string", _callback(merge_on_export="true"), TypeError, ["`merge_on_export`", "'true'", "must be True or False"]),
+    Case("callback-export-dir-int", _callback(export_dir=5), TypeError, ["`export_dir`", "5", "pass"]),
+    Case("callback-rslora-string", _callback(use_rslora="false"), TypeError, ["`use_rslora`", "'false'", "must be True or False"]),
+    Case("callback-export-dir-is-a-file", _failing_export_dir, ValueError, ["`export_dir`", "export.bin", "is a file", "Pass a directory path"]),
+    # loading an adapter: the scale, merged models, PEFT fields, the two files against each other
+    Case("load-other-alpha", _load_case(source=lambda: _injected(alpha=32)), ValueError, ["scale", "lora_alpha=32", "alpha=16", "Inject LoRA with the adapter's"]),
+    Case("load-other-rslora", _load_case(source=lambda: _injected(use_rslora=True)), ValueError, ["scale", "use_rslora=True", "Inject LoRA with the adapter's"]),
+    Case("load-other-alpha-pattern", _load_case(source=lambda: _injected(alpha_pattern={"v_proj": 64})), ValueError, ["scale", "v_proj", "lora_alpha=64", "Inject LoRA with"]),
+    Case("load-into-merged", _load_case(target=_merged), ValueError, ["`load_adapter`", "merged", "Call `unmerge_lora(model)` first"]),
+    Case("cast-merged", lambda tmp: (lambda m: ((lambda: cast_adapters(m, torch.bfloat16)), m, None))(_merged()), ValueError, ["`cast_adapters`", "merged", "Call `unmerge_lora(model)` first"]),
+    Case("peft-layers-to-transform", _peft_field("layers_to_transform", [0]), ValueError, ["`layers_to_transform`", "[0]", "export it"]),
+    Case("peft-loftq", _peft_field("loftq_config", {"loftq_bits": 4}), ValueError, ["`loftq_config`", "{'loftq_bits': 4}", "export it"]),
+    Case("peft-init-pissa", _peft_field("init_lora_weights", "pissa"), ValueError, ["`init_lora_weights`", "'pissa'", "convert it"]),
+    Case("peft-target-parameters", _peft_field("target_parameters", ["mlp.experts.gate_up_proj"]), ValueError, ["`target_parameters`", "gate_up_proj", "export it"]),
+    Case("peft-alora", _peft_field("alora_invocation_tokens", [1, 2]), ValueError, ["`alora_invocation_tokens`", "[1, 2]", "export it"]),
+    Case("peft-weight-tying", _peft_field("ensure_weight_tying", True), ValueError, ["`ensure_weight_tying`", "True", "export it"]),
+    Case("peft-lora-bias", _peft_field("lora_bias", True), ValueError, ["`lora_bias`", "True", "export it"]),
+    Case("peft-eva", _peft_field("eva_config", {"rho": 2.0}), ValueError, ["`eva_config`", "{'rho': 2.0}", "export it"]),
+    Case("peft-layer-replication", _peft_field("layer_replication", [[0, 1]]), ValueError, ["`layer_replication`", "[[0, 1]]", "export it"]),
+    Case("peft-qalora", _peft_field("use_qalora", True), ValueError, ["`use_qalora`", "True", "export it"]),
+    Case("peft-unknown-field", _peft_field("future_scaling", 2.0), ValueError, ["`future_scaling`", "2.0", "Remove it"]),
+    Case("peft-dora-into-injected", _peft_field("use_dora", True, target=lambda: _injected()), ValueError, ["`use_dora`", "True", "export it"]),
+    Case("load-config-weights-mismatch", _load_case(edit=_edit_config(lambda c: c.update(lora_alpha=32))), ValueError, ["`lora_alpha`=32", "lora_alpha=16", "different saves", "Re-save"]),
+    Case("load-config-dropout-mismatch", _load_case(edit=_edit_config(lambda c: c.update(lora_dropout=0.3))), ValueError, ["`lora_dropout`=0.3", "different saves", "Re-save"]),
+    Case("load-config-r-deleted", _load_case(edit=_edit_config(lambda c: c.pop("r"))), ValueError, ["`r`=None", "r=4", "Re-save"]),
+    Case("load-rslora-string-in-file", _load_case(target=tiny_llama, edit=_edit_config(lambda c: c.update(use_rslora="false"))), TypeError, ["`use_rslora`='false'", "adapter_config.json", "must be True or False"]),
+    Case("load-alpha-nan-in-file", _load_case(target=tiny_llama, edit=_edit_config(lambda c: c.update(lora_alpha=NAN))), ValueError, ["`lora_alpha`=nan", "adapter_config.json", "Set it"]),
+    Case("load-flipped-tensor-byte", _load_case(edit=_flip_tensor_byte), ValueError, [ADAPTER_WEIGHTS_NAME, "checksum", "Re-export"]),
+    Case("load-damaged-metadata", _load_case(edit=_edit_metadata(lambda m: m.update(lora_config="not json"))), ValueError, [ADAPTER_WEIGHTS_NAME, "`lora_config`", "Re-export"]),
+    Case("load-renamed-metadata", _load_case(edit=_edit_metadata(lambda m: m.update(tensors_sha257=m.pop("tensors_sha256")))), ValueError, [ADAPTER_WEIGHTS_NAME, "`tensors_sha257`", "Re-export"]),
+    Case("load-nan-tensor", _load_case(edit=_edit_tensors(lambda t: next(v for k, v in sorted(t.items()) if "lora_A" in k).fill_(NAN))), ValueError, ["NaN/Inf", "lora_a.weight", "restore"]),
+    Case("load-inf-tensor", _load_case(edit=_edit_tensors(lambda t: next(v for k, v in sorted(t.items()) if "lora_B" in k).fill_(-INF))), ValueError, ["NaN/Inf", "lora_b.weight", "restore"]),
+    Case("load-config-json-list", _load_case(edit=_raw_config("[1, 2]")), ValueError, [ADAPTER_CONFIG_NAME, "JSON list", "re-export"]),
+    Case("load-config-json-deep", _load_case(edit=_raw_config("[" * 100_000 + "]" * 100_000)), ValueError, [ADAPTER_CONFIG_NAME, "not valid JSON", "re-export"]),
+    Case("load-hostile-regex-in-file", _load_case(target=tiny_llama, edit=_edit_config(lambda c: c.update(target_modules="(a+)+$"))), ValueError, ["`target_modules`", "'(a+)+$'", "pick"]),
+    Case("load-lookahead-regex-in-file", _load_case(target=tiny_llama, edit=_edit_config(lambda c: c.update(target_modules=r"(?=(a+)+b)(a+)+c"))), ValueError, ["`target_modules`", "bounded time", "Simplify"]),
+    # injection: tied heads, PEFT models
+    Case("tied-head-in-modules-to-save", _inject(LoRAConfig(target_modules=QV, modules_to_save=["lm_head"]), build=_tied_llama), ValueError, ["`modules_to_save`", "'lm_head.weight'", "tied to", "Add 'embed_tokens'"]),
+    Case("inject-into-peft-model", _peft_wrapped, ValueError, ["`inject_lora`", "PEFT", "merge_and_unload"]),
+    # writers: non-finite adapters are never written, files are not directories
+    # (model None: NaN never equals itself, so the snapshot comparison cannot be used; nothing writes to the model)
+    Case("save-nan-adapter", lambda tmp: (lambda m: ((lambda: save_adapter(m, tmp / "out")), None, tmp))(_nonfinite(NAN)), ValueError, ["NaN/Inf", "lora_b.weight", "nothing was written"]),
+    Case("save-inf-adapter", lambda tmp: (lambda m: ((lambda: save_adapter(m, tmp / "out")), m, tmp))(_nonfinite(INF)), ValueError, ["NaN/Inf", "lora_b.weight", "nothing was written"]),
+    Case("save-merged-nan-adapter", lambda tmp: (lambda m: ((lambda: save_merged(m, tmp / "out")), None, tmp))(_nonfinite(NAN)), ValueError, ["NaN/Inf", "lora_b.weight", "nothing was written"]),
+    Case("save-merged-into-a-file", lambda tmp: (lambda m, f: ((lambda: save_merged(m, f)), m, f.parent))(_injected(), _write(tmp, "m.bin", b"x")), ValueError, ["`directory`", "m.bin", "directory path"]),
+    Case("cli-merge-output-is-a-file", _cli_command(_merge_argv), CLIExit, ["--output", "out.bin", "is a file", "Pass a directory path"]),
+    Case("cli-export-output-is-a-file", _cli_command(_export_argv), CLIExit, ["--output", "out.bin", "is a file", "Pass a directory path"]),
+    # resuming from damaged or tampered checkpoints
+    Case("resume-metadata-no-fingerprint", _tampered_resume(lambda c: c["lightning_lora"].pop("fingerprint")), ValueError, ["['fingerprint']", "missing", "Resume from another checkpoint"]),
+    Case("resume-metadata-not-a-dict", _tampered_resume(lambda c: c.update(lightning_lora=[1, 2])), ValueError, ["['lightning_lora']", "list", "Resume from another checkpoint"]),
+    Case("resume-lora-config-not-a-dict", _tampered_resume(lambda c: c["lightning_lora"].update(lora_config="r=4")), ValueError, ["['lora_config']", "'r=4'", "Resume from another checkpoint"]),
+    Case("resume-state-dict-not-a-dict", _tampered_resume(lambda c: c.update(state_dict=[1])), ValueError, ["'state_dict'", "list", "damaged"]),
+    Case("resume-backbone-tensor", _tampered_resume(lambda c: c["state_dict"].update({"model.model.embed_tokens.weight": torch.zeros(128, 64)})), ValueError, ["not the adapter", "'model.model.embed_tokens.weight'", "overwrite the frozen backbone", "resume from a checkpoint"]),
+    Case("resume-nan-adapter", _tampered_resume(lambda c: c["state_dict"][_adapter_key(c)].fill_(NAN)), ValueError, ["NaN/Inf", "lora_a.weight", "restore"]),
+    Case("resume-int-adapter", _tampered_resume(lambda c: c["state_dict"].update({_adapter_key(c): c["state_dict"][_adapter_key(c)].to(torch.int32)})), ValueError, ["torch.int32", "floating point"]),
+    Case("resume-list-adapter", _tampered_resume(lambda c: c["state_dict"].update({_adapter_key(c): [0.0]})), ValueError, ["is a list", "not a tensor", "damaged"]),
+    Case("resume-garbage-file", _tampered_resume(raw=b"\x00garbage" * 100), ValueError, ["last.ckpt", "truncated or corrupted", "Resume from"]),
+    Case("resume-empty-file", _tampered_resume(raw=b""), ValueError, ["last.ckpt", "truncated or corrupted", "Resume from"]),
+    Case("resume-crafted-pickle", _tampered_resume(evil=True), ValueError, ["posix.system", "nothing of it was run", "Use a checkpoint you wrote"]),
+    # YAML configs that expand or nest without bound
+    Case("yaml-billion-laughs", _cli_text(_billion_laughs()), CLIExit, ["100,000 values", "aliases", "Write the values out"]),
+    Case("yaml-deep-nesting", _cli_text("trainer: " + "[" * 150 + "1" + "]" * 150 + "\n"), CLIExit, ["nests more than 100 levels", "flatten"]),
+    Case("yaml-self-referencing-merge", _cli_text("a: &a {x: 1}\nb: &b {<<: *a, y: [*a, *a, *a, *a, *a, *a, *a, *a]}\n" + "".join(f"c{i}: &c{i} [{', '.join([f'*c{i - 1}' if i else '*b'] * 8)}]\n" for i in range(8))), CLIExit, ["100,000 values", "Write the values out"]),
+]
+
+
 class _BiggerLM(LlamaLM):
     def __init__(self):
         super().__init__(build_in="init")
@@ -302,8 +584,8 @@ def test_bad_input_raises_a_clear_error_and_changes_nothing(case, tmp_path):
     assert _files(directory) == files
 
 
-def test_there_are_at_least_40_cases():
-    assert len(CASES) >= 40 and len({case.id for case in CASES}) == len(CASES)
+def test_there_are_at_least_100_cases():
+    assert len(CASES) >= 100 and len({case.id for case in CASES}) == len(CASES)
 
 
 def test_merging_twice_is_a_no_op():

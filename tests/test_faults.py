@@ -203,3 +203,56 @@ def test_load_adapter_checks_everything_before_writing(tmp_path):
         load_adapter(target, tmp_path)
     assert_unchanged(target, snapshot)
     assert (tmp_path / ADAPTER_CONFIG_NAME).is_file()
+
+
+# -- all or nothing: a failure in the middle of inject_lora / quantize_model changes nothing ----------
+def _fail_on_call(n: int, real):
+    calls = {"count": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == n:
+            raise RuntimeError(f"injected fault in call {n}")
+        return real(*args, **kwargs)
+
+    return wrapper
+
+
+@pytest.mark.parametrize("where", ["3rd-lora-layer", "3rd-quantized-layer", "last-lora-layer"])
+def test_a_failing_inject_lora_leaves_the_model_as_it_was_and_a_retry_works(monkeypatch, where):
+    from lightning_lora import QuantizationConfig, quantization
+    from lightning_lora.inject import lora_state
+    from lightning_lora.layers import LoRALinear, lora_layers
+
+    model = tiny_llama()
+    snapshot = model_snapshot(model)
+    quant = QuantizationConfig(mode="nf4", compute_dtype="float32") if where == "3rd-quantized-layer" else None
+    if where == "3rd-quantized-layer":
+        monkeypatch.setattr(quantization, "quantize_linear", _fail_on_call(3, quantization.quantize_linear))
+    else:
+        real = LoRALinear.from_config.__func__
+        fail = _fail_on_call(3 if where == "3rd-lora-layer" else 4, lambda *a, **k: real(LoRALinear, *a, **k))
+        monkeypatch.setattr(LoRALinear, "from_config", classmethod(lambda cls, *a, **k: fail(*a, **k)))
+    with pytest.raises(RuntimeError, match="injected fault"):
+        inject_lora(model, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]), quant)
+    assert_unchanged(model, snapshot)  # tensors, module types and requires_grad flags
+    assert lora_state(model) is None and not hasattr(model, "is_loaded_in_4bit")
+    monkeypatch.undo()
+    inject_lora(model, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]), quant)  # the retry is not refused
+    assert len(lora_layers(model)) == 4
+    assert len(quantization.quantized_paths(model)) == (14 if quant else 0)
+
+
+def test_a_failing_quantize_model_leaves_the_model_as_it_was(monkeypatch):
+    from lightning_lora import QuantizationConfig, quantization, quantize_model
+
+    model = tiny_llama()
+    snapshot = model_snapshot(model)
+    monkeypatch.setattr(quantization, "quantize_linear", _fail_on_call(5, quantization.quantize_linear))
+    with pytest.raises(RuntimeError, match="injected fault"):
+        quantize_model(model, QuantizationConfig(mode="nf4", compute_dtype="float32"))
+    assert_unchanged(model, snapshot)
+    assert quantization.quantized_paths(model) == []
+    monkeypatch.undo()
+    quantize_model(model, QuantizationConfig(mode="nf4", compute_dtype="float32"))
+    assert len(quantization.quantized_paths(model)) == 14 and model.is_loaded_in_4bit

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lightning_lora._io import require_directory_path
 from lightning_lora.config import BiasMode, InitMode, LoRAConfig, QuantizationConfig
 from lightning_lora.lightning.controller import LoRAController
 
@@ -104,6 +106,10 @@ class LoRACallback(Callback):
         self.controller = LoRAController(
             lora_config, quantization, backbone, adapter_only_checkpoint, skip_nonfinite, max_nonfinite_steps, compile_blocks
         )
+        if export_dir is not None and (not isinstance(export_dir, (str, os.PathLike)) or not str(export_dir)):
+            raise TypeError(f"`export_dir` must be a directory path or None, got {export_dir!r}; pass e.g. 'runs/exp1/export'.")
+        if not isinstance(merge_on_export, bool):
+            raise TypeError(f"`merge_on_export` must be True or False, got {merge_on_export!r}.")
         self.export_dir = export_dir
         self.merge_on_export = merge_on_export
 
@@ -117,6 +123,8 @@ class LoRACallback(Callback):
         return f"LoRACallback{{backbone={self.controller.backbone!r}}}"
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.export_dir is not None and stage == "fit":
+            require_directory_path(self.export_dir, "export_dir")  # before training, not after the last step
         self.controller.setup(trainer, pl_module, check_checkpoints=True)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

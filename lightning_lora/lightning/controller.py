@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_lora._io import atomic_directory
 from lightning_lora.adapter_io import save_adapter
 from lightning_lora.compiling import compile_blocks
 from lightning_lora.config import LoRAConfig, QuantizationConfig
@@ -51,6 +52,9 @@ class LoRAController:
             )
         if backbone is not None and (not isinstance(backbone, str) or not backbone):
             raise ValueError(f"`backbone` must be the name of a LightningModule attribute (e.g. 'model') or None, got {backbone!r}.")
+        for name, value in (("adapter_only_checkpoint", adapter_only_checkpoint), ("skip_nonfinite", skip_nonfinite)):
+            if not isinstance(value, bool):
+                raise TypeError(f"`{name}` must be True or False, got {value!r}.")
         if isinstance(max_nonfinite_steps, bool) or not isinstance(max_nonfinite_steps, int) or max_nonfinite_steps < 1:
             raise ValueError(f"`max_nonfinite_steps` must be a positive integer, got {max_nonfinite_steps!r}; set it to e.g. 10.")
         self.lora_config = lora_config
@@ -76,7 +80,10 @@ class LoRAController:
         if check_checkpoints:
             patches.run_before(pl_module, "on_load_checkpoint", lambda checkpoint: self.validate_checkpoint(checkpoint, pl_module))
         adapter_keys = (lambda: self.adapter_keys(pl_module)) if self.adapter_only_checkpoint else None
-        strategies.install(trainer, pl_module, adapter_keys)
+        # Strategies that do not read through the checked reader (FSDP, a custom CheckpointIO) get the file checked first.
+        reads_checked = isinstance(getattr(trainer.strategy, "_checkpoint_io", None), checkpoints.AtomicCheckpointIO)
+        check_file = None if reads_checked and strategies.writes_single_file_checkpoints(trainer.strategy) else checkpoints.check_checkpoint
+        strategies.install(trainer, pl_module, adapter_keys, check_file)
 
     # -- injection -----------------------------------------------------------------------------
     def backbone_of(self, pl_module: nn.Module) -> nn.Module | None:
@@ -218,6 +225,20 @@ class LoRAController:
             checkpoint, self.require_injected(pl_module), pl_module, backbone=self.backbone, adapter_only=self.adapter_only_checkpoint
         )
 
+    def restore(self, pl_module: nn.Module, path: str | os.PathLike, parameter: str = "ckpt_path") -> None:
+        """Load a checkpoint file of a LoRA run into ``pl_module`` (LoRA injected) outside ``Trainer.fit``: the checked
+        reader, the resume checks, then the weights (``lightning-lora export`` does this)."""
+        checkpoint = checkpoints.load_checkpoint(path, parameter=parameter)
+        if "state_dict" not in checkpoint:
+            raise checkpoints.CheckpointError(f"`{parameter}`={str(path)!r} is not a Lightning checkpoint (no 'state_dict'); pass a .ckpt written by `fit`.")
+        self.validate_checkpoint(checkpoint, pl_module)
+        result = pl_module.load_state_dict(checkpoint["state_dict"], strict=False)
+        if result.unexpected_keys:
+            raise checkpoints.CheckpointError(
+                f"`{parameter}`={str(path)!r} holds {len(result.unexpected_keys)} tensors this model lacks "
+                f"(first: {result.unexpected_keys[0]!r}); pass the config it was trained with."
+            )
+
     # -- training steps (see guards.py) ------------------------------------------------------------
     def handle_nonfinite_gradients(self, trainer: Any, pl_module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.guard.check_gradients(trainer, optimizer)
@@ -236,18 +257,19 @@ class LoRAController:
 
     # -- export --------------------------------------------------------------------------------
     def export(self, trainer: Any, pl_module: nn.Module, export_dir: str | os.PathLike, merge: bool) -> Path | None:
-        """Write the PEFT-format adapter (and merged weights when asked) from rank zero; every rank gathers."""
+        """Write the PEFT-format adapter (and merged weights when asked) from rank zero; every rank gathers.
+
+        ``export_dir`` changes as a whole: ``adapter/`` and ``merged/`` come from the same weights, and a
+        run that fails or is killed while exporting leaves the previous export as it was.
+        """
         module = self.require_injected(pl_module)
         tensors = strategies.gather_adapter_state_dict(trainer, module)
         if not trainer.is_global_zero:
             return None
-        bad = guards.first_nonfinite(tensors)
-        if bad is not None:
-            raise RuntimeError(f"Refusing to export an adapter with non-finite weights (first: {bad!r}); nothing was written.")
-        export_dir = Path(export_dir)
-        save_adapter(module, export_dir / "adapter", state_dict=tensors)
-        if merge:
-            from lightning_lora.export import save_merged
+        with atomic_directory(export_dir, owned=("adapter", "merged"), parameter="export_dir") as tmp:
+            save_adapter(module, tmp / "adapter", state_dict=tensors)
+            if merge:
+                from lightning_lora.export import save_merged
 
-            save_merged(module, export_dir / "merged")
-        return export_dir
+                save_merged(module, tmp / "merged")
+        return Path(export_dir)

@@ -93,7 +93,19 @@ class LoRAMixin:
         super().on_save_checkpoint(checkpoint)
         self.lora_controller.filter_checkpoint(checkpoint, self)
 
+    @property
+    def strict_loading(self) -> bool:
+        # Adapter-only checkpoints lack the frozen backbone by design; ``load_from_checkpoint`` reads this
+        # before any hook runs, so it cannot wait for ``setup``. An explicit value wins.
+        explicit = getattr(self, "_strict_loading", None)
+        return (not self.adapter_only_checkpoint) if explicit is None else explicit
+
+    @strict_loading.setter
+    def strict_loading(self, value: bool) -> None:
+        self._strict_loading = value
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.lora_controller.maybe_inject(self)  # load_from_checkpoint never runs setup: inject now if the backbone exists
         self.lora_controller.validate_checkpoint(checkpoint, self)
         super().on_load_checkpoint(checkpoint)
 

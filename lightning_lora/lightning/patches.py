@@ -5,7 +5,8 @@ What is patched, and by whom:
 - the user's LightningModule instance: ``configure_model`` (inject right after it) and
   ``on_load_checkpoint`` (check the checkpoint first), by ``controller.LoRAController.setup``;
   ``configure_gradient_clipping`` under FSDP1, by ``strategies.install``;
-- the strategy instance: ``load_checkpoint`` (adapter-only sharded resume), by ``strategies.install``;
+- the strategy instance: ``load_checkpoint`` (the file checked first where the strategy reads it itself;
+  adapter-only sharded resume), by ``strategies.install``;
 - ``torch.distributed.checkpoint.load``, only while that wrapped ``load_checkpoint`` runs.
 
 Each patch sets one attribute of one object to a function carrying the ``MARKER`` attribute;
@@ -58,17 +59,6 @@ def run_after(obj: Any, name: str, extra: Callable[..., Any]) -> None:
         return result
 
     replace(obj, name, after)
-
-
-def run_inside(obj: Any, name: str, context: Callable[[], contextlib.AbstractContextManager[Any]]) -> None:
-    """Make ``obj.name(...)`` run the original inside ``with context():``; once per instance."""
-    original = getattr(obj, name)
-
-    def inside(*args: Any, **kwargs: Any) -> Any:
-        with context():
-            return original(*args, **kwargs)
-
-    replace(obj, name, inside)
 
 
 @contextlib.contextmanager

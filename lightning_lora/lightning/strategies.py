@@ -87,12 +87,19 @@ def check_quantization(quantization: QuantizationConfig, pl_module: nn.Module) -
         )
 
 
-def install(trainer: Any, pl_module: nn.Module, adapter_keys: Callable[[], set[str]] | None) -> None:
+def install(
+    trainer: Any,
+    pl_module: nn.Module,
+    adapter_keys: Callable[[], set[str]] | None,
+    check_file: Callable[[Any], None] | None = None,
+) -> None:
     """What the strategy needs patched, once per module and strategy (see ``patches``).
 
     FSDP1: ``configure_gradient_clipping`` clips by norm through the FSDP root. FSDP1 and FSDP2 with
     ``adapter_keys`` (adapter-only checkpoints): ``strategy.load_checkpoint`` resumes sharded checkpoints
-    that hold only the adapter.
+    that hold only the adapter. With ``check_file`` (strategies that read checkpoints without the
+    checked reader, e.g. FSDP's unrestricted unpickler): ``strategy.load_checkpoint`` calls it on the
+    path first.
     """
     kind = strategy_kind(trainer)
     if kind == "fsdp":
@@ -101,8 +108,9 @@ def install(trainer: Any, pl_module: nn.Module, adapter_keys: Callable[[], set[s
             _clip_gradients(pl_module, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
         patches.replace(pl_module, "configure_gradient_clipping", configure_gradient_clipping)
-    if adapter_keys is not None and kind in ("fsdp", "fsdp2"):
-        allow_adapter_only_sharded_load(trainer.strategy, adapter_keys)
+    sharded_adapter = adapter_keys is not None and kind in ("fsdp", "fsdp2")
+    if sharded_adapter or check_file is not None:
+        _wrap_load_checkpoint(trainer.strategy, adapter_keys if sharded_adapter else None, check_file)
 
 
 # -- clipping --------------------------------------------------------------------------------------
@@ -135,7 +143,21 @@ def gather_adapter_state_dict(trainer: Any, module: nn.Module) -> dict[str, torc
 # -- resuming sharded adapter-only checkpoints ------------------------------------------------------
 def allow_adapter_only_sharded_load(strategy: Any, adapter_keys: Callable[[], set[str]]) -> None:
     """Let ``strategy.load_checkpoint`` resume a sharded (distributed-checkpoint) checkpoint that holds only the adapter."""
-    patches.run_inside(strategy, "load_checkpoint", lambda: _adapter_only_dcp_load(adapter_keys))
+    _wrap_load_checkpoint(strategy, adapter_keys, None)
+
+
+def _wrap_load_checkpoint(strategy: Any, adapter_keys: Callable[[], set[str]] | None, check_file: Callable[[Any], None] | None) -> None:
+    """One patch of ``strategy.load_checkpoint``: check the file first, load sharded adapter-only checkpoints."""
+    original = strategy.load_checkpoint
+
+    def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        if check_file is not None:
+            check_file(checkpoint_path)
+        context = _adapter_only_dcp_load(adapter_keys) if adapter_keys is not None else contextlib.nullcontext()
+        with context:
+            return original(checkpoint_path, *args, **kwargs)
+
+    patches.replace(strategy, "load_checkpoint", load_checkpoint)
 
 
 def _adapter_only_dcp_load(adapter_keys: Callable[[], set[str]]) -> contextlib.AbstractContextManager[None]:
