@@ -19,7 +19,9 @@ _EXPORTS = {
     "LoRAConfig": "lightning_lora.config",
     "LoRALinear": "lightning_lora.layers",
     "LoRAMixin": "lightning_lora.lightning.mixin",
+    "ParamLoRA": "lightning_lora.param_lora",
     "QuantizationConfig": "lightning_lora.config",
+    "TrainableTokens": "lightning_lora.tokens",
     "adapter_state_dict": "lightning_lora.adapter_io",
     "backbone_fingerprint": "lightning_lora.inject",
     "cast_adapters": "lightning_lora.merge",
@@ -58,5 +60,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from lightning_lora.layers import LoRALinear
     from lightning_lora.lightning.callback import LoRACallback
     from lightning_lora.lightning.mixin import LoRAMixin
+    from lightning_lora.param_lora import ParamLoRA
+    from lightning_lora.tokens import TrainableTokens
     from lightning_lora.merge import cast_adapters, disable_lora, merge_lora, merged_state_dict, unmerge_lora
     from lightning_lora.quantization import quantize_model

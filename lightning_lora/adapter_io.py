@@ -26,12 +26,14 @@ from lightning_lora._matching import matches_suffix, path_under, unwrapped_name
 from lightning_lora.config import LoRAConfig, peft_fields
 from lightning_lora.inject import backbone_fingerprint, inject_lora, lora_state, plan_injection, require_lora_state
 from lightning_lora.layers import LoRALinear, is_supported_base
+from lightning_lora.param_lora import param_lora_layers
+from lightning_lora.tokens import token_layers
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 # PEFT features that change the math; an adapter using one cannot be loaded as plain LoRA.
-_UNSUPPORTED_PEFT_FLAGS = ("use_dora", "use_qalora", "lora_bias", "layer_replication", "trainable_token_indices")
+_UNSUPPORTED_PEFT_FLAGS = ("use_dora", "use_qalora", "lora_bias", "layer_replication")
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -64,12 +66,15 @@ def from_peft_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
             continue
         name = re.sub(r"\.lora_A(\.[^.]+)?\.weight$", ".lora_a.weight", name)  # PEFT may keep the adapter name
         name = re.sub(r"\.lora_B(\.[^.]+)?\.weight$", ".lora_b.weight", name)
+        name = re.sub(r"\.token_adapter\.trainable_tokens_delta(\.[^.]+)?$", ".trainable_tokens_delta", name)
         out[name] = value
     return out
 
 
 def _to_peft_name(name: str) -> str:
-    return name.replace(".lora_a.weight", ".lora_A.weight").replace(".lora_b.weight", ".lora_B.weight")
+    name = name.replace(".lora_a.weight", ".lora_A.weight").replace(".lora_b.weight", ".lora_B.weight")
+    # PEFT keeps trained embedding rows in a `token_adapter` submodule of its wrapper.
+    return re.sub(r"\.trainable_tokens_delta$", ".token_adapter.trainable_tokens_delta", name)
 
 
 def peft_config_dict(model: nn.Module, base_model_name_or_path: str | None = None) -> dict[str, Any]:
@@ -98,7 +103,8 @@ def peft_config_dict(model: nn.Module, base_model_name_or_path: str | None = Non
 def _peft_target_modules(model: nn.Module, targets: list[str], to_save: list[str]) -> list[str] | str:
     """Target names PEFT will resolve to exactly ``targets``: the short names if they suffice, else one regex."""
     wrapped = set(targets)
-    inside_lora = tuple(f"{t}." for t in targets)
+    # Inside a wrapper are its base layer and adapter linears, none of which PEFT sees in the original model.
+    inside_lora = tuple(f"{t}." for t in (*targets, *param_lora_layers(model), *token_layers(model)))
     candidates = [
         name
         for name, module in model.named_modules()
@@ -180,7 +186,8 @@ def lora_config_from_peft(config: dict[str, Any]) -> LoRAConfig:
     # A key the file lacks, or holds as null, means PEFT's default.
     values = {name: default if config.get(key) is None else config[key] for name, (key, default) in peft_fields().items()}
     values.update(
-        target_modules=values["target_modules"] or "all-linear",
+        # An empty or null target_modules with target_parameters means "parameters only" (PEFT's convention).
+        target_modules=values["target_modules"] or (None if values["target_parameters"] else "all-linear"),
         init="gaussian" if config.get("init_lora_weights", True) == "gaussian" else "kaiming",
     )
     return LoRAConfig(**values)
