@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from lightning_lora import serving
 from lightning_lora._version import __version__
 from lightning_lora._io import atomic_write, atomic_write_bytes
 from lightning_lora._matching import matches_suffix, path_under, unwrapped_name
@@ -126,16 +127,28 @@ def save_adapter(
     *,
     state_dict: dict[str, torch.Tensor] | None = None,
     base_model_name_or_path: str | None = None,
+    serving_targets: list[str] | str | None = None,
+    strict_serving: bool = False,
+    vllm_max_lora_rank: int = serving.VLLM_DEFAULT_MAX_LORA_RANK,
 ) -> Path:
     """Write ``model``'s adapter to ``directory`` in PEFT's format, each file atomically.
 
     ``state_dict`` overrides the tensors (e.g. gathered from FSDP shards); keys as in ``adapter_state_dict``.
+    ``serving_targets`` (``"vllm"``, ``"llama.cpp"``) says first which of those will refuse or mis-scale the adapter
+    and why (``lightning_lora.serving``): a warning, or with ``strict_serving=True`` a ValueError before any write.
     """
     state = require_lora_state(model, "save_adapter")
+    targets = serving.check_serving_targets(serving_targets)
+    if not isinstance(strict_serving, bool):
+        raise TypeError(f"`strict_serving` must be True or False, got {strict_serving!r}.")
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"`directory`={str(directory)!r} is a file; save_adapter needs a directory path.")
     tensors = adapter_state_dict(model) if state_dict is None else state_dict
+    if targets:
+        shapes = {key: tuple(value.shape) for key, value in to_peft_keys(tensors).items()}
+        issues = serving.serving_issues(peft_config_dict(model, base_model_name_or_path), shapes, targets, vllm_max_lora_rank=vllm_max_lora_rank)
+        serving.report(issues, strict_serving, f"save_adapter({str(directory)!r})")
     peft_tensors = {key: value.detach().to("cpu").contiguous() for key, value in to_peft_keys(tensors).items()}
     metadata = {
         "format": "pt",
