@@ -112,6 +112,10 @@ def groups_missing_ratio(optimizers: Iterable[torch.optim.Optimizer], fast: set[
     """What keeps LoRA+ from holding in ``optimizers``: B-side tensors in a group without the ratio, or a scheduler
     that gave both halves of a split group the same starting learning rate. Empty when all is well."""
     problems = []
+    optimizers = list(optimizers)
+    held = {id(p) for optimizer in optimizers for g in optimizer.param_groups for p in g["params"]}
+    if optimizers and fast and not fast & held:
+        problems.append("no optimizer holds a LoRA B matrix as its own tensor (flattened parameters, e.g. FSDP with use_orig_params=False)")
     for index, optimizer in enumerate(optimizers):
         groups = optimizer.param_groups
         unsplit = sum(1 for g in groups if g.get(RATIO_KEY) is None for p in g["params"] if id(p) in fast)
