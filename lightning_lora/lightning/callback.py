@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_lora.config import BiasMode, InitMode, LoRAConfig, QuantizationConfig
-from lightning_lora.lightning.controller import LoRAController
+from lightning_lora.lightning.controller import LoRAController, serving_options
 
 
 class LoRACallback(Callback):
@@ -40,6 +40,9 @@ class LoRACallback(Callback):
         init: InitMode = "kaiming",
         rank_pattern: dict[str, int] | None = None,
         alpha_pattern: dict[str, float] | None = None,
+        target_parameters: list[str] | None = None,
+        trainable_token_indices: list[int] | dict[str, list[int]] | None = None,
+        lora_plus_ratio: float | None = None,
         quantize: Literal["nf4", "fp4", "int8"] | None = None,
         double_quant: bool = True,
         compute_dtype: str | None = None,
@@ -51,6 +54,9 @@ class LoRACallback(Callback):
         skip_nonfinite: bool = True,
         max_nonfinite_steps: int = 10,
         compile_blocks: bool | list[str] = False,
+        serving_targets: list[str] | None = None,
+        strict_serving: bool = False,
+        vllm_max_lora_rank: int = 16,
     ) -> None:
         """
         Args:
@@ -65,6 +71,12 @@ class LoRACallback(Callback):
             init: Init of A: 'kaiming' or 'gaussian'; B starts at zero.
             rank_pattern: Per-module rank overrides: regex -> r.
             alpha_pattern: Per-module alpha overrides: regex -> alpha.
+            target_parameters: Parameters to adapt as `module.param` suffixes, e.g. ['experts.gate_up_proj',
+                'experts.down_proj'] for fused MoE experts; with target_modules=None, only those.
+            trainable_token_indices: Embedding rows to train (e.g. new tokens): token ids of the input embedding, or
+                {module suffix: ids}.
+            lora_plus_ratio: LoRA+: B matrices (and 1-D tensors) train at this multiple of each optimizer group's lr,
+                e.g. 16; the groups of the optimizer built in configure_optimizers are split as it is built.
             quantize: Quantize the frozen backbone with bitsandbytes: 'nf4', 'fp4', 'int8', or None.
             double_quant: Also quantize the 4-bit block scales.
             compute_dtype: Matmul dtype of 4-bit layers ('bfloat16', 'float16', 'float32'); default bf16 on GPU, fp32 on CPU.
@@ -77,6 +89,9 @@ class LoRACallback(Callback):
             max_nonfinite_steps: Stop with an error after this many skipped steps in a row.
             compile_blocks: torch.compile each decoder layer after injection (regional compilation): True for
                 transformers models (their ``_no_split_modules``), or a list of block class names.
+            serving_targets: Before the export writes, say which of 'vllm', 'llama.cpp' will refuse or mis-scale the adapter.
+            strict_serving: Make such a finding an error (nothing is written).
+            vllm_max_lora_rank: The --max-lora-rank the vLLM server runs with (vLLM's default 16).
         """
         super().__init__()
         lora_config = LoRAConfig(
@@ -91,13 +106,16 @@ class LoRACallback(Callback):
             use_rslora=use_rslora,
             rank_pattern=dict(rank_pattern or {}),
             alpha_pattern=dict(alpha_pattern or {}),
+            target_parameters=target_parameters,
+            trainable_token_indices=trainable_token_indices,
         )
         quantization = None
         if quantize is not None:
             quantization = QuantizationConfig(mode=quantize, double_quant=double_quant, compute_dtype=compute_dtype, quant_storage=quant_storage)
         self.controller = LoRAController(
-            lora_config, quantization, backbone, adapter_only_checkpoint, skip_nonfinite, max_nonfinite_steps, compile_blocks
+            lora_config, quantization, backbone, adapter_only_checkpoint, skip_nonfinite, max_nonfinite_steps, compile_blocks, lora_plus_ratio=lora_plus_ratio
         )
+        self.serving_options = serving_options(serving_targets, strict_serving, vllm_max_lora_rank)
         self.export_dir = export_dir
         self.merge_on_export = merge_on_export
 
@@ -131,7 +149,7 @@ class LoRACallback(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.export_dir is not None:
-            self.controller.export(trainer, pl_module, self.export_dir, self.merge_on_export)
+            self.controller.export(trainer, pl_module, self.export_dir, self.merge_on_export, self.serving_options)
 
     def state_dict(self) -> dict[str, Any]:
         # RNG states make dropout masks after a resume the same as in an uninterrupted run.
