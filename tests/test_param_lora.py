@@ -239,8 +239,9 @@ def test_quantized_parameter_is_refused():
         inject_lora(model, LoRAConfig(target_modules=None, target_parameters=["q_proj.weight"]))
 
 
-def test_yaml_config_reaches_experts_tokens_lora_plus_and_serving_checks(tmp_path):
-    """The shipped tiny config turned into a Mixtral run with every new option set in YAML, through `lightning-lora fit`."""
+def test_yaml_config_reaches_experts_tokens_lora_plus_and_serving_checks(tmp_path, capsys):
+    """The shipped tiny config turned into a Mixtral run with every new option set in YAML, through `lightning-lora fit`,
+    then `lightning-lora export` with the serving flags."""
     from test_cli import tiny_config
 
     from lightning_lora import cli
@@ -271,3 +272,15 @@ def test_yaml_config_reaches_experts_tokens_lora_plus_and_serving_checks(tmp_pat
     groups = torch.load(checkpoint, weights_only=True)["optimizer_states"][0]["param_groups"]
     # configure_adamw's two groups (matrices, 1-D), the matrices split by LoRA+: A side and token rows, then B.
     assert [(len(g["params"]), g["lora_plus_ratio"], g["initial_lr"]) for g in groups] == [(9, 1.0, 1e-3), (8, 16.0, 16e-3)]
+    # export: the flags override the config's serving options; strict stops before writing (exit 2)
+    base = ["export", "--checkpoint", str(checkpoint), "--config", str(config)]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*base, "--output", str(tmp_path / "strict"), "--serving-targets", "vllm", "--strict-serving", "--vllm-max-lora-rank", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "vllm refuses it (r): rank 8 is above --max-lora-rank 1" in err and "vllm refuses it (trainable_token_indices)" in err
+    assert not (tmp_path / "strict").exists()
+    with pytest.warns(UserWarning, match=r"llama.cpp refuses it \(target_parameters\)"):
+        cli.main([*base, "--output", str(tmp_path / "loose"), "--serving-targets", "llama.cpp"])
+    with safe_open(str(tmp_path / "loose" / ADAPTER_WEIGHTS_NAME), framework="pt") as handle:
+        assert set(handle.keys()) == keys

@@ -143,21 +143,3 @@ def test_bad_options_fail_when_the_callback_is_made(kwargs, error, match):
 def test_issue_reads_as_a_sentence():
     assert str(ServingIssue("vllm", "refuses", "bias", "why")) == "vllm refuses it (bias): why"
 
-
-def test_cli_export_flags_check_before_writing(tmp_path, capsys):
-    from test_cli import tiny_config
-
-    from lightning_lora import cli
-
-    config = tiny_config(tmp_path)
-    cli.main(["fit", "--config", str(config)])
-    (checkpoint,) = (tmp_path / "run" / "checkpoints").glob("*.ckpt")
-    base = ["export", "--checkpoint", str(checkpoint), "--config", str(config)]
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main([*base, "--output", str(tmp_path / "strict"), "--serving-targets", "vllm", "--strict-serving", "--vllm-max-lora-rank", "1"])
-    assert exit_info.value.code == 2
-    assert "vllm refuses it (r): rank 8 is above --max-lora-rank 1" in capsys.readouterr().err
-    assert not (tmp_path / "strict").exists()
-    with pytest.warns(UserWarning, match=r"rank 8 is above --max-lora-rank 1"):
-        cli.main([*base, "--output", str(tmp_path / "loose"), "--serving-targets", "vllm", "llama.cpp", "--vllm-max-lora-rank", "1"])
-    assert (tmp_path / "loose" / ADAPTER_WEIGHTS_NAME).is_file()
