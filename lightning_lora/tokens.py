@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_lora._matching import matches_suffix, path_under
+from lightning_lora._matching import embeddings_of, matches_suffix, path_under
 
 
 @dataclass(frozen=True)
@@ -42,15 +42,10 @@ def _is_token_base(module: nn.Module) -> bool:
 
 
 def _input_embedding_path(model: nn.Module) -> str | None:
-    get_input = getattr(model, "get_input_embeddings", None)
-    if callable(get_input):
-        try:
-            embedding = get_input()
-        except (NotImplementedError, AttributeError):
-            embedding = None
-        for name, module in model.named_modules():
-            if module is embedding and name:
-                return name
+    embedding = embeddings_of(model, "get_input_embeddings")
+    for name, module in model.named_modules():
+        if embedding is not None and module is embedding and name:
+            return name
     hits = [name for name, module in model.named_modules() if matches_suffix(name, "embed_tokens")]
     return hits[0] if len(hits) == 1 else None
 

@@ -22,6 +22,7 @@ which quantization leaves alone. Other test modules import these names: keep the
 - ``peft_param_name(key, modules_to_save=())``: the name PEFT's ``get_peft_model`` gives the parameter
   that ``adapter_state_dict`` keys ``key`` (PEFT is a test-only oracle).
 - ``copy_adapter_into_peft(model, peft_model)``: copy our adapter tensors into a PEFT model.
+- ``assert_same_adapter_files(a, b)``: two adapter directories hold the same tensor names and values.
 - ``model_snapshot(model)`` / ``assert_unchanged(model, snapshot)``: check that a failed call left a
   model exactly as it was (tensors, module types, requires_grad).
 """
@@ -137,7 +138,7 @@ def randomize_adapter(model: nn.Module, seed: int = 1, scale: float = 0.1) -> di
     generator = torch.Generator().manual_seed(seed)
     tensors = adapter_state_dict(model)
     for key, tensor in tensors.items():
-        noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32).to(tensor.dtype) * scale
+        noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32).to(device=tensor.device, dtype=tensor.dtype) * scale
         if key.endswith(".lora_b.weight"):
             tensor.copy_(noise)
         else:
@@ -165,6 +166,16 @@ def copy_adapter_into_peft(model: nn.Module, peft_model: nn.Module) -> None:
     peft_params = dict(peft_model.named_parameters())
     for key, tensor in adapter_state_dict(model).items():
         peft_params[peft_param_name(key, to_save)].copy_(tensor)
+
+
+def assert_same_adapter_files(a, b) -> None:
+    """The ``adapter_model.safetensors`` of directories ``a`` and ``b`` hold the same keys and bit-equal tensors."""
+    from safetensors import safe_open
+
+    with safe_open(f"{a}/adapter_model.safetensors", framework="pt") as left, safe_open(f"{b}/adapter_model.safetensors", framework="pt") as right:
+        assert set(left.keys()) == set(right.keys())
+        for key in left.keys():
+            assert torch.equal(left.get_tensor(key), right.get_tensor(key)), key
 
 
 def model_snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, bool]]:

@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 
 from _lightning import trainer
-from _models import assert_unchanged, copy_adapter_into_peft, model_snapshot, peft_param_name, randomize_adapter, tiny_moe, token_batch
+from _models import assert_same_adapter_files, assert_unchanged, copy_adapter_into_peft, model_snapshot, peft_param_name, randomize_adapter, tiny_moe, token_batch
 from lightning_lora import LoRACallback, LoRAConfig, ParamLoRA, adapter_state_dict, inject_lora, load_adapter, merge_lora, merged_state_dict, quantize_model, save_adapter, unmerge_lora
 from lightning_lora.adapter_io import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from lightning_lora.config import QuantizationConfig
@@ -106,9 +106,7 @@ def test_files_match_peft_both_ways(tmp_path, case):
     x = token_batch(seed=4)
     save_adapter(ours, tmp_path / "ours")
     peft.save_pretrained(tmp_path / "peft")
-    with safe_open(str(tmp_path / "ours" / ADAPTER_WEIGHTS_NAME), framework="pt") as a, safe_open(str(tmp_path / "peft" / ADAPTER_WEIGHTS_NAME), framework="pt") as b:
-        assert set(a.keys()) == set(b.keys())
-        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+    assert_same_adapter_files(tmp_path / "ours", tmp_path / "peft")
     config = json.loads((tmp_path / "ours" / ADAPTER_CONFIG_NAME).read_text())
     assert config["target_parameters"] == EXPERTS and config["lora_dropout"] == 0.0
     with torch.no_grad():

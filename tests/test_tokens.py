@@ -12,7 +12,7 @@ from safetensors import safe_open
 from torch import nn
 
 from _lightning import LlamaLM, token_loader, trainer
-from _models import assert_unchanged, copy_adapter_into_peft, model_snapshot, peft_param_name, randomize_adapter, tiny_llama, tiny_llama_tied, token_batch
+from _models import assert_same_adapter_files, assert_unchanged, copy_adapter_into_peft, model_snapshot, peft_param_name, randomize_adapter, tiny_llama, tiny_llama_tied, token_batch
 from lightning_lora import LoRACallback, LoRAConfig, TrainableTokens, adapter_state_dict, inject_lora, load_adapter, merge_lora, merged_state_dict, save_adapter, unmerge_lora
 from lightning_lora.adapter_io import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from lightning_lora.merge import disable_lora
@@ -82,9 +82,7 @@ def test_files_match_peft_both_ways(tmp_path, case):
     ours, peft = build_pair(case)
     save_adapter(ours, tmp_path / "ours")
     peft.save_pretrained(tmp_path / "peft")
-    with safe_open(str(tmp_path / "ours" / ADAPTER_WEIGHTS_NAME), framework="pt") as a, safe_open(str(tmp_path / "peft" / ADAPTER_WEIGHTS_NAME), framework="pt") as b:
-        assert set(a.keys()) == set(b.keys())
-        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+    assert_same_adapter_files(tmp_path / "ours", tmp_path / "peft")
     ours_config = json.loads((tmp_path / "ours" / ADAPTER_CONFIG_NAME).read_text())
     peft_config = json.loads((tmp_path / "peft" / ADAPTER_CONFIG_NAME).read_text())
     assert ours_config["trainable_token_indices"] == peft_config["trainable_token_indices"] == CASES[case][1]["trainable_token_indices"]
