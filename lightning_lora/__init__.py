@@ -19,18 +19,22 @@ _EXPORTS = {
     "LoRAConfig": "lightning_lora.config",
     "LoRALinear": "lightning_lora.layers",
     "LoRAMixin": "lightning_lora.lightning.mixin",
+    "ParamLoRA": "lightning_lora.param_lora",
     "QuantizationConfig": "lightning_lora.config",
+    "TrainableTokens": "lightning_lora.tokens",
     "adapter_state_dict": "lightning_lora.adapter_io",
     "backbone_fingerprint": "lightning_lora.inject",
     "cast_adapters": "lightning_lora.merge",
     "disable_lora": "lightning_lora.merge",
     "inject_lora": "lightning_lora.inject",
     "load_adapter": "lightning_lora.adapter_io",
+    "lora_plus_param_groups": "lightning_lora.lora_plus",
     "merge_lora": "lightning_lora.merge",
     "merged_state_dict": "lightning_lora.merge",
     "parameter_summary": "lightning_lora.inject",
     "quantize_model": "lightning_lora.quantization",
     "save_adapter": "lightning_lora.adapter_io",
+    "serving_issues": "lightning_lora.serving",
     "trainable_parameters": "lightning_lora.inject",
     "unmerge_lora": "lightning_lora.merge",
 }
@@ -58,5 +62,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from lightning_lora.layers import LoRALinear
     from lightning_lora.lightning.callback import LoRACallback
     from lightning_lora.lightning.mixin import LoRAMixin
+    from lightning_lora.lora_plus import lora_plus_param_groups
+    from lightning_lora.param_lora import ParamLoRA
+    from lightning_lora.serving import serving_issues
+    from lightning_lora.tokens import TrainableTokens
     from lightning_lora.merge import cast_adapters, disable_lora, merge_lora, merged_state_dict, unmerge_lora
     from lightning_lora.quantization import quantize_model

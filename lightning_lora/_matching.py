@@ -72,15 +72,22 @@ def suffix_regex(pattern: str) -> str:
 def output_head_names(model: nn.Module) -> set[str]:
     """Module paths of the output head(s): the model's output embeddings and the usual head names."""
     heads = {name for name, _ in model.named_modules() if name.rpartition(".")[2] in _HEAD_NAMES}
-    get_output = getattr(model, "get_output_embeddings", None)
-    if callable(get_output):
-        try:
-            out = get_output()
-        except (NotImplementedError, AttributeError):
-            out = None
-        if isinstance(out, nn.Module):
-            heads.update(name for name, module in model.named_modules() if module is out)
+    out = embeddings_of(model, "get_output_embeddings")
+    if out is not None:
+        heads.update(name for name, module in model.named_modules() if module is out)
     return heads
+
+
+def embeddings_of(model: nn.Module, getter: str) -> nn.Module | None:
+    """``model.get_input_embeddings()`` / ``get_output_embeddings()`` (``getter``) if the model has it and it is a module."""
+    get = getattr(model, getter, None)
+    if not callable(get):
+        return None
+    try:
+        found = get()
+    except (NotImplementedError, AttributeError):
+        return None
+    return found if isinstance(found, nn.Module) else None
 
 
 # Path components that FSDP, activation checkpointing and torch.compile insert when they wrap a submodule.

@@ -24,12 +24,15 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 from torch import nn
 
+from lightning_lora import serving
 from lightning_lora._version import __version__
 from lightning_lora._io import atomic_directory, read_files, require_directory_path
 from lightning_lora._matching import matches_suffix, path_under, pattern_value, unwrapped_name
 from lightning_lora.config import LoRAConfig, peft_fields
 from lightning_lora.inject import backbone_fingerprint, inject_lora, lora_state, plan_injection, require_lora_state
 from lightning_lora.layers import LoRALinear, is_supported_base, lora_layers, require_unmerged
+from lightning_lora.param_lora import param_lora_layers
+from lightning_lora.tokens import token_layers
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -45,9 +48,9 @@ _PEFT_METADATA = frozenset({
 })  # fmt: skip
 # Features whose math this library does not implement: refused unless at PEFT's default (None, False or empty).
 _PEFT_REFUSED = frozenset({
-    "layers_to_transform", "layers_pattern", "megatron_config", "trainable_token_indices", "loftq_config", "eva_config",
+    "layers_to_transform", "layers_pattern", "megatron_config", "loftq_config", "eva_config",
     "corda_config", "lora_ga_config", "use_dora", "velora_config", "alora_invocation_tokens", "use_qalora",
-    "monteclora_config", "layer_replication", "lora_bias", "target_parameters", "use_bdlora", "arrow_config",
+    "monteclora_config", "layer_replication", "lora_bias", "use_bdlora", "arrow_config",
     "kasa_config", "ensure_weight_tying",
 })  # fmt: skip
 # init_lora_weights values that only decide the initial A and B (a loaded adapter overwrites both); the others
@@ -85,12 +88,15 @@ def from_peft_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
             continue
         name = re.sub(r"\.lora_A(\.[^.]+)?\.weight$", ".lora_a.weight", name)  # PEFT may keep the adapter name
         name = re.sub(r"\.lora_B(\.[^.]+)?\.weight$", ".lora_b.weight", name)
+        name = re.sub(r"\.token_adapter\.trainable_tokens_delta(\.[^.]+)?$", ".trainable_tokens_delta", name)
         out[name] = value
     return out
 
 
 def _to_peft_name(name: str) -> str:
-    return name.replace(".lora_a.weight", ".lora_A.weight").replace(".lora_b.weight", ".lora_B.weight")
+    name = name.replace(".lora_a.weight", ".lora_A.weight").replace(".lora_b.weight", ".lora_B.weight")
+    # PEFT keeps trained embedding rows in a `token_adapter` submodule of its wrapper.
+    return re.sub(r"\.trainable_tokens_delta$", ".token_adapter.trainable_tokens_delta", name)
 
 
 def peft_config_dict(model: nn.Module, base_model_name_or_path: str | None = None) -> dict[str, Any]:
@@ -119,7 +125,8 @@ def peft_config_dict(model: nn.Module, base_model_name_or_path: str | None = Non
 def _peft_target_modules(model: nn.Module, targets: list[str], to_save: list[str]) -> list[str] | str:
     """Target names PEFT will resolve to exactly ``targets``: the short names if they suffice, else one regex."""
     wrapped = set(targets)
-    inside_lora = tuple(f"{t}." for t in targets)
+    # Inside a wrapper are its base layer and adapter linears, none of which PEFT sees in the original model.
+    inside_lora = tuple(f"{t}." for t in (*targets, *param_lora_layers(model), *token_layers(model)))
     candidates = [
         name
         for name, module in model.named_modules()
@@ -141,17 +148,29 @@ def save_adapter(
     *,
     state_dict: dict[str, torch.Tensor] | None = None,
     base_model_name_or_path: str | None = None,
+    serving_targets: list[str] | str | None = None,
+    strict_serving: bool = False,
+    vllm_max_lora_rank: int = serving.VLLM_DEFAULT_MAX_LORA_RANK,
 ) -> Path:
     """Write ``model``'s adapter to ``directory`` in PEFT's format; the directory changes as a whole or not at all.
 
     ``state_dict`` overrides the tensors (e.g. gathered from FSDP shards); keys as in ``adapter_state_dict``.
     Refuses, before writing anything, an adapter with a non-floating or non-finite tensor. The weights'
     metadata carries the LoRA config and a checksum of the tensors, which ``read_adapter`` checks.
+    ``serving_targets`` (``"vllm"``, ``"llama.cpp"``) says first which of those will refuse or mis-scale the adapter
+    and why (``lightning_lora.serving``): a warning, or with ``strict_serving=True`` a ValueError before any write.
     """
     state = require_lora_state(model, "save_adapter")
+    targets = serving.check_serving_targets(serving_targets)
+    if not isinstance(strict_serving, bool):
+        raise TypeError(f"`strict_serving` must be True or False, got {strict_serving!r}.")
     directory = require_directory_path(directory, "directory")
     tensors = adapter_state_dict(model) if state_dict is None else state_dict
     check_adapter_values(tensors, "the adapter to save", what="Refusing to write it; nothing was written")
+    if targets:
+        shapes = {key: tuple(value.shape) for key, value in to_peft_keys(tensors).items()}
+        issues = serving.serving_issues(peft_config_dict(model, base_model_name_or_path), shapes, targets, vllm_max_lora_rank=vllm_max_lora_rank)
+        serving.report(issues, strict_serving, f"save_adapter({str(directory)!r})")
     peft_tensors, storages = {}, set()
     for key, value in to_peft_keys(tensors).items():
         value = value.detach().to("cpu").contiguous()
@@ -292,7 +311,11 @@ def lora_config_from_peft(config: dict[str, Any]) -> LoRAConfig:
         )
     # A key the file lacks, or holds as null, means PEFT's default.
     values = {name: default if config.get(key) is None else config[key] for name, (key, default) in peft_fields().items()}
-    values.update(target_modules=values["target_modules"] or "all-linear", init="gaussian" if init == "gaussian" else "kaiming")
+    values.update(
+        # An empty or null target_modules with target_parameters means "parameters only" (PEFT's convention).
+        target_modules=values["target_modules"] or (None if values.get("target_parameters") else "all-linear"),
+        init="gaussian" if init == "gaussian" else "kaiming",
+    )
     try:
         return LoRAConfig(**values)
     except (ValueError, TypeError) as err:

@@ -8,7 +8,7 @@ LoRACallback in ``trainer.callbacks``::
 
 Three more commands are dispatched before Lightning's parser sees the arguments::
 
-    lightning-lora export   --checkpoint CKPT --config CFG --output DIR [--merged]
+    lightning-lora export   --checkpoint CKPT --config CFG --output DIR [--merged] [--serving-targets vllm llama.cpp [--strict-serving]]
     lightning-lora merge    --base MODEL_DIR_OR_CFG --adapter DIR --output DIR
     lightning-lora estimate --model CONFIG_JSON [--quantization nf4 --r 16 --batch-size 2 --seq-len 2048 ...]
     lightning-lora estimate --model CONFIG_JSON --strategy fsdp2 --num-gpus 64 --measure   # + measured on this GPU
@@ -214,6 +214,12 @@ def export_command(argv: Sequence[str]) -> None:
     parser.add_argument(
         "--dtype", choices=("float32", "bfloat16", "float16"), help="Dtype of merged weights (default: the backbone's)."
     )
+    parser.add_argument(
+        "--serving-targets", nargs="+", choices=("vllm", "llama.cpp"), default=None,
+        help="Say before writing which of these will refuse or mis-scale the adapter (default: the callback's serving_targets).",
+    )
+    parser.add_argument("--strict-serving", action="store_true", default=None, help="Make such a finding an error; nothing is written.")
+    parser.add_argument("--vllm-max-lora-rank", type=int, default=None, help="The vLLM server's --max-lora-rank (default: the callback's, 16).")
     args = parser.parse_args(argv)
     _require_file("--checkpoint", args.checkpoint, "the .ckpt file written by `lightning-lora fit`")
     _require_file("--config", args.config, "the YAML config used for training")
@@ -232,7 +238,14 @@ def export_command(argv: Sequence[str]) -> None:
     else:
         from lightning_lora.adapter_io import save_adapter
 
-        save_adapter(backbone, output, base_model_name_or_path=_base_name(module))
+        options = dict(callback.serving_options)  # the config's, overridden by the flags given here
+        for key in ("serving_targets", "strict_serving", "vllm_max_lora_rank"):
+            if getattr(args, key) is not None:
+                options[key] = getattr(args, key)
+        try:
+            save_adapter(backbone, output, base_model_name_or_path=_base_name(module), **options)
+        except ValueError as err:  # strict serving checks, raised before anything is written
+            raise CLIError(str(err)) from None
         print(f"Wrote the PEFT-format adapter to {output}")
 
 

@@ -69,8 +69,9 @@ class LoRAConfig:
     """Scale numerator: the update is multiplied by ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA)."""
     dropout: float = field(default=0.0, metadata={"peft": "lora_dropout"})
     """Dropout on the LoRA input, in [0, 1)."""
-    target_modules: list[str] | str = field(default="all-linear", metadata={"peft": "target_modules", "adapter": True})
-    """Module names matched as a dotted-path suffix, one regex matched against the full path, or 'all-linear'."""
+    target_modules: list[str] | str | None = field(default="all-linear", metadata={"peft": "target_modules", "adapter": True})
+    """Module names matched as a dotted-path suffix, one regex matched against the full path, or 'all-linear'
+    (None: no module, when ``target_parameters`` names what to adapt)."""
     exclude_modules: list[str] | str | None = field(default=None, metadata={"peft": "exclude_modules", "adapter": True})
     """Modules never adapted, in the same forms as ``target_modules``."""
     bias: BiasMode = field(default="none", metadata={"peft": "bias", "adapter": True})
@@ -85,6 +86,14 @@ class LoRAConfig:
     """Per-module rank overrides: regex (matched as a path suffix) -> r."""
     alpha_pattern: dict[str, float] = field(default_factory=dict, metadata={"peft": "alpha_pattern", "adapter": True})
     """Per-module alpha overrides: regex (matched as a path suffix) -> alpha."""
+    target_parameters: list[str] | None = field(default=None, metadata={"peft": "target_parameters", "adapter": True})
+    """Parameters (not modules) to adapt, as ``module.param`` path suffixes, e.g. ``['experts.gate_up_proj',
+    'experts.down_proj']`` for the fused 3-D expert weights of transformers' MoE models (PEFT's ``target_parameters``)."""
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = field(
+        default=None, metadata={"peft": "trainable_token_indices", "adapter": True}
+    )
+    """Embedding rows to train (e.g. new tokens): a list of token ids for the input embedding, or
+    ``{module suffix: ids}``; only those rows train and are saved (PEFT's ``trainable_token_indices``)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -99,9 +108,16 @@ class LoRAConfig:
             raise ValueError(f"`init` must be one of {_INIT_MODES}, got {self.init!r}.")
         if not isinstance(self.use_rslora, bool):  # "false" is truthy: a string must not switch rsLoRA on
             raise TypeError(f"`use_rslora` must be True or False, got {self.use_rslora!r}.")
-        if isinstance(self.target_modules, (list, tuple)) and len(self.target_modules) == 0:
-            raise ValueError(f"`target_modules` is empty (got {self.target_modules!r}): name at least one module, e.g. ['q_proj', 'v_proj'], or use 'all-linear'.")
-        if self.target_modules != "all-linear":
+        self.target_parameters = _check_target_parameters(self.target_parameters, self.dropout)
+        self.trainable_token_indices = _check_token_indices(self.trainable_token_indices)
+        if self.target_modules is None or (isinstance(self.target_modules, (list, tuple)) and len(self.target_modules) == 0):
+            if not self.target_parameters:
+                raise ValueError(
+                    f"`target_modules` is empty (got {self.target_modules!r}): name at least one module, e.g. ['q_proj', 'v_proj'], "
+                    "or use 'all-linear' (None is for adapting parameters only, with `target_parameters`)."
+                )
+            self.target_modules = None
+        elif self.target_modules != "all-linear":
             _check_patterns("target_modules", self.target_modules)
         _check_patterns("exclude_modules", self.exclude_modules)
         if self.modules_to_save is not None:
@@ -128,6 +144,45 @@ class LoRAConfig:
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickled as a call on plain values, which torch.load(weights_only=True) allows (see _rebuild_config).
         return (_rebuild_config, ("LoRAConfig", self.to_dict()))
+
+
+def _check_target_parameters(value: Any, dropout: float) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise TypeError(
+            f"`target_parameters` must be a list of parameter paths, got {value!r}. Pass e.g. ['experts.gate_up_proj', "
+            "'experts.down_proj'] (suffixes of `module.parameter` paths; regexes are not supported, as in PEFT)."
+        )
+    if not value:
+        raise ValueError("`target_parameters` is an empty list: name at least one parameter, e.g. ['experts.down_proj'], or pass None.")
+    if dropout:
+        # The update of a parameter is folded into the weight, so there is no LoRA input to drop (PEFT refuses this too).
+        raise ValueError(f"`dropout`={dropout!r} cannot be used with `target_parameters`: set `dropout`=0.0.")
+    return list(value)
+
+
+def _check_token_indices(value: Any) -> list[int] | dict[str, list[int]] | None:
+    if value is None:
+        return None
+    example = "Pass e.g. [32000, 32001] (rows of the input embedding) or {'embed_tokens': [32000, 32001]}."
+
+    def ids(name: str, items: Any) -> list[int]:
+        if isinstance(items, (str, bytes)) or not isinstance(items, (list, tuple)) or not items:
+            raise TypeError(f"`{name}` must be a non-empty list of token ids, got {items!r}. {example}")
+        bad = [i for i in items if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+        if bad:
+            raise ValueError(f"`{name}` holds {bad[:3]!r}, which are not token ids (non-negative integers). {example}")
+        if len(set(items)) != len(items):
+            repeated = sorted({i for i in items if list(items).count(i) > 1})
+            raise ValueError(f"`{name}` lists token ids {repeated} more than once: give each row once.")
+        return list(items)
+
+    if isinstance(value, dict):
+        if not value or not all(isinstance(key, str) and key for key in value):
+            raise TypeError(f"`trainable_token_indices` as a dict must map module names to token ids, got {value!r}. {example}")
+        return {key: ids(f"trainable_token_indices[{key!r}]", items) for key, items in value.items()}
+    return ids("trainable_token_indices", value)
 
 
 ADAPTER_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(LoRAConfig) if f.metadata.get("adapter"))

@@ -16,6 +16,8 @@ from lightning_lora import quantization
 from lightning_lora._matching import matches_any, output_head_names, path_under, pattern_value, replace_modules, unwrapped_name
 from lightning_lora.config import LoRAConfig, QuantizationConfig
 from lightning_lora.layers import LoRALinear, base_features, is_supported_base, lora_layers
+from lightning_lora.param_lora import ParamLoRA, ParamPlan, find_parameter_targets, plan_parameters
+from lightning_lora.tokens import TokenPlan, TrainableTokens, plan_tokens
 
 _STATE_ATTR = "_lightning_lora"
 
@@ -46,11 +48,20 @@ class InjectionPlan:
     """Paths of the modules trained in full and saved with the adapter."""
     quantize: list[str] = field(default_factory=list)
     """Paths of the linears replaced by bitsandbytes layers before wrapping."""
+    parameters: dict[str, ParamPlan] = field(default_factory=dict)
+    """Targeted parameter path (``target_parameters``) -> its ``ParamLoRA``."""
+    tokens: dict[str, TokenPlan] = field(default_factory=dict)
+    """Embedding / head path (``trainable_token_indices``) -> the rows its ``TrainableTokens`` trains."""
     _layer_tensors: frozenset[str] = field(init=False, repr=False, compare=False)
+    _owners: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         names = LoRALinear.adapter_names(self.config.bias)
-        self._layer_tensors = frozenset(f"{path}.{name}" for path in self.layers for name in names)
+        tensors = {f"{path}.{name}" for path in self.layers for name in names}
+        tensors |= {f"{p.wrapper}.{name}" for p in self.parameters.values() for name in ParamLoRA.adapter_names()}
+        tensors |= {f"{path}.trainable_tokens_delta" for path, t in self.tokens.items() if t.tied_to is None}
+        self._layer_tensors = frozenset(tensors)
+        self._owners = {p.owner: p.depth for p in self.parameters.values()}
 
     @property
     def targets(self) -> list[str]:
@@ -65,7 +76,12 @@ class InjectionPlan:
     def injected_name(self, name: str) -> str:
         """The path the parameter ``name`` of the model gets by injection: a wrapped layer's own move under ``.base_layer``."""
         parent, _, leaf = name.rpartition(".")
-        return f"{parent}.base_layer.{leaf}" if parent in self.layers else name
+        if parent in self.layers or parent in self.tokens:
+            return f"{parent}.base_layer.{leaf}"
+        for owner, depth in self._owners.items():  # a ParamLoRA owner's tensors move under one base_layer per wrapper
+            if path_under(parent, owner):
+                return owner + ".base_layer" * depth + name[len(owner) :]
+        return name
 
     def adapter_shapes(self, model: nn.Module) -> dict[str, tuple[int, ...]]:
         """The keys and shapes ``adapter_state_dict`` will hold once ``model`` (not injected yet) follows this plan."""
@@ -73,6 +89,12 @@ class InjectionPlan:
         for path, layer in self.layers.items():
             for name, shape in LoRALinear.adapter_shapes(layer.in_features, layer.out_features, layer.r).items():
                 shapes[f"{path}.{name}"] = shape
+        for p in self.parameters.values():
+            for name, shape in ParamLoRA.adapter_shapes(p.num_experts, p.in_features, p.out_features, p.r).items():
+                shapes[f"{p.wrapper}.{name}"] = shape
+        for path, tokens in self.tokens.items():
+            if tokens.tied_to is None:
+                shapes[f"{path}.trainable_tokens_delta"] = (len(tokens.indices), tokens.dim)
         for name, param in model.named_parameters(remove_duplicate=False):  # a tied tensor under every name
             injected = self.injected_name(unwrapped_name(name))
             if self.is_adapter_param(injected):
@@ -131,11 +153,15 @@ def plan_injection(model: nn.Module, config: LoRAConfig, quantization_config: Qu
         in_features, out_features = base_features(model.get_submodule(path))
         r = int(pattern_value(path, config.rank_pattern, config.r))
         layers[path] = LayerPlan(r, float(pattern_value(path, config.alpha_pattern, config.alpha)), in_features, out_features)
+    forbidden = {**dict.fromkeys(layers, "the LoRA layer"), **dict.fromkeys(to_save, "modules_to_save")}
+    parameters = plan_parameters(model, config, find_parameter_targets(model, config, forbidden), pattern_value)
+    forbidden.update({p.owner: "the target_parameters module" for p in parameters.values()})
+    tokens = plan_tokens(model, config.trainable_token_indices, forbidden)
     quantize = []
     if quantization_config is not None:
-        skip = output_head_names(model) | {name for name, _ in model.named_modules() if path_under(name, to_save)}
+        skip = output_head_names(model) | {name for name, _ in model.named_modules() if path_under(name, [*to_save, *tokens, *(p.owner for p in parameters.values())])}
         quantize = quantization.quantization_targets(model, quantization_config, skip=skip)
-    return InjectionPlan(config, layers, to_save, quantize)
+    return InjectionPlan(config, layers, to_save, quantize, parameters, tokens)
 
 
 def _check_tied(model: nn.Module, to_save: list[str]) -> None:
@@ -177,6 +203,8 @@ def find_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str]:
 
 def find_targets(model: nn.Module, config: LoRAConfig, skip: list[str] = ()) -> list[str]:
     """Paths of the layers ``config`` adapts, validated: raises with the candidates when nothing fits."""
+    if config.target_modules is None:
+        return []  # only target_parameters
     heads = output_head_names(model)
     candidates = [name for name, module in model.named_modules() if name and is_supported_base(module)]
     if config.target_modules == "all-linear":
@@ -237,10 +265,16 @@ def inject_lora(
     if quantization_config is not None:
         quantization.require_bitsandbytes("quantization_config", quantization_config)
         bases = quantization.quantized_copies(model, quantization_config, plan.quantize, device=device)
-    wrapped = {
+    wrapped: dict[str, nn.Module] = {
         path: LoRALinear.from_config(bases[path] if path in bases else model.get_submodule(path), config, r=layer.r, alpha=layer.alpha)
         for path, layer in plan.layers.items()
     }
+    for key, target in plan.parameters.items():  # in each owner's registration order: the first one is innermost
+        inner = wrapped.get(target.owner) or model.get_submodule(target.owner)
+        wrapped[target.owner] = ParamLoRA.from_config(inner, key.rpartition(".")[2], config, r=target.r, alpha=target.alpha)
+    for path, tokens in sorted(plan.tokens.items(), key=lambda item: item[1].tied_to is not None):  # sources before tied heads
+        source = None if tokens.tied_to is None else wrapped[tokens.tied_to]
+        wrapped[path] = TrainableTokens(model.get_submodule(path), tokens.indices, source=source)
     replace_modules(model, {**bases, **wrapped})  # a quantized target goes in inside its LoRA layer
     if quantization_config is not None:
         quantization.mark_quantized(model, quantization_config, bool(bases))
@@ -260,6 +294,11 @@ def refuse_peft_model(model: nn.Module, caller: str) -> None:
                 f"`{caller}` got a model wrapped by PEFT ({where}): its LoRA would nest inside PEFT's layers. "
                 "Pass the base model, or call `model.merge_and_unload()` (or `model.unload()`) on the PEFT model first."
             )
+
+
+def adapter_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every adapter layer of ``model`` by path: ``LoRALinear``, ``ParamLoRA`` and ``TrainableTokens`` (merge, disable)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (LoRALinear, ParamLoRA, TrainableTokens))}
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -312,9 +351,10 @@ def backbone_fingerprint(model: nn.Module) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    adapter = {id(m) for layer in lora_layers(model).values() for part in (layer.lora_a, layer.lora_b) for m in part.modules()}
+    wrappers = (LoRALinear, ParamLoRA, TrainableTokens)  # they own only adapter tensors (and their base layer)
+    adapter = {id(m) for w in model.modules() if isinstance(w, (LoRALinear, ParamLoRA)) for part in (w.lora_a, w.lora_b) for m in part.modules()}
     for module_name, module in model.named_modules():
-        if isinstance(module, LoRALinear) or id(module) in adapter:
+        if isinstance(module, wrappers) or id(module) in adapter:
             continue
         clean = unwrapped_name(module_name).replace(".base_layer", "")
         for name, param in module.named_parameters(recurse=False):

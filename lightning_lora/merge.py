@@ -11,8 +11,11 @@ from torch import nn
 
 from lightning_lora import quantization
 from lightning_lora.config import _DTYPES, _dtype_name
-from lightning_lora.inject import require_lora_state
+from lightning_lora._matching import join_path, unwrapped_name
+from lightning_lora.inject import adapter_modules, require_lora_state
 from lightning_lora.layers import lora_layers, require_unmerged
+from lightning_lora.param_lora import ParamLoRA, merged_owner_state
+from lightning_lora.tokens import TrainableTokens
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -22,7 +25,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     states the measured relative error. ``unmerge_lora`` restores the original quantized weight exactly.
     """
     require_lora_state(model, "merge_lora")
-    errors = [error for layer in lora_layers(model).values() if (error := layer.merge()) is not None]
+    errors = [error for layer in adapter_modules(model).values() if (error := layer.merge()) is not None]
     if errors:
         warnings.warn(
             f"Merged LoRA into {len(errors)} quantized layers by dequantize -> add -> requantize. Measured relative "
@@ -36,7 +39,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 def unmerge_lora(model: nn.Module) -> nn.Module:
     """Take merged updates back out of the base weights (idempotent)."""
     require_lora_state(model, "unmerge_lora")
-    for layer in lora_layers(model).values():
+    for layer in adapter_modules(model).values():
         layer.unmerge()
     return model
 
@@ -44,7 +47,7 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 @contextmanager
 def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model alone inside the block: ``with disable_lora(model): base_out = model(x)``."""
-    layers = list(lora_layers(model).values())
+    layers = list(adapter_modules(model).values())
     if not layers:
         raise ValueError("`disable_lora` got a model without LoRA layers: call `inject_lora` first.")
     if any(layer.merged for layer in layers):
@@ -68,14 +71,22 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
     the dequantized weight, so no second rounding happens. ``dtype`` casts floating tensors (default:
     the dtype of the model's first floating parameter that is not a LoRA or quantized weight).
     """
-    require_lora_state(model, "merged_state_dict")
+    plan = require_lora_state(model, "merged_state_dict").plan
     layers = lora_layers(model)
     quantized = {name: module for name, module in model.named_modules() if quantization.is_quantized(module)}
+    # ParamLoRA (outermost per owner) and TrainableTokens give their module's merged state themselves.
+    wrapped = {
+        name: module
+        for name, module in adapter_modules(model).items()
+        if isinstance(module, TrainableTokens) or (isinstance(module, ParamLoRA) and not name.endswith(".base_layer"))
+    }
     if dtype is None:
-        adapter = {id(p) for layer in layers.values() for p in (*layer.lora_a.parameters(), *layer.lora_b.parameters())}
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and id(p) not in adapter), torch.float32)
+        dtype = next(
+            (p.dtype for n, p in model.named_parameters() if p.is_floating_point() and not plan.is_adapter_param(unwrapped_name(n))),
+            torch.float32,
+        )
     out: dict[str, torch.Tensor] = {}
-    skip_prefixes = tuple(f"{name}." for name in (*layers, *quantized))
+    skip_prefixes = tuple(f"{name}." for name in (*layers, *quantized, *wrapped))
     for key, value in model.state_dict().items():
         if key.startswith(skip_prefixes):
             continue
@@ -84,6 +95,10 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
         out[f"{name}.weight"] = layer.merged_weight().to(dtype)
         if layer.base_layer.bias is not None:
             out[f"{name}.bias"] = layer.base_layer.bias.detach().to(dtype)
+    for name, module in wrapped.items():
+        state = merged_owner_state(module) if isinstance(module, ParamLoRA) else module.merged_state()
+        for key, value in state.items():
+            out[join_path(name, key)] = value.to(dtype) if value.is_floating_point() else value
     for name, module in quantized.items():
         if name.endswith(".base_layer") and name[: -len(".base_layer")] in layers:
             continue
@@ -112,7 +127,7 @@ def cast_adapters(model: nn.Module, dtype: torch.dtype | str) -> nn.Module:
         dtype = _DTYPES.get(_dtype_name(dtype), dtype)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"`dtype` must be a floating torch dtype such as torch.bfloat16, got {dtype!r}.")
-    for layer in lora_layers(model).values():
+    for layer in (*lora_layers(model).values(), *(m for m in adapter_modules(model).values() if isinstance(m, ParamLoRA))):
         layer.lora_a.to(dtype)
         layer.lora_b.to(dtype)
     return model

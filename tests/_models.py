@@ -12,12 +12,17 @@ which quantization leaves alone. Other test modules import these names: keep the
 - ``tiny_bert_classifier(seed=0, num_labels=2)``: ``BertForSequenceClassification``, hidden 64,
   2 layers, 4 heads, intermediate 128, vocab 128. Linear layers: query/key/value, dense (x3 per
   layer), pooler.dense, classifier.
+- ``tiny_moe(kind="mixtral", seed=0)``: a 2-layer MoE causal LM (hidden 64, 4 experts, top-2, vocab 128) whose
+  experts are transformers v5 fused 3-D parameters ``experts.gate_up_proj`` / ``experts.down_proj``: ``"mixtral"``
+  and ``"qwen3_moe"`` store them (E, out, in), ``"gpt_oss"`` (E, in, out) with biases (``is_transposed``).
+- ``tiny_llama_tied(seed=0)``: ``tiny_llama`` with ``tie_word_embeddings=True`` (lm_head shares the embedding).
 - ``token_batch(seed=0, batch=2, seq=8, vocab=128)``: a (batch, seq) LongTensor of token ids.
 - ``randomize_adapter(model, seed=1)``: give every adapter tensor of an injected model (B included,
   which starts at zero) seeded random values, so comparisons are not trivially equal.
 - ``peft_param_name(key, modules_to_save=())``: the name PEFT's ``get_peft_model`` gives the parameter
   that ``adapter_state_dict`` keys ``key`` (PEFT is a test-only oracle).
 - ``copy_adapter_into_peft(model, peft_model)``: copy our adapter tensors into a PEFT model.
+- ``assert_same_adapter_files(a, b)``: two adapter directories hold the same tensor names and values.
 - ``model_snapshot(model)`` / ``assert_unchanged(model, snapshot)``: check that a failed call left a
   model exactly as it was (tensors, module types, requires_grad).
 """
@@ -50,6 +55,33 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).train()
+
+
+def tiny_llama_tied(seed: int = 0) -> LlamaForCausalLM:
+    """``tiny_llama`` with its lm_head tied to the input embedding."""
+    model = tiny_llama(seed)
+    config = model.config
+    config.tie_word_embeddings = True
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).train()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+def tiny_moe(kind: str = "mixtral", seed: int = 0) -> nn.Module:
+    """A 2-layer MoE LM with fused 3-D expert parameters (4 experts, top-2, hidden 64, expert width 96)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shared = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    extra = {
+        "mixtral": dict(intermediate_size=96, num_local_experts=4, num_experts_per_tok=2),
+        "qwen3_moe": dict(intermediate_size=128, moe_intermediate_size=96, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, head_dim=16),
+        "gpt_oss": dict(intermediate_size=96, num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=32, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    }[kind]
+    config = AutoConfig.for_model(kind, **shared, **extra, tie_word_embeddings=False)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).train()
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
@@ -106,7 +138,7 @@ def randomize_adapter(model: nn.Module, seed: int = 1, scale: float = 0.1) -> di
     generator = torch.Generator().manual_seed(seed)
     tensors = adapter_state_dict(model)
     for key, tensor in tensors.items():
-        noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32).to(tensor.dtype) * scale
+        noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32).to(device=tensor.device, dtype=tensor.dtype) * scale
         if key.endswith(".lora_b.weight"):
             tensor.copy_(noise)
         else:
@@ -120,6 +152,7 @@ def peft_param_name(key: str, modules_to_save: Iterable[str] = ()) -> str:
         if key.startswith(root + "."):
             return f"base_model.model.{root}.modules_to_save.default.{key[len(root) + 1 :]}"
     key = key.replace(".lora_a.weight", ".lora_A.default.weight").replace(".lora_b.weight", ".lora_B.default.weight")
+    key = key.replace(".trainable_tokens_delta", ".token_adapter.trainable_tokens_delta.default")
     return "base_model.model." + key
 
 
@@ -133,6 +166,16 @@ def copy_adapter_into_peft(model: nn.Module, peft_model: nn.Module) -> None:
     peft_params = dict(peft_model.named_parameters())
     for key, tensor in adapter_state_dict(model).items():
         peft_params[peft_param_name(key, to_save)].copy_(tensor)
+
+
+def assert_same_adapter_files(a, b) -> None:
+    """The ``adapter_model.safetensors`` of directories ``a`` and ``b`` hold the same keys and bit-equal tensors."""
+    from safetensors import safe_open
+
+    with safe_open(f"{a}/adapter_model.safetensors", framework="pt") as left, safe_open(f"{b}/adapter_model.safetensors", framework="pt") as right:
+        assert set(left.keys()) == set(right.keys())
+        for key in left.keys():
+            assert torch.equal(left.get_tensor(key), right.get_tensor(key)), key
 
 
 def model_snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, bool]]:

@@ -24,6 +24,8 @@ def test_lora_config_defaults_and_to_dict():
         "use_rslora": False,
         "rank_pattern": {},
         "alpha_pattern": {},
+        "target_parameters": None,
+        "trainable_token_indices": None,
     }
     assert LoRAConfig(**config.to_dict()) == config
 

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_lora._io import require_directory_path
 from lightning_lora.config import BiasMode, InitMode, LoRAConfig, QuantizationConfig
-from lightning_lora.lightning.controller import LoRAController
+from lightning_lora.lightning.controller import LoRAController, serving_options
 
 
 class LoRACallback(Callback):
@@ -42,6 +42,9 @@ class LoRACallback(Callback):
         init: InitMode = "kaiming",
         rank_pattern: dict[str, int] | None = None,
         alpha_pattern: dict[str, float] | None = None,
+        target_parameters: list[str] | None = None,
+        trainable_token_indices: list[int] | dict[str, list[int]] | None = None,
+        lora_plus_ratio: float | None = None,
         quantize: Literal["nf4", "fp4", "int8"] | None = None,
         double_quant: bool = True,
         compute_dtype: str | None = None,
@@ -54,6 +57,9 @@ class LoRACallback(Callback):
         max_nonfinite_steps: int = 10,
         compile_blocks: bool | list[str] = False,
         from_backbone: bool = False,
+        serving_targets: list[str] | None = None,
+        strict_serving: bool = False,
+        vllm_max_lora_rank: int = 16,
     ) -> None:
         """
         Args:
@@ -68,6 +74,12 @@ class LoRACallback(Callback):
             init: Init of A: 'kaiming' or 'gaussian'; B starts at zero.
             rank_pattern: Per-module rank overrides: regex -> r.
             alpha_pattern: Per-module alpha overrides: regex -> alpha.
+            target_parameters: Parameters to adapt as `module.param` suffixes, e.g. ['experts.gate_up_proj',
+                'experts.down_proj'] for fused MoE experts; with target_modules=None, only those.
+            trainable_token_indices: Embedding rows to train (e.g. new tokens): token ids of the input embedding, or
+                {module suffix: ids}.
+            lora_plus_ratio: LoRA+: B matrices (and 1-D tensors) train at this multiple of each optimizer group's lr,
+                e.g. 16; the groups of the optimizer built in configure_optimizers are split as it is built.
             quantize: Quantize the frozen backbone with bitsandbytes: 'nf4', 'fp4', 'int8', or None.
             double_quant: Also quantize the 4-bit block scales.
             compute_dtype: Matmul dtype of 4-bit layers ('bfloat16', 'float16', 'float32'); default bf16 on GPU, fp32 on CPU.
@@ -83,6 +95,9 @@ class LoRACallback(Callback):
             from_backbone: The backbone comes with LoRA in it (``lightning_lora.sharded_loading.build_lora_model``): take
                 its LoRA and quantization configs, so they are written once; the LoRA and quantization arguments above are
                 then unused. Without it, a backbone that comes with LoRA must have been built with this callback's config.
+            serving_targets: Before the export writes, say which of 'vllm', 'llama.cpp' will refuse or mis-scale the adapter.
+            strict_serving: Make such a finding an error (nothing is written).
+            vllm_max_lora_rank: The --max-lora-rank the vLLM server runs with (vLLM's default 16).
         """
         super().__init__()
         lora_config = LoRAConfig(
@@ -97,6 +112,8 @@ class LoRACallback(Callback):
             use_rslora=use_rslora,
             rank_pattern=dict(rank_pattern or {}),
             alpha_pattern=dict(alpha_pattern or {}),
+            target_parameters=target_parameters,
+            trainable_token_indices=trainable_token_indices,
         )
         if from_backbone:
             lora_config = None
@@ -104,12 +121,13 @@ class LoRACallback(Callback):
         if quantize is not None and not from_backbone:
             quantization = QuantizationConfig(mode=quantize, double_quant=double_quant, compute_dtype=compute_dtype, quant_storage=quant_storage)
         self.controller = LoRAController(
-            lora_config, quantization, backbone, adapter_only_checkpoint, skip_nonfinite, max_nonfinite_steps, compile_blocks
+            lora_config, quantization, backbone, adapter_only_checkpoint, skip_nonfinite, max_nonfinite_steps, compile_blocks, lora_plus_ratio=lora_plus_ratio
         )
         if export_dir is not None and (not isinstance(export_dir, (str, os.PathLike)) or not str(export_dir)):
             raise TypeError(f"`export_dir` must be a directory path or None, got {export_dir!r}; pass e.g. 'runs/exp1/export'.")
         if not isinstance(merge_on_export, bool):
             raise TypeError(f"`merge_on_export` must be True or False, got {merge_on_export!r}.")
+        self.serving_options = serving_options(serving_targets, strict_serving, vllm_max_lora_rank)
         self.export_dir = export_dir
         self.merge_on_export = merge_on_export
 
@@ -146,7 +164,7 @@ class LoRACallback(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.export_dir is not None:
-            self.controller.export(trainer, pl_module, self.export_dir, self.merge_on_export)
+            self.controller.export(trainer, pl_module, self.export_dir, self.merge_on_export, self.serving_options)
 
     def state_dict(self) -> dict[str, Any]:
         # RNG states make dropout masks after a resume the same as in an uninterrupted run.

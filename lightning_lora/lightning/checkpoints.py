@@ -42,10 +42,11 @@ def _prefix(backbone: str | None) -> str:
     return "" if backbone is None else backbone + "."
 
 
-def checkpoint_metadata(module: nn.Module, backbone: str | None, adapter_only: bool) -> dict[str, Any]:
+def checkpoint_metadata(module: nn.Module, backbone: str | None, adapter_only: bool, lora_plus_ratio: float | None = None) -> dict[str, Any]:
     """What ``checkpoint['lightning_lora']`` holds for the injected ``module`` (the backbone)."""
     state = lora_state(module)
     return {
+        "lora_plus_ratio": lora_plus_ratio,  # splits the optimizer's groups: resuming needs the same split
         "version": __version__,
         "backbone": backbone,
         "adapter_only": adapter_only,
@@ -61,9 +62,11 @@ def adapter_keys(module: nn.Module, backbone: str | None) -> set[str]:
     return {prefix + key for key in adapter_state_dict(module)}
 
 
-def filter_checkpoint(checkpoint: dict[str, Any], module: nn.Module, *, backbone: str | None, adapter_only: bool, refuse_nonfinite: bool) -> None:
+def filter_checkpoint(
+    checkpoint: dict[str, Any], module: nn.Module, *, backbone: str | None, adapter_only: bool, refuse_nonfinite: bool, lora_plus_ratio: float | None = None
+) -> None:
     """Keep the adapter (and whatever lives outside the backbone) in ``checkpoint['state_dict']``; add the metadata."""
-    checkpoint[CHECKPOINT_KEY] = checkpoint_metadata(module, backbone, adapter_only)
+    checkpoint[CHECKPOINT_KEY] = checkpoint_metadata(module, backbone, adapter_only, lora_plus_ratio)
     if not adapter_only or "state_dict" not in checkpoint:
         return
     keys = adapter_keys(module, backbone)
@@ -84,7 +87,9 @@ class CheckpointError(ValueError, RuntimeError):
     """
 
 
-def validate_checkpoint(checkpoint: dict[str, Any], module: nn.Module, pl_module: nn.Module, *, backbone: str | None, adapter_only: bool) -> None:
+def validate_checkpoint(
+    checkpoint: dict[str, Any], module: nn.Module, pl_module: nn.Module, *, backbone: str | None, adapter_only: bool, lora_plus_ratio: float | None = None
+) -> None:
     """Raise before any weight is loaded if ``checkpoint`` was made for another backbone or LoRA config, is damaged,
     or would write anything but the adapter into the frozen backbone."""
     if not isinstance(checkpoint, dict):
@@ -98,7 +103,7 @@ def validate_checkpoint(checkpoint: dict[str, Any], module: nn.Module, pl_module
             )
         return
     meta = checked_metadata(meta)
-    current = checkpoint_metadata(module, backbone, adapter_only)
+    current = checkpoint_metadata(module, backbone, adapter_only, lora_plus_ratio)
     if meta["fingerprint"] != current["fingerprint"]:
         raise ValueError(
             f"The checkpoint was written for another backbone (fingerprint {meta['fingerprint']} vs this model's "
@@ -111,6 +116,11 @@ def validate_checkpoint(checkpoint: dict[str, Any], module: nn.Module, pl_module
                 f"The checkpoint was written with LoRA `{field}`={saved!r}, this run has `{field}`={now!r}. "
                 f"Set `{field}`={saved!r} to resume it, or start a new run without ckpt_path."
             )
+    if meta.get("lora_plus_ratio") != lora_plus_ratio:
+        raise ValueError(
+            f"The checkpoint was trained with `lora_plus_ratio`={meta.get('lora_plus_ratio')!r}, this run has {lora_plus_ratio!r}: "
+            "its optimizer state holds other parameter groups. Set the same lora_plus_ratio to resume it."
+        )
     saved_q = (meta.get("quantization") or {}).get("mode")
     now_q = (current.get("quantization") or {}).get("mode")
     if saved_q != now_q:

@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_lora import lora_plus, serving
 from lightning_lora._io import atomic_directory
 from lightning_lora.adapter_io import save_adapter
 from lightning_lora.compiling import compile_blocks
@@ -28,6 +29,17 @@ from lightning_lora.inject import inject_lora, lora_state, parameter_summary, tr
 from lightning_lora.layers import LoRALinear
 from lightning_lora.lightning import checkpoints, guards, patches, strategies
 from lightning_lora.quantization import is_quantized
+
+
+def serving_options(serving_targets: Any, strict_serving: Any, vllm_max_lora_rank: Any) -> dict[str, Any]:
+    """``save_adapter``'s serving keywords, validated when the callback or mixin is configured (not at export time)."""
+    if not isinstance(strict_serving, bool):
+        raise TypeError(f"`strict_serving` must be True or False, got {strict_serving!r}.")
+    return {
+        "serving_targets": list(serving.check_serving_targets(serving_targets)) or None,
+        "strict_serving": strict_serving,
+        "vllm_max_lora_rank": serving.check_max_lora_rank(vllm_max_lora_rank),
+    }
 
 
 class LoRAController:
@@ -42,6 +54,8 @@ class LoRAController:
         skip_nonfinite: bool = True,
         max_nonfinite_steps: int = 10,
         compile_blocks: bool | list[str] = False,
+        *,
+        lora_plus_ratio: float | None = None,
     ) -> None:
         if not isinstance(compile_blocks, bool) and not (
             isinstance(compile_blocks, (list, tuple)) and compile_blocks and all(isinstance(c, str) for c in compile_blocks)
@@ -65,6 +79,7 @@ class LoRAController:
         self.max_nonfinite_steps = max_nonfinite_steps
         self.compile_blocks = list(compile_blocks) if isinstance(compile_blocks, (list, tuple)) else compile_blocks
         self.guard = guards.NonFiniteGuard(skip_nonfinite, max_nonfinite_steps)
+        self.lora_plus_ratio = None if lora_plus_ratio is None else lora_plus.check_lr_ratio(lora_plus_ratio)
 
     # -- Lightning's setup -----------------------------------------------------------------------
     def setup(self, trainer: Any, pl_module: nn.Module, check_checkpoints: bool) -> None:
@@ -79,6 +94,10 @@ class LoRAController:
             patches.run_after(pl_module, "configure_model", lambda *_: self.inject_after_configure_model(pl_module, device))
         if check_checkpoints:
             patches.run_before(pl_module, "on_load_checkpoint", lambda checkpoint: self.validate_checkpoint(checkpoint, pl_module))
+        if self.lora_plus_ratio is not None:
+            # Split the groups as the user's optimizer is built, so its schedulers and checkpoints see the final groups.
+            ratio = self.lora_plus_ratio
+            patches.run_inside(pl_module, "configure_optimizers", lambda: patches.lora_plus_groups(lora_plus.b_side_parameters(pl_module), ratio))
         adapter_keys = (lambda: self.adapter_keys(pl_module)) if self.adapter_only_checkpoint else None
         # Strategies that do not read through the checked reader (FSDP, a custom CheckpointIO) get the file checked first.
         reads_checked = isinstance(getattr(trainer.strategy, "_checkpoint_io", None), checkpoints.AtomicCheckpointIO)
@@ -188,6 +207,19 @@ class LoRAController:
                     "They never update; pass only `[p for p in self.parameters() if p.requires_grad]` to keep the "
                     "optimizer small."
                 )
+        self.check_lora_plus(trainer, pl_module)
+
+    def check_lora_plus(self, trainer: Any, pl_module: nn.Module) -> None:
+        """Raise if LoRA+ was asked for but an optimizer's B matrices do not train at ``lora_plus_ratio`` x its lr."""
+        if self.lora_plus_ratio is None:
+            return
+        problems = lora_plus.groups_missing_ratio(trainer.optimizers, lora_plus.b_side_parameters(pl_module), self.lora_plus_ratio)
+        if problems:
+            raise ValueError(
+                f"`lora_plus_ratio`={self.lora_plus_ratio!r} is not in effect: {'; '.join(problems)}. Build the optimizer "
+                "with torch.optim classes inside configure_optimizers, pass per-group max_lr lists to OneCycleLR/CyclicLR, "
+                "or build the groups yourself with lightning_lora.lora_plus_param_groups."
+            )
 
     def warn_if_eval_mode(self, pl_module: nn.Module) -> None:
         """Lightning keeps the train/eval mode it finds; ``from_pretrained`` returns eval mode (dropout off)."""
@@ -206,7 +238,7 @@ class LoRAController:
 
     # -- checkpoints (see checkpoints.py) ------------------------------------------------------------
     def metadata(self, pl_module: nn.Module) -> dict[str, Any]:
-        return checkpoints.checkpoint_metadata(self.require_injected(pl_module), self.backbone, self.adapter_only_checkpoint)
+        return checkpoints.checkpoint_metadata(self.require_injected(pl_module), self.backbone, self.adapter_only_checkpoint, self.lora_plus_ratio)
 
     def adapter_keys(self, pl_module: nn.Module) -> set[str]:
         return checkpoints.adapter_keys(self.require_injected(pl_module), self.backbone)
@@ -218,11 +250,17 @@ class LoRAController:
             backbone=self.backbone,
             adapter_only=self.adapter_only_checkpoint,
             refuse_nonfinite=self.skip_nonfinite,
+            lora_plus_ratio=self.lora_plus_ratio,
         )
 
     def validate_checkpoint(self, checkpoint: dict[str, Any], pl_module: nn.Module) -> None:
         checkpoints.validate_checkpoint(
-            checkpoint, self.require_injected(pl_module), pl_module, backbone=self.backbone, adapter_only=self.adapter_only_checkpoint
+            checkpoint,
+            self.require_injected(pl_module),
+            pl_module,
+            backbone=self.backbone,
+            adapter_only=self.adapter_only_checkpoint,
+            lora_plus_ratio=self.lora_plus_ratio,
         )
 
     def restore(self, pl_module: nn.Module, path: str | os.PathLike, parameter: str = "ckpt_path") -> None:
@@ -256,18 +294,21 @@ class LoRAController:
         return self.guard.streak
 
     # -- export --------------------------------------------------------------------------------
-    def export(self, trainer: Any, pl_module: nn.Module, export_dir: str | os.PathLike, merge: bool) -> Path | None:
+    def export(
+        self, trainer: Any, pl_module: nn.Module, export_dir: str | os.PathLike, merge: bool, serving_options: dict[str, Any] | None = None
+    ) -> Path | None:
         """Write the PEFT-format adapter (and merged weights when asked) from rank zero; every rank gathers.
 
         ``export_dir`` changes as a whole: ``adapter/`` and ``merged/`` come from the same weights, and a
         run that fails or is killed while exporting leaves the previous export as it was.
+        ``serving_options``: ``save_adapter``'s serving_targets / strict_serving / vllm_max_lora_rank.
         """
         module = self.require_injected(pl_module)
         tensors = strategies.gather_adapter_state_dict(trainer, module)
         if not trainer.is_global_zero:
             return None
         with atomic_directory(export_dir, owned=("adapter", "merged"), parameter="export_dir") as tmp:
-            save_adapter(module, tmp / "adapter", state_dict=tensors)
+            save_adapter(module, tmp / "adapter", state_dict=tensors, **(serving_options or {}))
             if merge:
                 from lightning_lora.export import save_merged
 

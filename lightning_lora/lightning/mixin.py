@@ -13,7 +13,7 @@ from lightning_lora.adapter_io import load_adapter, save_adapter
 from lightning_lora.config import LoRAConfig, QuantizationConfig
 from lightning_lora.inject import trainable_parameters
 from lightning_lora.lightning import strategies
-from lightning_lora.lightning.controller import LoRAController
+from lightning_lora.lightning.controller import LoRAController, serving_options
 from lightning_lora.merge import merge_lora, unmerge_lora
 
 
@@ -47,6 +47,8 @@ class LoRAMixin:
     skip_nonfinite: bool = True
     max_nonfinite_steps: int = 10
     compile_blocks: bool | list[str] = False
+    lora_plus_ratio: float | None = None
+    """LoRA+: B matrices (and 1-D tensors) train at this multiple of the optimizer group's learning rate (e.g. 16)."""
 
     @property
     def lora_controller(self) -> LoRAController:
@@ -66,6 +68,7 @@ class LoRAMixin:
                 self.skip_nonfinite,
                 self.max_nonfinite_steps,
                 self.compile_blocks,
+                lora_plus_ratio=self.lora_plus_ratio,
             )
             self.__dict__["_lora_controller"] = controller
         return controller
@@ -118,13 +121,23 @@ class LoRAMixin:
         """The parameters that train (LoRA, and biases / modules_to_save per config), for the optimizer."""
         return trainable_parameters(self)
 
-    def save_adapter(self, directory: str | os.PathLike) -> Path:
-        """Write the adapter in PEFT's format (gathered across ranks under FSDP; written by rank zero)."""
+    def save_adapter(
+        self,
+        directory: str | os.PathLike,
+        serving_targets: list[str] | None = None,
+        strict_serving: bool = False,
+        vllm_max_lora_rank: int = 16,
+    ) -> Path:
+        """Write the adapter in PEFT's format (gathered across ranks under FSDP; written by rank zero).
+
+        ``serving_targets`` ('vllm', 'llama.cpp'): first say which will refuse or mis-scale it (``strict_serving``: raise).
+        """
+        options = serving_options(serving_targets, strict_serving, vllm_max_lora_rank)
         trainer = getattr(self, "_trainer", None)
         tensors = strategies.gather_adapter_state_dict(trainer, self.lora_model)
         if trainer is not None and not trainer.is_global_zero:
             return Path(directory)
-        return save_adapter(self.lora_model, directory, state_dict=tensors)
+        return save_adapter(self.lora_model, directory, state_dict=tensors, **options)
 
     def load_adapter(self, directory: str | os.PathLike) -> nn.Module:
         """Load a saved adapter (ours or PEFT's) into the backbone, all or nothing; injects LoRA first if needed."""

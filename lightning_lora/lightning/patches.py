@@ -7,7 +7,9 @@ What is patched, and by whom:
   ``configure_gradient_clipping`` under FSDP1, by ``strategies.install``;
 - the strategy instance: ``load_checkpoint`` (the file checked first where the strategy reads it itself;
   adapter-only sharded resume), by ``strategies.install``;
-- ``torch.distributed.checkpoint.load``, only while that wrapped ``load_checkpoint`` runs.
+- ``torch.distributed.checkpoint.load``, only while that wrapped ``load_checkpoint`` runs;
+- with LoRA+, the user's ``configure_optimizers`` (by ``controller.LoRAController.setup``) and, only while it runs,
+  ``torch.optim.Optimizer.add_param_group`` (``lora_plus_groups``), which splits each group as it is added.
 
 Each patch sets one attribute of one object to a function carrying the ``MARKER`` attribute;
 patching an attribute that already carries it does nothing, so every patch is idempotent (``setup``
@@ -20,6 +22,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
+
+import torch
 
 MARKER = "_lightning_lora_patched"
 
@@ -78,3 +82,18 @@ def swapped(owner: Any, name: str, make: Callable[[Callable[..., Any]], Callable
         yield
     finally:
         setattr(owner, name, original)
+
+
+def lora_plus_groups(fast: set[int], lr_ratio: float) -> contextlib.AbstractContextManager[None]:
+    """Inside the block, every optimizer built gets its B-side tensors (ids in ``fast``) in groups of their own at
+    ``lr_ratio`` x the group's learning rate (``lightning_lora.lora_plus.split_param_group``)."""
+    from lightning_lora.lora_plus import split_param_group
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def add_param_group(optimizer: torch.optim.Optimizer, param_group: dict[str, Any]) -> None:
+            for group in split_param_group(param_group, fast, lr_ratio, optimizer.defaults.get("lr")):
+                original(optimizer, group)
+
+        return add_param_group
+
+    return swapped(torch.optim.Optimizer, "add_param_group", make)
