@@ -415,7 +415,7 @@ def test_every_field_of_the_installed_peft_lora_config_is_classified():
 
     implemented = {key for key, _ in peft_fields().values()}
     peft = {f.name for f in dataclasses.fields(LoraConfig)}
-    assert implemented == {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias", "modules_to_save", "init_lora_weights", "use_rslora", "rank_pattern", "alpha_pattern"}
+    assert implemented == {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias", "modules_to_save", "init_lora_weights", "use_rslora", "rank_pattern", "alpha_pattern", "target_parameters", "trainable_token_indices"}
     assert peft == implemented | _PEFT_METADATA | _PEFT_REFUSED  # a new PEFT field fails here until it is classified
     assert not (implemented & _PEFT_METADATA or implemented & _PEFT_REFUSED or _PEFT_METADATA & _PEFT_REFUSED)
 

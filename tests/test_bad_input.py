@@ -498,7 +498,7 @@ CASES += [
     Case("peft-layers-to-transform", _peft_field("layers_to_transform", [0]), ValueError, ["`layers_to_transform`", "[0]", "export it"]),
     Case("peft-loftq", _peft_field("loftq_config", {"loftq_bits": 4}), ValueError, ["`loftq_config`", "{'loftq_bits': 4}", "export it"]),
     Case("peft-init-pissa", _peft_field("init_lora_weights", "pissa"), ValueError, ["`init_lora_weights`", "'pissa'", "convert it"]),
-    Case("peft-target-parameters", _peft_field("target_parameters", ["mlp.experts.gate_up_proj"]), ValueError, ["`target_parameters`", "gate_up_proj", "export it"]),
+    Case("peft-target-parameters", _peft_field("target_parameters", ["mlp.experts.gate_up_proj"]), ValueError, ["`target_parameters`", "gate_up_proj", "matches no parameter"]),
     Case("peft-alora", _peft_field("alora_invocation_tokens", [1, 2]), ValueError, ["`alora_invocation_tokens`", "[1, 2]", "export it"]),
     Case("peft-weight-tying", _peft_field("ensure_weight_tying", True), ValueError, ["`ensure_weight_tying`", "True", "export it"]),
     Case("peft-lora-bias", _peft_field("lora_bias", True), ValueError, ["`lora_bias`", "True", "export it"]),

@@ -65,6 +65,17 @@ def run_after(obj: Any, name: str, extra: Callable[..., Any]) -> None:
     replace(obj, name, after)
 
 
+def run_inside(obj: Any, name: str, context: Callable[[], contextlib.AbstractContextManager[Any]]) -> None:
+    """Make ``obj.name(...)`` run the original inside ``with context():``; once per instance."""
+    original = getattr(obj, name)
+
+    def inside(*args: Any, **kwargs: Any) -> Any:
+        with context():
+            return original(*args, **kwargs)
+
+    replace(obj, name, inside)
+
+
 @contextlib.contextmanager
 def swapped(owner: Any, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Iterator[None]:
     """Inside the block, ``owner.name`` is ``make(original)`` (marked); afterwards the original again.
