@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_lora import quantization
-from lightning_lora._matching import matches_any, output_head_names, pattern_value, unwrapped_name
+from lightning_lora._matching import matches_any, matches_suffix, output_head_names, pattern_value, unwrapped_name
 from lightning_lora.config import LoRAConfig, QuantizationConfig
 from lightning_lora.layers import LoRALinear, is_supported_base, lora_layers
 
@@ -62,6 +62,31 @@ def find_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str]:
     return found
 
 
+def _require_every_name_matches(model: nn.Module, target_modules: list[str] | str, candidates: list[str]) -> None:
+    """A list of names: each must match some module, so a typo (``['q_prj', 'v_proj']``) is not silently dropped
+    while the other names still match. The error offers the closest real names (difflib)."""
+    if isinstance(target_modules, str):
+        return  # one regex: "matches nothing" is checked by the caller
+    import difflib
+
+    paths = [name for name, _ in model.named_modules() if name]
+    unmatched = [t for t in target_modules if not any(matches_suffix(path, t) for path in paths)]
+    if not unmatched or len(unmatched) == len(target_modules):
+        return  # all match; or none does, and the caller's "matches no linear layer" error lists the real names
+    problems = []
+    for name in unmatched:
+        depth = name.count(".") + 1  # compare 'self_attn.q_prj' with two-part suffixes, 'q_prj' with last parts
+        pool = sorted({".".join(path.split(".")[-depth:]) for path in (candidates or paths)})
+        close = difflib.get_close_matches(name, pool, n=3, cutoff=0.6)
+        problems.append(f"{name!r} (closest: {', '.join(map(repr, close))})" if close else f"{name!r} (no close name)")
+    suffixes = sorted({name.rpartition(".")[2] for name in candidates})
+    raise ValueError(
+        f"`target_modules`={target_modules!r}: {'; '.join(problems)} {'matches' if len(unmatched) == 1 else 'match'} no "
+        f"module of {type(model).__name__}. Every listed name must match at least one module: fix the spelling. "
+        f"Linear layers here are named {suffixes}; use those, or 'all-linear'."
+    )
+
+
 def find_targets(model: nn.Module, config: LoRAConfig, skip: list[str] = ()) -> list[str]:
     """Paths of the layers ``config`` adapts, validated: raises with the candidates when nothing fits."""
     heads = output_head_names(model)
@@ -69,6 +94,7 @@ def find_targets(model: nn.Module, config: LoRAConfig, skip: list[str] = ()) -> 
     if config.target_modules == "all-linear":
         matched = [name for name in candidates if name not in heads]
     else:
+        _require_every_name_matches(model, config.target_modules, candidates)
         matched = [name for name, _ in model.named_modules() if name and matches_any(name, config.target_modules)]
         unsupported = [name for name in matched if not is_supported_base(model.get_submodule(name))]
         if unsupported:
