@@ -5,6 +5,12 @@ Lightning 2.6 saves ``state_dict()`` of every train loader that has ``state_dict
 ``load_state_dict`` before the first ``iter()`` after a resume. A sized loader is not prefetched
 (``_PrefetchDataFetcher.__iter__`` skips prefetching when the length is known), so the number of
 batches handed out equals the number of training steps taken in the epoch.
+
+Lightning applies the saved state only when its fit loop sets the loader up after the checkpoint was
+restored. Anything that makes the trainer build the train loader earlier — reading
+``trainer.estimated_stepping_batches`` in ``configure_optimizers`` is the usual case — sets it up with
+nothing to restore, the fit loop keeps that loader, and the epoch restarts at batch 0. The tasks' LR
+schedules therefore read the step count lazily (``lightning_lora.tasks._common.configure_adamw``).
 """
 
 from __future__ import annotations
