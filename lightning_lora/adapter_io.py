@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -165,9 +166,30 @@ def save_adapter(
         "lora_config": json.dumps(state.config.to_dict()),
     }
     config = peft_config_dict(model, base_model_name_or_path)
-    atomic_write(directory / ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(peft_tensors, tmp, metadata=metadata))
+    def write_weights(tmp: str) -> None:
+        save_file(peft_tensors, tmp, metadata=metadata)
+        _sort_safetensors_header(tmp)
+
+    atomic_write(directory / ADAPTER_WEIGHTS_NAME, write_weights)
     atomic_write_bytes(directory / ADAPTER_CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     return directory
+
+
+def _sort_safetensors_header(path: str) -> None:
+    """Rewrite a safetensors file's JSON header with sorted keys, so the same tensors and metadata give the same bytes.
+
+    safetensors serializes the header from hash maps, whose order changes from call to call; the tensor data
+    (laid out by dtype and name) and its offsets do not depend on that order.
+    """
+    with open(path, "r+b") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(size))
+        header = {key: dict(sorted(value.items())) if key == "__metadata__" else value for key, value in sorted(header.items())}
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # not expected: the same JSON in another order has the same length
+            raise RuntimeError(f"{path!r}: the sorted safetensors header ({len(text)} bytes) outgrew the original ({size}).")
+        handle.seek(8)
+        handle.write(text + b" " * (size - len(text)))  # safetensors pads its header with spaces
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
