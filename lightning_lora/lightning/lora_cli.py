@@ -110,7 +110,9 @@ class LoRACLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         extra = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        return self._instantiate_trainer(config, extra + self._library_callbacks(config))
+        trainer = self._instantiate_trainer(config, extra + self._library_callbacks(config))
+        set_cpu_threads(trainer)
+        return trainer
 
     def _library_callbacks(self, trainer_config: dict[str, Any]) -> list[Any]:
         configured = trainer_config.get("callbacks") or []
@@ -204,6 +206,34 @@ class BuildOnlyCLI(LoRACLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         return None
+
+
+def set_cpu_threads(trainer: Any) -> int | None:
+    """On CPU, give each training process of this node an equal share of the CPUs it may run on.
+
+    torch's default is every core of the machine in every process. Processes that another launcher started
+    (torchrun, srun: ``LOCAL_WORLD_SIZE`` / ``SLURM_NTASKS_PER_NODE``) then oversubscribe the cores, as do
+    jobs pinned to fewer CPUs than the machine has (a cluster's cpuset). Lightning's own DDP launcher already
+    splits the cores; an explicit ``OMP_NUM_THREADS`` always wins. The count depends only on the machine and the
+    launch, never on its load, so runs stay bit-reproducible. Returns the count set, or None.
+    """
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    if "OMP_NUM_THREADS" in os.environ or not isinstance(getattr(trainer, "accelerator", None), CPUAccelerator):
+        return None
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    processes = 1
+    for variable in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(variable, "")
+        if value.isdigit() and int(value) > 0:
+            processes = int(value)
+            break
+    threads = max(1, cpus // processes)
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return threads
 
 
 def _is_terminal(stream: Any) -> bool:
