@@ -27,6 +27,7 @@ from lightning_lora.config import LoRAConfig
 from lightning_lora.inject import (
     _under,
     backbone_fingerprint,
+    drop_unmatched_names,
     find_modules_to_save,
     find_targets,
     inject_lora,
@@ -299,7 +300,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """
     peft_config, tensors, _ = read_adapter(directory)
     state = lora_state(model)
-    config = lora_config_from_peft(peft_config) if state is None else state.config
+    config = drop_unmatched_names(model, lora_config_from_peft(peft_config)) if state is None else state.config
     check_adapter_tensors(expected_adapter_shapes(model, config), tensors, source=repr(str(directory)))
     if state is None:
         inject_lora(model, config)

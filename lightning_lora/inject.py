@@ -5,6 +5,7 @@ Every check runs before the model is touched, so a bad config leaves the model a
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -85,6 +86,19 @@ def _require_every_name_matches(model: nn.Module, target_modules: list[str] | st
         f"module of {type(model).__name__}. Every listed name must match at least one module: fix the spelling. "
         f"Linear layers here are named {suffixes}; use those, or 'all-linear'."
     )
+
+
+def drop_unmatched_names(model: nn.Module, config: LoRAConfig) -> LoRAConfig:
+    """``config`` without the ``target_modules`` names that match no module of ``model``: PEFT's rule, for configs
+    read from adapter files (PEFT saves the list as the user wrote it, e.g. names of other architectures, and
+    loads it anyway). Configs a user writes go through the strict check of ``find_targets`` instead."""
+    if isinstance(config.target_modules, str):
+        return config
+    paths = [name for name, _ in model.named_modules() if name]
+    kept = [t for t in config.target_modules if any(matches_suffix(path, t) for path in paths)]
+    if not kept or len(kept) == len(config.target_modules):
+        return config  # nothing to drop, or nothing left: find_targets reports it
+    return dataclasses.replace(config, target_modules=kept)
 
 
 def find_targets(model: nn.Module, config: LoRAConfig, skip: list[str] = ()) -> list[str]:

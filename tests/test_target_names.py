@@ -64,3 +64,26 @@ def test_when_no_name_matches_the_error_lists_every_linear_layer_name() -> None:
 def test_a_regex_is_not_checked_name_by_name() -> None:
     model = inject_lora(tiny_llama(), LoRAConfig(r=4, target_modules=r".*\.(q_proj|nothing_like_this)"))
     assert sorted(lora_layers(model)) == [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
+
+
+def test_a_peft_adapter_listing_names_of_other_architectures_still_loads(tmp_path) -> None:
+    # PEFT saves target_modules as written and ignores names that match nothing; so does loading here.
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from _models import copy_adapter_into_peft, randomize_adapter, token_batch
+    from lightning_lora import load_adapter
+
+    from lightning_lora.inject import lora_state
+
+    ours = inject_lora(tiny_llama(), LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomize_adapter(ours)
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "c_attn"]))
+    copy_adapter_into_peft(ours, peft_model)
+    peft_model.save_pretrained(tmp_path)
+    loaded = load_adapter(tiny_llama(), tmp_path)
+    assert sorted(lora_layers(loaded)) == sorted(lora_layers(ours))
+    assert sorted(lora_state(loaded).config.target_modules) == ["q_proj", "v_proj"]  # 'c_attn' dropped, as PEFT ignores it
+    ids = token_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(input_ids=ids).logits, peft_model.eval()(input_ids=ids).logits)
