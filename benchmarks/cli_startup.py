@@ -6,6 +6,9 @@ Times ``lightning-lora --help``, ``lightning-lora estimate`` on a Llama-2-7B-sha
 temporary directory) and ``lightning-lora fit --help``, plus ``python -c "import lightning_lora"`` for
 reference. Each run is a new process (nothing cached in memory; the OS file cache is warm after the first
 one, as it is for a user who runs the command twice). Prints a table and writes the timings as JSON.
+
+The commands run in an empty directory, so ``PYTHONPATH=<a checkout>`` times that checkout's code with this
+virtual environment (how the before/after figures in benchmarks/results/2026-12-01-cli-startup/ were taken).
 """
 
 from __future__ import annotations
@@ -46,9 +49,9 @@ def commands(model_dir: str) -> dict[str, list[str]]:
     }
 
 
-def time_once(argv: list[str]) -> float:
+def time_once(argv: list[str], cwd: str) -> float:
     start = time.perf_counter()
-    result = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, check=False)
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=cwd, check=False)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed ({result.returncode}):\n{result.stderr[-2000:]}")
@@ -65,8 +68,8 @@ def main() -> None:
         (Path(tmp) / "config.json").write_text(json.dumps(LLAMA_7B))
         rows = {}
         for name, argv in commands(tmp).items():
-            time_once(argv)  # warm the OS file cache, as for a second invocation
-            seconds = [time_once(argv) for _ in range(args.runs)]
+            time_once(argv, tmp)  # warm the OS file cache, as for a second invocation
+            seconds = [time_once(argv, tmp) for _ in range(args.runs)]
             rows[name] = {"median_s": round(statistics.median(seconds), 3), "min_s": round(min(seconds), 3), "runs_s": [round(s, 3) for s in seconds]}
     width = max(len(name) for name in rows)
     print(f"{'command':<{width}}  median s   min s   ({args.runs} fresh processes each)")
@@ -76,6 +79,7 @@ def main() -> None:
         load = os.getloadavg() if hasattr(os, "getloadavg") else None
         result = {
             "label": args.label,
+            "pythonpath": os.environ.get("PYTHONPATH", ""),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(), "load_average": load},
             "runs": args.runs,
