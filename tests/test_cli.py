@@ -39,8 +39,8 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp_path = tmp_path_factory.mktemp("fit")
     config = tiny_config(tmp_path)
     cli.main(["fit", "--config", str(config)])
-    checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("*.ckpt"))
-    assert len(checkpoints) == 1
+    checkpoints = sorted((tmp_path / "run").glob("**/*.ckpt"))
+    assert checkpoints == [tmp_path / "run" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"]
     return {"config": config, "checkpoint": checkpoints[0], "tmp": tmp_path}
 
 
@@ -74,7 +74,7 @@ def test_fit_end_to_end_writes_an_adapter_only_checkpoint_and_a_peft_adapter(fit
     assert checkpoint["hyper_parameters"]["model"]["model_type"] == "llama"
     adapter = fitted["tmp"] / "export" / "adapter"
     assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    assert (fitted["tmp"] / "run" / "config.yaml").is_file()  # the parsed config is saved with the run
+    assert (fitted["tmp"] / "run" / "lightning_logs" / "version_0" / "config.yaml").is_file()  # saved with the run
 
 
 def test_fit_trains_the_adapter(fitted: dict[str, Path]) -> None:
@@ -117,7 +117,34 @@ def test_console_script_entry_point() -> None:
         [sys.executable, "-m", "lightning_lora.cli", "--help"], check=False, capture_output=True, text=True, cwd=ROOT
     )
     assert result.returncode == 0
-    assert "fit" in result.stdout and "export|merge|estimate" in result.stdout
+    assert result.stdout.startswith("usage: lightning-lora [-h] {fit,validate,test,predict,export,merge,estimate} ...\n")
+    assert "export|merge|estimate" in result.stdout and "--trainer.callbacks.help LoRACallback" in result.stdout
+
+
+def test_fit_help_points_at_the_callbacks_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", "--help"])
+    assert exit_info.value.code in (0, None)
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the description
+    assert "list its options with `lightning-lora fit --trainer.callbacks.help LoRACallback`" in out
+
+
+def test_no_command_prints_the_usage_and_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out.startswith("usage: lightning-lora [-h] {fit,")
+    assert "give a command" in captured.err
+
+
+def test_the_entry_point_imports_no_lightning_or_transformers() -> None:
+    code = (
+        "import sys, lightning_lora.cli as c; c.main(['--help']); "
+        "print(sorted(m for m in ('lightning', 'transformers', 'bitsandbytes', 'jsonargparse') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
+    assert result.stdout.splitlines()[-1] == "[]"
 
 
 # --- export ------------------------------------------------------------------------------------------
@@ -255,3 +282,35 @@ def test_bad_config_values_give_one_clear_line(tmp_path: Path, capsys, path: str
 
 def test_condense_error_keeps_plain_messages() -> None:
     assert condense_error("plain problem") == "plain problem"
+
+
+# --- CPU threads -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, 4),  # one process: every CPU it may use
+        ({"LOCAL_WORLD_SIZE": "2"}, 2),  # torchrun started 2 processes on this node: half each
+        ({"SLURM_NTASKS_PER_NODE": "8"}, 1),  # more processes than CPUs: still one thread each
+        ({"OMP_NUM_THREADS": "3", "LOCAL_WORLD_SIZE": "2"}, None),  # the user's choice wins
+    ],
+)
+def test_cpu_threads_are_shared_between_the_processes_of_a_node(monkeypatch, env: dict, expected) -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    from lightning_lora.lightning.lora_cli import set_cpu_threads
+
+    for name in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})  # a cpuset of 4 CPUs
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 64)  # torch's default: every core of the machine
+    assert set_cpu_threads(SimpleNamespace(accelerator=CPUAccelerator())) == expected
+    assert calls == ([] if expected is None else [expected])
+    assert set_cpu_threads(SimpleNamespace(accelerator=object())) is None  # GPUs: untouched

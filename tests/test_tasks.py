@@ -175,7 +175,7 @@ def test_optimizer_holds_only_trainable_parameters_and_the_schedule_is_linear() 
     module = causal_lm(lr=1.0, warmup_steps=2, lr_schedule="linear", weight_decay=0.1)
     for name, param in module.named_parameters():
         param.requires_grad_("lm_head" in name or "norm" in name)  # a stand-in for LoRA having frozen the rest
-    module.trainer = type("T", (), {"estimated_stepping_batches": 6})()
+    module.trainer = _FakeTrainer(total=6)
     config = module.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -188,6 +188,62 @@ def test_optimizer_holds_only_trainable_parameters_and_the_schedule_is_linear() 
         optimizer.step()
         scheduler.step()
     assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
+    assert module.trainer.reads == 1  # the total is read once, at the first step after warmup
+
+
+class _FakeTrainer:
+    """Counts reads of ``estimated_stepping_batches`` (which builds the train loader in a real Trainer)."""
+
+    def __init__(self, total, max_epochs: int = 1, max_steps: int = -1) -> None:
+        self.total, self.max_epochs, self.max_steps, self.reads = total, max_epochs, max_steps, 0
+
+    @property
+    def estimated_stepping_batches(self):
+        self.reads += 1
+        return self.total
+
+
+@pytest.mark.parametrize("warmup_steps", [0, 3])
+def test_configure_optimizers_does_not_read_the_step_count(warmup_steps: int) -> None:
+    # Reading trainer.estimated_stepping_batches in configure_optimizers builds the train loader before a checkpoint's
+    # loader state is restored, and a mid-epoch resume then restarts the epoch (tests/test_resume_cli.py).
+    module = causal_lm(lr=1.0, warmup_steps=warmup_steps, lr_schedule="linear")
+    module.trainer = _FakeTrainer(total=10)
+    config = module.configure_optimizers()
+    assert module.trainer.reads == 0
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1.0 if warmup_steps == 0 else 1 / 3)
+    first_decay_step = max(warmup_steps, 1)
+    for _ in range(first_decay_step - 1):
+        optimizer.step()
+        scheduler.step()
+    assert module.trainer.reads == 0  # warmup needs no total
+    optimizer.step()
+    scheduler.step()
+    assert module.trainer.reads == 1
+    assert optimizer.param_groups[0]["lr"] == pytest.approx((10 - first_decay_step) / (10 - warmup_steps))
+
+
+@pytest.mark.parametrize(
+    ("trainer", "where"),
+    [
+        (_FakeTrainer(total=10, max_epochs=-1, max_steps=-1), "configure"),  # no end at all: refused at once
+        (_FakeTrainer(total=-1, max_epochs=1), "step"),  # e.g. an iterable dataset without max_steps
+        (_FakeTrainer(total=float("inf"), max_epochs=1), "step"),
+    ],
+)
+def test_linear_schedule_without_an_end_is_a_clear_error(trainer, where: str) -> None:
+    module = causal_lm(lr=1.0, lr_schedule="linear")
+    module.trainer = trainer
+    message = "`lr_schedule`='linear' needs a finite number of steps"
+    if where == "configure":
+        with pytest.raises(ValueError, match=message):
+            module.configure_optimizers()
+        return
+    config = module.configure_optimizers()
+    config["optimizer"].step()
+    with pytest.raises(ValueError, match=message):
+        config["lr_scheduler"]["scheduler"].step()
 
 
 def test_no_trainable_parameters_is_a_clear_error() -> None:

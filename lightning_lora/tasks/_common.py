@@ -4,6 +4,7 @@ and AdamW over the trainable parameters with an optional linear warmup / decay."
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -142,24 +143,48 @@ def configure_adamw(module: Any, lr: float, weight_decay: float, warmup_steps: i
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
     if lr_schedule == "constant" and warmup_steps == 0:
         return optimizer
-    total = None
-    if lr_schedule == "linear":
-        total = module.trainer.estimated_stepping_batches
-        if not isinstance(total, int) and not (isinstance(total, float) and total != float("inf")):
-            total = None
-        if total is None or total <= 0:
-            raise ValueError(
-                f"`lr_schedule`='linear' needs a finite number of steps, but the trainer has {total!r}; "
-                "set trainer.max_steps or trainer.max_epochs, or use lr_schedule='constant'."
-            )
-        total = int(total)
+    total_steps = _total_steps(module.trainer) if lr_schedule == "linear" else None
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        if total is None:
-            return 1.0
+        if total_steps is None or step == 0:
+            return 1.0  # constant; or the first step of a warmup-free decay, (total - 0) / total whatever total is
+        total = total_steps()
         return max(0.0, (total - step) / max(1, total - warmup_steps))
 
+    # A plain function (not a callable object), so LambdaLR's state_dict does not pickle the trainer with it.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _total_steps(trainer: Any) -> Callable[[], int]:
+    """The run's number of optimizer steps, read from ``trainer.estimated_stepping_batches`` at the first step after
+    warmup, not here in ``configure_optimizers``.
+
+    Reading it here builds the train loader when the trainer has none yet (``fit_loop.setup_data()``), and in
+    Lightning 2.6 ``configure_optimizers`` runs before a checkpoint's loop state is restored: the loader would be
+    set up with nothing to restore, and the fit loop then keeps it, so a mid-epoch resume would start the epoch
+    over from batch 0. By the first optimizer step the fit loop has set the loader up itself, after the restore.
+    Runs without an end are refused now, since no loader is needed to see them.
+    """
+    if trainer.max_epochs == -1 and trainer.max_steps == -1:
+        raise ValueError(_endless("max_epochs=-1 and max_steps=-1"))
+    cached: list[int] = []
+
+    def total() -> int:
+        if not cached:
+            steps = trainer.estimated_stepping_batches
+            if isinstance(steps, bool) or not isinstance(steps, (int, float)) or steps in (float("inf"), -1) or steps <= 0:
+                raise ValueError(_endless(f"estimated_stepping_batches={steps!r}"))
+            cached.append(int(steps))
+        return cached[0]
+
+    return total
+
+
+def _endless(what: str) -> str:
+    return (
+        f"`lr_schedule`='linear' needs a finite number of steps, but the trainer has {what}; "
+        "set trainer.max_steps or trainer.max_epochs, or use lr_schedule='constant'."
+    )
