@@ -121,10 +121,43 @@ def check_plain(namespace: dict, tmp: Path) -> None:
         torch.testing.assert_close(loaded[key], saved[key])
 
 
+def prelude_moe(tmp: Path) -> dict:
+    from _models import tiny_moe
+
+    return {"moe_model": tiny_moe("mixtral"), "new_token_ids": [3, 5, 7]}
+
+
+def check_moe(namespace: dict, tmp: Path) -> None:
+    from lightning_lora import adapter_state_dict
+
+    keys = set(adapter_state_dict(namespace["model"]))
+    assert any("experts" in k for k in keys) and any(k.endswith("trainable_tokens_delta") for k in keys)
+    assert (tmp / "adapter" / "adapter_model.safetensors").is_file()
+    assert {g["lr"] for g in namespace["optimizer"].param_groups} == {2e-4, 2e-4 * 16}
+
+
+def prelude_sharded(tmp: Path) -> dict:
+    from transformers import LlamaConfig
+
+    model_dir = tmp / "tiny-llama-config"
+    _llama_config(LlamaConfig, vocab=30522).save_pretrained(model_dir)  # config.json only: random weights
+    return {"model_dir": str(model_dir), **{k: v for k, v in prelude_causal_lm(tmp).items() if k == "datamodule"}}
+
+
+def check_sharded(namespace: dict, tmp: Path) -> None:
+    from lightning_lora.layers import lora_layers
+
+    trainer = namespace["trainer"]
+    assert trainer.global_step == 2
+    assert len(lora_layers(trainer.lightning_module.model)) == 2 * 7
+
+
 PRELUDES: dict[str, tuple[Callable[[Path], dict], Callable[[dict, Path], None]]] = {
     "classifier": (prelude_classifier, check_classifier),
     "causal_lm": (prelude_causal_lm, check_causal_lm),
     "plain": (prelude_plain, check_plain),
+    "moe": (prelude_moe, check_moe),
+    "sharded": (prelude_sharded, check_sharded),
 }
 
 
