@@ -83,6 +83,9 @@ class LoRAController:
             pl_module.configure_gradient_clipping = functools.partial(fsdp_safe_clipping, trainer, pl_module)
         if self.adapter_only_checkpoint and kind in ("fsdp", "fsdp2"):
             distributed.allow_adapter_only_sharded_load(trainer.strategy, lambda: self.adapter_keys(pl_module))
+        if kind == "fsdp2":
+            # After configure_model sharded the model and the precision plugin converted it, before any step.
+            run_before(pl_module, "configure_optimizers", lambda *_: distributed.check_fsdp2_keeps_4bit_bytes(pl_module))
 
     # -- injection -----------------------------------------------------------------------------
     def backbone_of(self, pl_module: nn.Module) -> nn.Module | None:
@@ -120,7 +123,9 @@ class LoRAController:
             if quantization is not None:
                 distributed.check_quantization_for_strategy(quantization, pl_module)
             # A backbone quantized already (e.g. by lightning_lora.loading) is wrapped as it is.
-            inject_lora(module, self.lora_config, None if _already_quantized(module) else quantization, device=device)
+            planned = None if _already_quantized(module) else quantization
+            distributed.check_precision_keeps_4bit_bytes(getattr(pl_module, "_trainer", None), module, planned)
+            inject_lora(module, self.lora_config, planned, device=device)
             lora_state(module).quantization = quantization
             if self.compile_blocks:
                 # After injection, before the strategy wraps the model: the compiled blocks hold the LoRA layers.

@@ -22,12 +22,12 @@ from lightning_lora.config import QuantizationConfig
 def strategy_kind(trainer_or_strategy: Any) -> str:
     """'fsdp' (FSDP1), 'fsdp2' (ModelParallelStrategy), 'ddp', or 'single'."""
     strategy = getattr(trainer_or_strategy, "strategy", trainer_or_strategy)
-    name = type(strategy).__name__
-    if name == "FSDPStrategy":
+    names = [cls.__name__ for cls in type(strategy).__mro__]  # subclasses count as their base (no Lightning import here)
+    if "FSDPStrategy" in names:
         return "fsdp"
-    if name == "ModelParallelStrategy":
+    if "ModelParallelStrategy" in names:
         return "fsdp2"
-    if "DDP" in name:
+    if any("DDP" in name for name in names):
         return "ddp"
     return "single"
 
@@ -95,9 +95,10 @@ def fully_shard_lora(
 ) -> nn.Module:
     """FSDP2: ``fully_shard`` each decoder layer, then the root; call it in ``configure_model`` after LoRA is injected.
 
-    Check the packed 4-bit bytes (``packed_4bit_bytes``) when every tensor of a layer is bf16:
-    FSDP2 has been seen to rewrite NaN bit patterns of bf16-stored NF4 weights (bitsandbytes #1945);
-    fp32 LoRA weights in the same group (``LoRALinear``'s default) avoided it.
+    Raises ``ValueError`` when the all-gathers would change packed 4-bit bytes: a group whose tensors
+    are all bf16 on a GPU (FSDP2's copy into the all-gather buffer rewrites NaN bit patterns,
+    bitsandbytes #1945), or a mixed-precision ``param_dtype`` that casts them. fp32 LoRA weights in the
+    group (``LoRALinear``'s default) keep it safe.
 
     Example (in a LightningModule run with ``ModelParallelStrategy``)::
 
@@ -116,6 +117,7 @@ def fully_shard_lora(
     for block in blocks:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
+    check_fsdp2_keeps_4bit_bytes(model)
     return model
 
 
@@ -151,6 +153,148 @@ def check_quantization_for_strategy(quantization: QuantizationConfig, pl_module:
         raise ValueError(
             "`quantize`='int8' cannot be sharded with FSDP: bitsandbytes keeps int8 scales outside the parameters. "
             "Use 'nf4' with FSDP, or DDP for int8."
+        )
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
+
+
+def _packed_4bit_storage(model: nn.Module) -> dict[torch.dtype, str]:
+    """Floating-point storage dtypes of the packed 4-bit weights -> the first layer stored so (quoted).
+
+    uint8 storage is left out: ``Module.to(dtype)`` casts floating-point tensors only.
+    """
+    from lightning_lora.quantization import is_4bit
+
+    found: dict[torch.dtype, str] = {}
+    for name, module in model.named_modules():
+        if is_4bit(module) and module.weight.dtype.is_floating_point:
+            found.setdefault(module.weight.dtype, repr(name))
+    return found
+
+
+def check_precision_keeps_4bit_bytes(trainer: Any, model: nn.Module, planned: QuantizationConfig | None = None) -> None:
+    """Refuse a precision / strategy set-up that would cast the packed 4-bit weights by value.
+
+    Packed NF4/FP4 bytes stored in a floating dtype are not numbers: a precision plugin that converts
+    the module (``'16-true'``, ``'bf16-true'``, ``'64-true'``, FSDPStrategy's ``'32-true'``) or FSDP1's
+    mixed precision ``param_dtype`` (cast before every all-gather) turns them into other bytes, and the
+    layers then compute with garbage, without an error. Called before injection: ``model``'s 4-bit layers
+    and those ``planned`` will create.
+    """
+    stored = _packed_4bit_storage(model)
+    if planned is not None and planned.mode in ("nf4", "fp4") and planned.storage_dtype().is_floating_point:
+        stored.setdefault(planned.storage_dtype(), f"the layers `quantize`={planned.mode!r} creates")
+    strategy = getattr(trainer, "strategy", None)
+    if not stored or strategy is None:
+        return
+    plugin = getattr(strategy, "precision_plugin", None)
+    if plugin is not None:
+        probe = nn.Module()  # one tensor per storage dtype: what does this plugin turn it into?
+        for index, dtype in enumerate(stored):
+            probe.register_parameter(f"p{index}", nn.Parameter(torch.zeros(1, dtype=dtype), requires_grad=False))
+        try:
+            converted = plugin.convert_module(probe)
+        except Exception:  # a plugin that cannot convert a bare module: nothing learned, nothing refused
+            converted = probe
+        for index, dtype in enumerate(stored):
+            new = getattr(converted, f"p{index}").dtype
+            if new != dtype:
+                if strategy_kind(strategy) != "fsdp":
+                    other = "`quant_storage`='uint8', which no precision casts"
+                elif new in (torch.float32, torch.bfloat16, torch.float16):
+                    other = f"`quant_storage`={_DTYPE_NAMES[new]!r}"
+                else:
+                    other = "a precision FSDPStrategy can shard 4-bit weights with ('bf16-true')"
+                raise ValueError(
+                    f"`precision`={getattr(trainer, 'precision', None)!r} casts every floating-point weight to {_DTYPE_NAMES.get(new, new)}, "
+                    f"which would turn the packed 4-bit weights of {stored[dtype]} (stored as {_DTYPE_NAMES.get(dtype, dtype)}) into "
+                    "other bytes: the model would compute with garbage. Use precision='bf16-mixed' (4-bit layers compute in their "
+                    f"`compute_dtype` anyway), or {other}."
+                )
+    if strategy_kind(strategy) == "fsdp":
+        mixed = getattr(strategy, "mixed_precision_config", None)
+        param_dtype = getattr(mixed, "param_dtype", None)
+        for dtype, layer in stored.items():
+            if param_dtype is not None and param_dtype != dtype:
+                raise ValueError(
+                    f"FSDPStrategy's mixed precision casts every parameter to {_DTYPE_NAMES.get(param_dtype, param_dtype)} before its "
+                    f"all-gather (`precision`={getattr(trainer, 'precision', None)!r}), which would turn the packed 4-bit weights of "
+                    f"{layer} (stored as {_DTYPE_NAMES.get(dtype, dtype)}) into other bytes. Use precision='bf16-mixed' or "
+                    "'bf16-true' with `quant_storage`='bfloat16' (or a `mixed_precision` whose param_dtype is the storage dtype)."
+                )
+
+
+def _fsdp2_param_groups(model: nn.Module) -> list[tuple[str, Any, list[Any]]]:
+    """(module name, mixed-precision policy, FSDPParams) of every FSDP2 parameter group in ``model`` (torch's private state)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
+    groups = []
+    for name, module in model.named_modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        state = module._get_fsdp_state()
+        param_groups = getattr(state, "_fsdp_param_groups", None)
+        if param_groups is None:
+            single = getattr(state, "_fsdp_param_group", None)
+            param_groups = [single] if single is not None else []
+        for group in param_groups:
+            groups.append((name, getattr(group, "mp_policy", None), list(group.fsdp_params)))
+    return groups
+
+
+def _all_gather_dtype(fsdp_param: Any, mp_policy: Any) -> torch.dtype:
+    # What FSDP2 gathers a parameter as: its dtype, or the policy's param_dtype for floating ones (FSDPParam.init_dtype_attrs).
+    dtype = fsdp_param.sharded_param.dtype
+    param_dtype = getattr(mp_policy, "param_dtype", None)
+    return dtype if param_dtype is None or not dtype.is_floating_point else param_dtype
+
+
+def fsdp2_4bit_risks(model: nn.Module, device_type: str | None = None) -> list[str]:
+    """Why FSDP2's all-gathers would change packed 4-bit bytes in ``model``, one line per group at risk.
+
+    Two causes, both silent:
+
+    - a mixed-precision ``param_dtype`` other than the storage dtype casts the packed weight by value;
+    - a group whose all-gather inputs all share one 16-bit dtype is copied into the all-gather buffer
+      with ``torch._foreach_copy_``, whose CUDA kernel goes through float32 and back, rewriting every
+      NaN bit pattern to the canonical NaN (bitsandbytes #1945: ~0.1% of NF4 bytes). A group with
+      mixed dtypes (fp32 LoRA next to bf16-stored NF4, the default) is gathered as raw bytes; on CPU
+      the copy is a plain memcpy. ``device_type`` overrides the groups' device (for tests).
+    """
+    from lightning_lora.quantization import is_4bit
+
+    risks = []
+    for name, mp_policy, fsdp_params in _fsdp2_param_groups(model):
+        packed = [p for p in fsdp_params if is_4bit(p._module_info.module) and p._module_info.param_name == "weight"]
+        if not packed:
+            continue
+        where = name or "<root>"
+        stored, gathered = packed[0].sharded_param.dtype, _all_gather_dtype(packed[0], mp_policy)
+        if gathered != stored:
+            risks.append(
+                f"group {where!r}: mixed precision casts the packed 4-bit weights from {_DTYPE_NAMES.get(stored, stored)} "
+                f"to {_DTYPE_NAMES.get(gathered, gathered)}"
+            )
+        gather_dtypes = {_all_gather_dtype(p, mp_policy) for p in fsdp_params}
+        device = device_type or packed[0].sharded_param.device.type
+        if len(gather_dtypes) == 1 and next(iter(gather_dtypes)) in (torch.bfloat16, torch.float16) and device != "cpu":
+            risks.append(f"group {where!r}: every tensor is all-gathered as {_DTYPE_NAMES[next(iter(gather_dtypes))]} on {device}")
+    return risks
+
+
+def check_fsdp2_keeps_4bit_bytes(model: nn.Module) -> None:
+    """Raise if FSDP2 (``fully_shard``) would change packed 4-bit bytes (see ``fsdp2_4bit_risks``)."""
+    risks = fsdp2_4bit_risks(model)
+    if risks:
+        raise ValueError(
+            f"FSDP2 would silently change the packed 4-bit weights of {len(risks)} parameter groups ({risks[0]}"
+            f"{'; ...' if len(risks) > 1 else ''}). Keep the LoRA weights in float32 (LoRALinear's default) so each group "
+            "mixes dtypes and is all-gathered as raw bytes: use precision='bf16-mixed' rather than 'bf16-true', do not cast the "
+            "model to bfloat16 after injection, and give `fully_shard` no mixed-precision param_dtype; or store the 4-bit weights "
+            "as `quant_storage`='float32'. (bitsandbytes #1945)"
         )
 
 
