@@ -82,7 +82,8 @@ def nf4_hash(trainer: L.Trainer, model: torch.nn.Module) -> str:
     import contextlib
     import hashlib
 
-    from lightning_lora.distributed import packed_4bit_bytes, strategy_kind
+    from lightning_lora.lightning.strategies import strategy_kind
+    from lightning_lora.sharding import packed_4bit_bytes
 
     context = contextlib.nullcontext()
     if strategy_kind(trainer) == "fsdp":
@@ -163,7 +164,7 @@ def run(scenario: str, out: Path, steps: int, seq: int, batch: int, same_data: b
     trainer.save_checkpoint(ckpt)
     adapter = {k: v.float().cpu() for k, v in adapter_state_dict(module.model).items()} if scenario != "fsdp" else None
     # Rank agreement: every rank reduces a checksum of its (full, or gathered) adapter.
-    from lightning_lora.distributed import gather_adapter_state_dict
+    from lightning_lora.lightning.strategies import gather_adapter_state_dict
 
     gathered = gather_adapter_state_dict(trainer, module.model)
     checksum = torch.tensor([sum(float(v.double().abs().sum()) for v in gathered.values())], device=trainer.strategy.root_device)

@@ -106,8 +106,8 @@ def run_scenario(spec: dict, work: Path, ctx: dict) -> None:
     from torch.utils.data import DistributedSampler, TensorDataset
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from lightning_lora import LoRACallback, QuantizationConfig
-    from lightning_lora import distributed as dist_utils
+    from lightning_lora import LoRACallback, QuantizationConfig, sharding
+    from lightning_lora.lightning import strategies
     from lightning_lora.data._resumable import ResumableDataLoader
     from lightning_lora.quantization import is_4bit
     from multi_gpu import CLIP, LORA, llama_config
@@ -150,14 +150,14 @@ def run_scenario(spec: dict, work: Path, ctx: dict) -> None:
             if self._sharded:
                 return
             if check_bytes:  # LoRA is injected by now; the bytes before sharding, then hook the LoRA layers (their forward reads the base weight)
-                self.before = dist_utils.packed_4bit_bytes(self.model)
+                self.before = sharding.packed_4bit_bytes(self.model)
                 for n, m in self.model.named_modules():
                     if is_4bit(getattr(m, "base_layer", None)):
                         m.register_forward_pre_hook(lambda layer, args, n=n + ".base_layer": self._record(n, layer.base_layer))
             if kind == "fsdp2":
                 if spec.get("lora_bf16"):
                     self.model.to(torch.bfloat16)  # every tensor of a group bf16 (the bitsandbytes #1945 set-up)
-                dist_utils.fully_shard_lora(self.model, {LlamaDecoderLayer}, mesh=self.device_mesh["data_parallel"])
+                sharding.fully_shard_lora(self.model, {LlamaDecoderLayer}, mesh=self.device_mesh["data_parallel"])
             self._sharded = True
 
         def training_step(self, batch_, batch_idx):
@@ -187,7 +187,7 @@ def run_scenario(spec: dict, work: Path, ctx: dict) -> None:
                 self.resume_check = _compare_states(saved, self._state(trainer, pl_module))
 
         def _state(self, trainer, pl_module):
-            return {"adapter": dist_utils.gather_adapter_state_dict(trainer, pl_module.model), "optimizer": _full_optimizer_state(trainer),
+            return {"adapter": strategies.gather_adapter_state_dict(trainer, pl_module.model), "optimizer": _full_optimizer_state(trainer),
                     "step": trainer.global_step}
 
         def on_train_batch_start(self, trainer, pl_module, batch_, batch_idx):
@@ -225,7 +225,7 @@ def run_scenario(spec: dict, work: Path, ctx: dict) -> None:
         from lightning.pytorch.strategies import FSDPStrategy
 
         strategy: Any = FSDPStrategy(
-            auto_wrap_policy=dist_utils.lora_fsdp_policy({LlamaDecoderLayer}),
+            auto_wrap_policy=sharding.lora_fsdp_policy({LlamaDecoderLayer}),
             activation_checkpointing_policy={LlamaDecoderLayer} if spec.get("checkpointing") else None,
             use_orig_params=True, state_dict_type=spec.get("state_dict_type", "full"), process_group_backend=backend, timeout=timeout,
         )
@@ -256,9 +256,9 @@ def run_scenario(spec: dict, work: Path, ctx: dict) -> None:
     module = LM()
     ckpt_path = str(ckpt_dir / f"step={start_step}.ckpt") if spec.get("resume_from") else None
     unchecked = spec.get("unchecked")
-    saved_check = dist_utils.check_fsdp2_keeps_4bit_bytes
+    saved_check = sharding.check_fsdp2_keeps_4bit_bytes
     if unchecked:  # measure what the refused set-up does to the bytes: the library's check switched off for this run
-        dist_utils.check_fsdp2_keeps_4bit_bytes = lambda model: None
+        sharding.check_fsdp2_keeps_4bit_bytes = lambda model: None
     t_fit = time.perf_counter()
     error = None
     try:
@@ -267,10 +267,10 @@ def run_scenario(spec: dict, work: Path, ctx: dict) -> None:
         traceback.print_exc()
         error = f"{type(err).__name__}: {err}"[:2000]
     finally:
-        dist_utils.check_fsdp2_keeps_4bit_bytes = saved_check
+        sharding.check_fsdp2_keeps_4bit_bytes = saved_check
     fit_seconds = time.perf_counter() - t_fit
 
-    adapter = dist_utils.gather_adapter_state_dict(trainer, module.model) if error is None else {}
+    adapter = strategies.gather_adapter_state_dict(trainer, module.model) if error is None else {}
     flat = torch.cat([v.float().reshape(-1) for v in adapter.values()]) if adapter else torch.zeros(1)
     root = trainer.strategy.root_device
     same_on_ranks = None

@@ -3,7 +3,7 @@
 Builds one Llama-shaped nf4 model with our LoRA layers and one with PEFT's (same seed, same
 shape as ``compare_peft.py``), then times in one process:
 
-* ours with the fused LoRA autograd node (the default) and without it (``layers.USE_FUSED = False``),
+* ours with the fused LoRA autograd node (the default) and without it (``layers.fused_training(model, False)``),
 * ours and PEFT with every decoder block compiled (``block.compile()``, regional compilation),
 * a ``torch.profiler`` breakdown of our eager step by kernel family (matmul, 4-bit dequantize,
   attention, the rest), with the top kernels,
@@ -85,8 +85,8 @@ def check_compiled_gradients(layers: int = 2) -> dict:
     noise floor. Compiled: every block compiled (LoRA layers emit plain ops in the graph). Also each
     step's peak memory.
     """
-    import lightning_lora.layers as layers_module
     from lightning_lora import LoRAConfig, inject_lora
+    from lightning_lora.layers import fused_training
 
     ids = torch.randint(0, 32000, (BATCH, SEQ), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
 
@@ -110,16 +110,16 @@ def check_compiled_gradients(layers: int = 2) -> dict:
         return ({n: p.grad.float().clone() for n, p in m.named_parameters() if p.requires_grad}, float(loss.detach()),
                 torch.cuda.max_memory_allocated() / 2**30)
 
-    variants = {"eager_unfused": (False, False), "eager_fused": (True, False), "compiled": (True, True)}  # (USE_FUSED, compiled)
+    variants = {"eager_unfused": (False, False), "eager_fused": (True, False), "compiled": (True, True)}  # (fused, compiled)
     out, ref = {}, None
     for name, (fused, compile_it) in variants.items():
         torch._dynamo.reset()
-        layers_module.USE_FUSED = fused
         model = build()
-        if compile_it:
-            compile_blocks(model)
-            grads(model)  # compiles
-        g, loss, peak = grads(model)
+        with fused_training(model, fused):
+            if compile_it:
+                compile_blocks(model)
+                grads(model)  # compiles
+            g, loss, peak = grads(model)
         ref = ref or g
         errors = {n: float((g[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-30)) for n in ref}
         out[name] = {"loss": loss, "peak_gib": peak, "worst_rel_err": max(errors.values()),
@@ -128,7 +128,6 @@ def check_compiled_gradients(layers: int = 2) -> dict:
         del model
         gc.collect()
         torch.cuda.empty_cache()
-    layers_module.USE_FUSED = True
     return out
 
 
@@ -156,8 +155,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--skip", nargs="*", default=[], help="parts to skip: check, peft, compile, profile, inference")
     args = parser.parse_args()
-    import lightning_lora.layers as layers
     from lightning_lora import LoRAConfig, inject_lora
+    from lightning_lora.layers import fused_training
 
     ceiling = matmul_ceiling()
     params = 6_738_415_616 * args.layers / 32
@@ -177,9 +176,8 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
     ours = inject_lora(quantized_llama(args.layers), LoRAConfig(r=R, alpha=ALPHA, target_modules=TARGETS))
-    layers.USE_FUSED = False
-    record("ours_unfused", lambda: timed_steps(ours, args.steps))
-    layers.USE_FUSED = True
+    with fused_training(ours, False):
+        record("ours_unfused", lambda: timed_steps(ours, args.steps))
     record("ours_fused", lambda: timed_steps(ours, args.steps))
     if "profile" not in args.skip:
         record("profile_ours_fused", lambda: profile_step(ours))

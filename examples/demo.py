@@ -23,7 +23,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lightning_lora.callback import LoRACallback
+from lightning_lora import LoRACallback
 from lightning_lora.cli import LoRACLI
 from lightning_lora.inject import count_parameters
 

@@ -1,48 +1,62 @@
 """LoRA and QLoRA fine-tuning as a first-class part of PyTorch Lightning.
 
-The core (config, layers, injection, quantization, adapter I/O) is plain PyTorch; the Lightning
-glue (``LoRACallback``, ``LoRAMixin``) is imported lazily so the core works without Lightning.
+The core (config, layers, injection, quantization, adapter I/O) is plain PyTorch; the Lightning wing
+(``lightning_lora.lightning``: ``LoRACallback``, ``LoRAMixin``) is the only part that imports Lightning.
+Importing this package imports neither: each public name below is imported on first use (PEP 562),
+so ``import lightning_lora`` (and ``lightning-lora --help``) stays fast.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from lightning_lora.adapter_io import adapter_state_dict, load_adapter, save_adapter
-from lightning_lora.config import LoRAConfig, QuantizationConfig
-from lightning_lora.inject import backbone_fingerprint, inject_lora, parameter_summary, trainable_parameters
-from lightning_lora.layers import LoRALinear
-from lightning_lora.merge import cast_adapters, disable_lora, merge_lora, merged_state_dict, unmerge_lora
-from lightning_lora.quantization import quantize_model
+import importlib
+from typing import TYPE_CHECKING, Any
 
-_LIGHTNING_NAMES = {"LoRACallback": "lightning_lora.callback", "LoRAMixin": "lightning_lora.mixin"}
+from lightning_lora._version import __version__
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "LoRACallback": "lightning_lora.lightning.callback",
+    "LoRAConfig": "lightning_lora.config",
+    "LoRALinear": "lightning_lora.layers",
+    "LoRAMixin": "lightning_lora.lightning.mixin",
+    "QuantizationConfig": "lightning_lora.config",
+    "adapter_state_dict": "lightning_lora.adapter_io",
+    "backbone_fingerprint": "lightning_lora.inject",
+    "cast_adapters": "lightning_lora.merge",
+    "disable_lora": "lightning_lora.merge",
+    "inject_lora": "lightning_lora.inject",
+    "load_adapter": "lightning_lora.adapter_io",
+    "merge_lora": "lightning_lora.merge",
+    "merged_state_dict": "lightning_lora.merge",
+    "parameter_summary": "lightning_lora.inject",
+    "quantize_model": "lightning_lora.quantization",
+    "save_adapter": "lightning_lora.adapter_io",
+    "trainable_parameters": "lightning_lora.inject",
+    "unmerge_lora": "lightning_lora.merge",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
 
 
-def __getattr__(name: str):
-    # Lightning is imported only when its glue is asked for.
-    if name in _LIGHTNING_NAMES:
-        import importlib
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_lora' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-        return getattr(importlib.import_module(_LIGHTNING_NAMES[name]), name)
-    raise AttributeError(f"module 'lightning_lora' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
-__all__ = [
-    "LoRACallback",
-    "LoRAConfig",
-    "LoRALinear",
-    "LoRAMixin",
-    "QuantizationConfig",
-    "__version__",
-    "adapter_state_dict",
-    "backbone_fingerprint",
-    "cast_adapters",
-    "disable_lora",
-    "inject_lora",
-    "load_adapter",
-    "merge_lora",
-    "merged_state_dict",
-    "parameter_summary",
-    "quantize_model",
-    "save_adapter",
-    "trainable_parameters",
-    "unmerge_lora",
-]
+if TYPE_CHECKING:  # what type checkers and IDEs see
+    from lightning_lora.adapter_io import adapter_state_dict, load_adapter, save_adapter
+    from lightning_lora.config import LoRAConfig, QuantizationConfig
+    from lightning_lora.inject import backbone_fingerprint, inject_lora, parameter_summary, trainable_parameters
+    from lightning_lora.layers import LoRALinear
+    from lightning_lora.lightning.callback import LoRACallback
+    from lightning_lora.lightning.mixin import LoRAMixin
+    from lightning_lora.merge import cast_adapters, disable_lora, merge_lora, merged_state_dict, unmerge_lora
+    from lightning_lora.quantization import quantize_model

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lightning_lora import __version__
+from lightning_lora._version import __version__
 from lightning_lora._io import atomic_write, atomic_write_bytes
 from lightning_lora._matching import matches_suffix, pattern_value, unwrapped_name
 from lightning_lora.config import LoRAConfig

@@ -238,7 +238,7 @@ def _parse_fit_config(config_path: str) -> _BuildOnlyCLI:
 
 def _build_from_config(config_path: str) -> tuple[Any, Any, Any]:
     """(LightningModule with its backbone built, DataModule, LoRACallback) from a ``fit`` config; no Trainer."""
-    from lightning_lora.callback import LoRACallback
+    from lightning_lora.lightning.callback import LoRACallback
 
     cli = _parse_fit_config(config_path)
     module = cli.model

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_lora.distributed import block_classes_of, class_matcher
+from lightning_lora.blocks import block_matcher
 
 
 def compile_blocks(model: nn.Module, block_classes: Iterable[type | str] | None = None, **compile_kwargs: Any) -> list[str]:
@@ -29,7 +29,7 @@ def compile_blocks(model: nn.Module, block_classes: Iterable[type | str] | None 
         inject_lora(model, LoRAConfig(r=16), QuantizationConfig(mode="nf4"))
         compile_blocks(model)  # then train as usual; the first steps compile
     """
-    is_block = class_matcher(list(block_classes) if block_classes is not None else block_classes_of(model))
+    is_block = block_matcher(model, block_classes)
     compiled = []
     for name, module in model.named_modules():
         if is_block(module):

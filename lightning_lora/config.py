@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -68,6 +68,11 @@ class LoRAConfig:
     """Per-module rank overrides: regex (matched as a path suffix) -> r."""
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     """Per-module alpha overrides: regex (matched as a path suffix) -> alpha."""
+
+    ADAPTER_FIELDS: ClassVar[tuple[str, ...]] = (
+        "r", "alpha", "target_modules", "exclude_modules", "bias", "modules_to_save", "use_rslora", "rank_pattern", "alpha_pattern",
+    )  # fmt: skip
+    """The fields that change which adapter tensors exist or what they compute (a resumed checkpoint must match them)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:

@@ -26,7 +26,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from _lightning import LlamaLM, token_loader, trainer
 from _models import tiny_llama
 from lightning_lora import LoRACallback, LoRAConfig, QuantizationConfig, inject_lora, quantize_model
-from lightning_lora.distributed import fsdp2_4bit_risks, fully_shard_lora, packed_4bit_bytes
+from lightning_lora.sharding import fsdp2_4bit_risks, fully_shard_lora, packed_4bit_bytes
 from lightning_lora.inject import lora_state
 from lightning_lora.quantization import bitsandbytes_available
 

@@ -161,8 +161,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from _lightning import LlamaLM, token_loader
 from lightning_lora import LoRACallback
-from lightning_lora.distributed import fully_shard_lora, gather_adapter_state_dict, packed_4bit_bytes
+from lightning_lora.lightning.strategies import gather_adapter_state_dict
 from lightning_lora.quantization import is_4bit
+from lightning_lora.sharding import fully_shard_lora, packed_4bit_bytes
 
 out, phase, quant_storage = sys.argv[1], sys.argv[2], sys.argv[3]
 compile_blocks = len(sys.argv) > 4 and sys.argv[4] == "compile"

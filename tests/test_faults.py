@@ -21,7 +21,7 @@ from _lightning import LlamaLM, token_loader, trainer
 from _models import assert_unchanged, model_snapshot, randomize_adapter, tiny_llama
 from lightning_lora import LoRACallback, LoRAConfig, adapter_state_dict, inject_lora, load_adapter, save_adapter
 from lightning_lora.adapter_io import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
-from lightning_lora.checkpoint_io import AtomicCheckpointIO
+from lightning_lora.lightning import AtomicCheckpointIO
 
 TESTS = Path(__file__).parent
 SCRIPT = TESTS / "scripts" / "fault_train.py"
@@ -103,7 +103,7 @@ def test_sigkill_during_save_adapter_leaves_a_complete_adapter(tmp_path):
 _CHECKPOINT_WRITER = textwrap.dedent(
     """
     import sys, torch
-    from lightning_lora.checkpoint_io import AtomicCheckpointIO
+    from lightning_lora.lightning import AtomicCheckpointIO
     io, version = AtomicCheckpointIO(), 0
     while True:
         version += 1

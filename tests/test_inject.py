@@ -257,3 +257,53 @@ def test_inject_quantizes_onto_the_given_device():
     base = model.model.layers[0].self_attn.q_proj.base_layer
     assert type(base).__name__ == "Linear4bit" and base.weight.device.type == "cpu" and base.weight.dtype == torch.uint8
     assert len(lora_state(model).quantized) == 14  # 7 projections x 2 layers; lm_head stays full precision
+
+
+# -- freezing and saving use one definition of the adapter ------------------------------------------
+def _expected_adapter_keys(model: nn.Module, config: LoRAConfig) -> set[str]:
+    """The adapter's keys worked out from the config alone, independently of the library's rule."""
+    layers = lora_layers(model)
+    keys = {f"{path}.lora_{ab}.weight" for path in layers for ab in "ab"}
+    names = [name for name, _ in model.named_parameters()]
+    for root in config.modules_to_save or []:
+        keys |= {name for name in names if name.startswith(root + ".") or f".{root}." in f".{name}"}
+    if config.bias == "all":
+        keys |= {name for name in names if name.endswith(".bias")}
+    if config.bias == "lora_only":
+        keys |= {f"{path}.base_layer.bias" for path, layer in layers.items() if getattr(layer.base_layer, "bias", None) is not None}
+    return keys
+
+
+_BERT_LINEARS = ["query", "key", "value", "dense"]
+
+
+@pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
+@pytest.mark.parametrize("modules_to_save", [None, ["classifier"], ["classifier", "pooler"]], ids=["no-save", "head", "head+pooler"])
+@pytest.mark.parametrize(
+    "patterns",
+    [{}, {"rank_pattern": {"query": 2}}, {"alpha_pattern": {"value": 3.0}, "exclude_modules": ["key"]}],
+    ids=["plain", "rank-pattern", "alpha-pattern+exclude"],
+)
+def test_what_trains_is_exactly_what_is_saved(bias, modules_to_save, patterns):
+    config = LoRAConfig(r=4, alpha=8, target_modules=_BERT_LINEARS, bias=bias, modules_to_save=modules_to_save, **patterns)
+    model = inject_lora(tiny_bert_classifier(), config)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    saved = set(adapter_state_dict(model))
+    assert trainable == saved == _expected_adapter_keys(model, config)
+    # Six linears named query/key/value/dense per layer, two layers, and pooler.dense (unless saved in full).
+    per_layer = 5 if "exclude_modules" in patterns else 6
+    pooler = 0 if modules_to_save and "pooler" in modules_to_save else 1
+    assert len([k for k in saved if k.endswith(".lora_a.weight")]) == 2 * per_layer + pooler
+
+
+@pytest.mark.parametrize(("builder", "targets", "quantize"), [
+    (tiny_gpt2, ["c_attn", "c_proj"], False),  # Conv1D bases with biases
+    (tiny_llama, "all-linear", True),  # nf4 bases, no biases
+    (tiny_bert_classifier, ["query", "value"], True),  # nf4 bases with biases
+], ids=["gpt2", "llama-nf4", "bert-nf4"])  # fmt: skip
+@pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
+def test_what_trains_is_what_is_saved_on_other_bases(builder, targets, quantize, bias):
+    config = LoRAConfig(r=4, alpha=8, target_modules=targets, bias=bias)
+    model = inject_lora(builder(), config, QuantizationConfig(mode="nf4") if quantize else None)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(adapter_state_dict(model)) == _expected_adapter_keys(model, config)

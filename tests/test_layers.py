@@ -273,18 +273,16 @@ def _frozen_base(kind: str) -> nn.Module:
 
 
 def _step(layer: LoRALinear, x: torch.Tensor, fused: bool, autocast: bool = False, seed: int = 5) -> list[torch.Tensor]:
-    import lightning_lora.layers as layers_module
+    from lightning_lora.layers import fused_training
 
-    previous, layers_module.USE_FUSED = layers_module.USE_FUSED, fused
-    try:
+    with fused_training(layer, fused):
         layer.zero_grad(set_to_none=True)
         x = x.clone().requires_grad_(True)
         torch.manual_seed(seed)  # same dropout mask in both paths
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             y = layer(x)
         (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
-    finally:
-        layers_module.USE_FUSED = previous
+    assert layer.fused is True  # restored
     return [y.detach(), x.grad, layer.lora_a.weight.grad, layer.lora_b.weight.grad]
 
 
@@ -316,7 +314,9 @@ def test_hooks_on_the_base_layer_still_run_in_training():
     layer.base_layer.register_forward_hook(lambda module, args, out: calls.append(out.shape))
     layer(torch.randn(2, 64, requires_grad=True)).sum().backward()
     assert calls == [torch.Size([2, 96])]
-    assert not layer._fusable()
+    from lightning_lora._routes import fusable
+
+    assert not fusable(layer)
 
 
 def test_input_without_grad_trains_the_adapter_only():
@@ -430,13 +430,13 @@ def test_float64_input_under_autocast_keeps_float64():
 
 @pytest.mark.parametrize("kind", ["linear", "linear_bias", "conv1d", "nf4"])
 def test_inference_with_many_tokens_folds_the_update_into_the_weight(kind, monkeypatch):
-    import lightning_lora.layers as layers_module
+    from lightning_lora import _routes
 
     layer = LoRALinear(_frozen_base(kind), r=8, alpha=16).eval()
     _randomize_b(layer)
     folds = []
-    frozen_weight = layers_module._frozen_weight
-    monkeypatch.setattr(layers_module, "_frozen_weight", lambda base, dtype: folds.append(1) or frozen_weight(base, dtype))
+    frozen_weight = _routes._frozen_weight
+    monkeypatch.setattr(_routes, "_frozen_weight", lambda *args: folds.append(1) or frozen_weight(*args))
     x = torch.randn(400, 64)  # 400 x (64 + 2 x 96) elements of activations > (2 or 3) x 64 x 96 of weight
     with torch.no_grad():
         folded = layer(x)

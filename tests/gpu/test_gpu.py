@@ -65,10 +65,10 @@ def test_block_by_block_loading_on_gpu_equals_quantizing_the_full_model(tmp_path
 
 
 def _cuda_nf4_llama_grads(use_fused: bool, compile_: bool) -> dict[str, torch.Tensor]:
-    import lightning_lora.layers as layers_module
     from _models import tiny_llama, token_batch
     from lightning_lora import LoRAConfig, inject_lora
     from lightning_lora.compiling import compile_blocks
+    from lightning_lora.layers import fused_training
 
     torch._dynamo.reset()
     model = tiny_llama().to(torch.bfloat16)
@@ -82,16 +82,13 @@ def _cuda_nf4_llama_grads(use_fused: bool, compile_: bool) -> dict[str, torch.Te
             if "lora_b" in name:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
     ids = token_batch(batch=4, seq=32).cuda()
-    previous, layers_module.USE_FUSED = layers_module.USE_FUSED, use_fused
-    try:
+    with fused_training(model, use_fused):
         if compile_:
             compile_blocks(model)
         for _ in range(2 if compile_ else 1):  # compiled: the first pass compiles
             model.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 model(input_ids=ids, labels=ids).loss.backward()
-    finally:
-        layers_module.USE_FUSED = previous
     return {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
 
 

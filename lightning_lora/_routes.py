@@ -1,0 +1,194 @@
+"""The fast routes of ``LoRALinear.forward`` and the guards that decide when they may run.
+
+``layers.LoRALinear`` is the reference: base output plus ``scale * B(A(dropout(x)))``. Here are the
+three faster ways to compute the same thing, each for one situation:
+
+- ``fused_training``: one autograd node (``_FusedLoRA``) for a frozen float or 4-bit base;
+- ``unfused_training``: plain ops, the update added into the base output with one ``addmm``
+  (compiled graphs, 8-bit bases, hooks on the base layer, ``layer.fused = False``);
+- ``no_grad``: without autograd, the update added to the output in place, or folded into the
+  (dequantized) weight when that is cheaper.
+
+Nothing here imports the layer module: the routes take the layer and read its attributes
+(``base_layer``, ``in_features``, ``out_features``, ``r``, ``scale``, ``dropout``, ``fan_in_fan_out``, ``fused``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules import module as module_mod  # the global module hooks live here
+
+from lightning_lora import quantization
+
+LoRALinear = nn.Module  # for annotations: the routes take a ``layers.LoRALinear`` (not imported: it imports this module)
+
+
+# -- guards --------------------------------------------------------------------------------------
+def fusable(layer: LoRALinear) -> bool:
+    """Whether ``_FusedLoRA`` (and the weight route) can stand in for base + LoRA.
+
+    It needs a frozen float or 4-bit base (bias frozen too) with its class's stock forward,
+    no forward or backward hooks on the base layer (it computes the base output without calling the
+    base module), and no torch.func transform (the node defines no vmap rule).
+    """
+    base = layer.base_layer
+    if not layer.fused or quantization.is_8bit(base) or base.weight.requires_grad:
+        return False
+    if getattr(base, "bias", None) is not None and base.bias.requires_grad:
+        return False
+    return _unhooked(base) and _stock_forward(base, layer.fan_in_fan_out) and not _functorch_active()
+
+
+def _unhooked(module: nn.Module) -> bool:
+    """No forward or backward hook, on ``module`` or global, would miss a computation that bypasses its forward."""
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks,
+             module_mod._global_forward_hooks, module_mod._global_forward_pre_hooks, module_mod._global_backward_hooks,
+             module_mod._global_backward_pre_hooks)  # fmt: skip
+    return not any(hooks)
+
+
+def _stock_forward(base: nn.Module, conv1d: bool) -> bool:
+    """The base computes what its library class computes: no subclass overrides ``forward``."""
+    if quantization.is_4bit(base):
+        return quantization.has_stock_forward(base)
+    return conv1d or type(base).forward is nn.Linear.forward
+
+
+def _functorch_active() -> bool:
+    check = getattr(torch._C._functorch, "_are_functorch_transforms_active", None) or getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(check()) if check is not None else False
+
+
+# -- dtypes and the frozen weight ------------------------------------------------------------------
+def _compute_dtype(x: torch.Tensor, fallback: torch.dtype) -> torch.dtype:
+    """The dtype the matmuls run in: autocast's when it is on, else that of the base output."""
+    if torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(x.device.type)  # autocast leaves float64 alone
+    return fallback
+
+
+def _base_compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype the base layer computes in without autocast: bitsandbytes' ``compute_dtype`` for 4-bit, else x's."""
+    if quantization.is_4bit(base) and base.compute_dtype is not None:
+        return base.compute_dtype
+    return x.dtype
+
+
+def _frozen_weight(base: nn.Module, dtype: torch.dtype, transposed: bool = False) -> torch.Tensor:
+    """The base weight as an (out, in) matrix in ``dtype``: dequantized for 4-bit bases, a view or cast otherwise.
+
+    ``transposed``: the base stores its weight as (in, out) (GPT-2 ``Conv1D``).
+    """
+    if quantization.is_4bit(base):
+        return quantization.dequantize_weight(base, dtype=dtype)
+    weight = base.weight.t() if transposed else base.weight
+    return weight.to(dtype)
+
+
+# -- the routes ------------------------------------------------------------------------------------
+def fused_training(layer: LoRALinear, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    x_lora = None if isinstance(layer.dropout, nn.Identity) else layer.dropout(x)
+    return _FusedLoRA.apply(x, x_lora, a, b, layer)
+
+
+def unfused_training(layer: LoRALinear, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    out = layer.base_layer(x)
+    if a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        a, b = a.to(x.dtype), b.to(x.dtype)  # cast the small adapter, not the activation
+    h = F.linear(layer.dropout(x), a)  # (..., r)
+    if out.dtype == h.dtype and out.dim() >= 2:
+        # One kernel: out + scale * h @ B^T, written into the base output's shape.
+        return torch.addmm(out.reshape(-1, layer.out_features), h.reshape(-1, layer.r), b.t(), alpha=layer.scale).view(out.shape)
+    return out + (F.linear(h, b) * layer.scale).to(out.dtype)
+
+
+def no_grad(layer: LoRALinear, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Without autograd (inference, or a reentrant-checkpoint forward): the update added into the base output in place.
+
+    With many tokens, adding the update to the output costs a read and a write of the whole
+    (tokens, out) output plus a read of the input; adding ``scale * B @ A`` to the weight the base
+    computes with (a temporary: dequantized for 4-bit bases) costs a pass over (out, in) instead,
+    independent of the number of tokens. The cheaper of the two is taken (not while dropout is
+    active, which acts on the input); the weight route rounds like ``merge_lora`` on a bf16 weight.
+    """
+    base = layer.base_layer
+    four_bit = quantization.is_4bit(base)
+    dropout_active = layer.training and not isinstance(layer.dropout, nn.Identity)
+    tokens = x.numel() // layer.in_features
+    fold_cost = (2 if four_bit else 3) * layer.in_features * layer.out_features
+    if not dropout_active and tokens * (layer.in_features + 2 * layer.out_features) > fold_cost and fusable(layer):
+        dtype = _compute_dtype(x, _base_compute_dtype(base, x))
+        weight = _frozen_weight(base, dtype, layer.fan_in_fan_out)
+        a, b = a.to(dtype), b.to(dtype)
+        # A dequantized weight is a fresh tensor: add in place. A float weight is the parameter itself.
+        weight = weight.addmm_(b, a, alpha=layer.scale) if four_bit else torch.addmm(weight, b, a, alpha=layer.scale)
+        bias = getattr(base, "bias", None)
+        out = F.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
+        return out.to(x.dtype) if four_bit else out
+    out = base(x)
+    dtype = _compute_dtype(x, out.dtype)
+    a, b = a.to(dtype), b.to(dtype)
+    x_lora = layer.dropout(x) if dropout_active else x
+    h = torch.mm(x_lora.reshape(-1, layer.in_features).to(dtype), a.t())
+    # In place only when nothing else can hold the base output (a forward hook may have kept it).
+    if out.dtype == dtype and out.is_contiguous() and not out.requires_grad and _unhooked(base):
+        out.view(-1, layer.out_features).addmm_(h, b.t(), alpha=layer.scale)
+        return out
+    return out + (torch.mm(h, b.t()) * layer.scale).view(out.shape).to(out.dtype)
+
+
+class _FusedLoRA(torch.autograd.Function):
+    """``base(x) + scale * (x_lora @ A^T) @ B^T`` as one autograd node, for a frozen float or 4-bit base.
+
+    Compared with the base layer's own autograd plus the LoRA ops, this writes the update into the
+    base output in place (no copy of the output), accumulates the LoRA input gradient into the base's
+    in place (no separate sum), skips dequantizing in backward when ``x`` needs no gradient, and saves
+    only what the unfused path saves (``x``, the (tokens, r) product, the small adapter casts); a
+    4-bit weight is dequantized again in backward rather than kept. ``x_lora`` is the dropout output,
+    or None when there is no dropout (then ``x`` feeds both paths).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, x_lora: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, layer: LoRALinear) -> torch.Tensor:
+        base = layer.base_layer
+        bias = getattr(base, "bias", None)
+        dtype = _compute_dtype(x, _base_compute_dtype(base, x))
+        x2 = x.reshape(-1, layer.in_features).to(dtype)
+        xl2 = x2 if x_lora is None else x_lora.reshape(-1, layer.in_features).to(dtype)
+        if quantization.is_4bit(base):
+            out = quantization.matmul_4bit_frozen(base, x2, None if bias is None else bias.to(dtype))
+        else:
+            weight = _frozen_weight(base, dtype, layer.fan_in_fan_out)
+            out = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias.to(dtype), x2, weight.t())
+        a_c, b_c = a.to(dtype), b.to(dtype)
+        h = torch.mm(xl2, a_c.t())
+        out.addmm_(h, b_c.t(), alpha=layer.scale)
+        ctx.layer, ctx.dtype, ctx.x_dtype, ctx.dropout, ctx.scale = layer, dtype, x.dtype, x_lora is not None, layer.scale
+        ctx.a_dtype, ctx.b_dtype = a.dtype, b.dtype
+        ctx.save_for_backward(xl2, h, a_c, b_c)
+        # Like the base layers themselves: bitsandbytes returns the input dtype, torch's linear the compute dtype.
+        out_dtype = x.dtype if quantization.is_4bit(base) else dtype
+        return out.view(*x.shape[:-1], layer.out_features).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        xl2, h, a_c, b_c = ctx.saved_tensors
+        layer = ctx.layer
+        needs_x, needs_x_lora, needs_a, needs_b, _ = ctx.needs_input_grad
+        g = grad.reshape(-1, layer.out_features).to(ctx.dtype)
+        grad_h = torch.mm(g, b_c).mul_(ctx.scale)  # (tokens, r)
+        grad_a = torch.mm(grad_h.t(), xl2).to(ctx.a_dtype) if needs_a else None
+        grad_b = torch.mm(g.t(), h).mul_(ctx.scale).to(ctx.b_dtype) if needs_b else None
+        grad_x = grad_x_lora = None
+        if needs_x:
+            grad_x = torch.mm(g, _frozen_weight(layer.base_layer, ctx.dtype, layer.fan_in_fan_out))
+            if not ctx.dropout:
+                grad_x.addmm_(grad_h, a_c)
+            grad_x = grad_x.view(*grad.shape[:-1], layer.in_features).to(ctx.x_dtype)
+        if ctx.dropout and needs_x_lora:
+            grad_x_lora = torch.mm(grad_h, a_c).view(*grad.shape[:-1], layer.in_features).to(ctx.x_dtype)
+        return grad_x, grad_x_lora, grad_a, grad_b, None

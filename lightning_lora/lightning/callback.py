@@ -1,0 +1,148 @@
+"""LoRACallback: LoRA / QLoRA for any LightningModule, added with one line to the Trainer."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_lora.config import BiasMode, InitMode, LoRAConfig, QuantizationConfig
+from lightning_lora.lightning.controller import LoRAController
+
+
+class LoRACallback(Callback):
+    """Inject LoRA (optionally on a 4-bit or 8-bit backbone), keep checkpoints adapter-only, export the adapter.
+
+    Injection happens in ``setup``, or right after ``configure_model`` when the backbone is built
+    there, so it always precedes the strategy's wrapping and ``configure_optimizers``. To make that
+    possible the callback wraps three hooks of the module instance: ``configure_model`` (inject after
+    it), ``on_load_checkpoint`` (check the checkpoint's backbone and LoRA config before any weight
+    loads) and, under FSDP, ``configure_gradient_clipping`` (norm clipping that does not raise).
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[LoRACallback(r=8, target_modules=["q_proj", "v_proj"], quantize="nf4", backbone="model")])
+        trainer.fit(module)  # module.configure_optimizers uses [p for p in self.parameters() if p.requires_grad]
+    """
+
+    def __init__(
+        self,
+        r: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        target_modules: list[str] | str = "all-linear",
+        exclude_modules: list[str] | str | None = None,
+        bias: BiasMode = "none",
+        modules_to_save: list[str] | None = None,
+        use_rslora: bool = False,
+        init: InitMode = "kaiming",
+        rank_pattern: dict[str, int] | None = None,
+        alpha_pattern: dict[str, float] | None = None,
+        quantize: Literal["nf4", "fp4", "int8"] | None = None,
+        double_quant: bool = True,
+        compute_dtype: str | None = None,
+        quant_storage: str = "uint8",
+        backbone: str | None = None,
+        adapter_only_checkpoint: bool = True,
+        export_dir: str | None = None,
+        merge_on_export: bool = False,
+        skip_nonfinite: bool = True,
+        max_nonfinite_steps: int = 10,
+        compile_blocks: bool | list[str] = False,
+    ) -> None:
+        """
+        Args:
+            r: Rank of the LoRA update.
+            alpha: LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora).
+            dropout: Dropout on the LoRA input, in [0, 1).
+            target_modules: Module names (path suffixes), one regex over the full path, or 'all-linear'.
+            exclude_modules: Modules never adapted, in the same forms as target_modules.
+            bias: Which biases train and are saved: 'none', 'all' or 'lora_only'.
+            modules_to_save: Modules trained in full and saved with the adapter (e.g. ['classifier']).
+            use_rslora: Scale by alpha / sqrt(r) (rank-stabilized LoRA).
+            init: Init of A: 'kaiming' or 'gaussian'; B starts at zero.
+            rank_pattern: Per-module rank overrides: regex -> r.
+            alpha_pattern: Per-module alpha overrides: regex -> alpha.
+            quantize: Quantize the frozen backbone with bitsandbytes: 'nf4', 'fp4', 'int8', or None.
+            double_quant: Also quantize the 4-bit block scales.
+            compute_dtype: Matmul dtype of 4-bit layers ('bfloat16', 'float16', 'float32'); default bf16 on GPU, fp32 on CPU.
+            quant_storage: Storage dtype of packed 4-bit weights; 'bfloat16' for FSDPStrategy.
+            backbone: Attribute of the LightningModule holding the model to adapt (e.g. 'model'); None = the whole module.
+            adapter_only_checkpoint: Checkpoints hold the adapter, not the frozen backbone.
+            export_dir: When fit ends, write the PEFT-format adapter to export_dir/adapter.
+            merge_on_export: Also write merged full weights to export_dir/merged.
+            skip_nonfinite: Skip optimizer steps whose gradients hold NaN/Inf, with a warning.
+            max_nonfinite_steps: Stop with an error after this many skipped steps in a row.
+            compile_blocks: torch.compile each decoder layer after injection (regional compilation): True for
+                transformers models (their ``_no_split_modules``), or a list of block class names.
+        """
+        super().__init__()
+        lora_config = LoRAConfig(
+            r=r,
+            alpha=alpha,
+            dropout=dropout,
+            target_modules=target_modules,
+            exclude_modules=exclude_modules,
+            bias=bias,
+            modules_to_save=modules_to_save,
+            init=init,
+            use_rslora=use_rslora,
+            rank_pattern=dict(rank_pattern or {}),
+            alpha_pattern=dict(alpha_pattern or {}),
+        )
+        quantization = None
+        if quantize is not None:
+            quantization = QuantizationConfig(mode=quantize, double_quant=double_quant, compute_dtype=compute_dtype, quant_storage=quant_storage)
+        self.controller = LoRAController(
+            lora_config, quantization, backbone, adapter_only_checkpoint, skip_nonfinite, max_nonfinite_steps, compile_blocks
+        )
+        self.export_dir = export_dir
+        self.merge_on_export = merge_on_export
+
+    @property
+    def lora_config(self) -> LoRAConfig:
+        return self.controller.lora_config
+
+    @property
+    def state_key(self) -> str:
+        return f"LoRACallback{{backbone={self.controller.backbone!r}}}"
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.controller.setup(trainer, pl_module, check_checkpoints=True)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.controller.require_injected(pl_module)
+        self.controller.check_optimizers(trainer, pl_module)
+        self.controller.log_summary(pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.controller.warn_if_eval_mode(pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.controller.require_injected(pl_module)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.controller.filter_checkpoint(checkpoint, pl_module)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        self.controller.handle_nonfinite_gradients(trainer, pl_module, optimizer)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.export_dir is not None:
+            self.controller.export(trainer, pl_module, self.export_dir, self.merge_on_export)
+
+    def state_dict(self) -> dict[str, Any]:
+        # RNG states make dropout masks after a resume the same as in an uninterrupted run.
+        state = {"skipped_steps": self.controller.skipped_steps, "cpu_rng_state": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda_rng_state"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.controller.skipped_steps = state_dict.get("skipped_steps", 0)
+        if "cpu_rng_state" in state_dict:
+            torch.set_rng_state(state_dict["cpu_rng_state"])
+        if "cuda_rng_state" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state_dict["cuda_rng_state"])

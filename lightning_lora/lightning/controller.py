@@ -1,0 +1,226 @@
+"""What LoRACallback and LoRAMixin share: when to inject, and which check runs at which hook.
+
+Lightning's order in ``fit`` (2.6): Callback.setup -> LightningModule.setup -> configure_model ->
+(single device / DDP: restore the checkpoint's model state) -> strategy.setup (move, wrap) ->
+configure_optimizers -> on_fit_start. Injection must land before the strategy wraps the model and
+before the optimizer is built, whichever of __init__, setup or configure_model built the backbone.
+
+The jobs themselves live next door: ``checkpoints`` (what a checkpoint holds, resume checks),
+``guards`` (non-finite steps), ``strategies`` (what differs per strategy), ``patches`` (every
+change to the user's module and Lightning's objects).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from lightning_lora.adapter_io import save_adapter
+from lightning_lora.compiling import compile_blocks
+from lightning_lora.config import LoRAConfig, QuantizationConfig
+from lightning_lora.inject import inject_lora, lora_state, parameter_summary
+from lightning_lora.layers import LoRALinear
+from lightning_lora.lightning import checkpoints, guards, patches, strategies
+from lightning_lora.quantization import is_quantized
+
+
+class LoRAController:
+    """Plain-Python logic behind the Lightning hooks, so the callback and the mixin behave alike."""
+
+    def __init__(
+        self,
+        lora_config: LoRAConfig,
+        quantization_config: QuantizationConfig | None = None,
+        backbone: str | None = None,
+        adapter_only_checkpoint: bool = True,
+        skip_nonfinite: bool = True,
+        max_nonfinite_steps: int = 10,
+        compile_blocks: bool | list[str] = False,
+    ) -> None:
+        if not isinstance(compile_blocks, bool) and not (
+            isinstance(compile_blocks, (list, tuple)) and compile_blocks and all(isinstance(c, str) for c in compile_blocks)
+        ):
+            raise ValueError(
+                f"`compile_blocks` must be True, False or a list of block class names, got {compile_blocks!r}. "
+                "Pass True to compile the model's decoder layers, or e.g. ['LlamaDecoderLayer']."
+            )
+        if backbone is not None and (not isinstance(backbone, str) or not backbone):
+            raise ValueError(f"`backbone` must be the name of a LightningModule attribute (e.g. 'model') or None, got {backbone!r}.")
+        if isinstance(max_nonfinite_steps, bool) or not isinstance(max_nonfinite_steps, int) or max_nonfinite_steps < 1:
+            raise ValueError(f"`max_nonfinite_steps` must be a positive integer, got {max_nonfinite_steps!r}; set it to e.g. 10.")
+        self.lora_config = lora_config
+        self.quantization_config = quantization_config
+        self.backbone = backbone
+        self.adapter_only_checkpoint = adapter_only_checkpoint
+        self.skip_nonfinite = skip_nonfinite
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.compile_blocks = list(compile_blocks) if isinstance(compile_blocks, (list, tuple)) else compile_blocks
+        self.guard = guards.NonFiniteGuard(skip_nonfinite, max_nonfinite_steps)
+
+    # -- Lightning's setup -----------------------------------------------------------------------
+    def setup(self, trainer: Any, pl_module: nn.Module, check_checkpoints: bool) -> None:
+        """Everything both front ends do in ``setup``. ``check_checkpoints`` wraps the module's
+        ``on_load_checkpoint`` so checkpoints are validated before any weight loads (the mixin
+        overrides that hook itself instead)."""
+        device = trainer.strategy.root_device
+        checkpoints.install_atomic_checkpoint_io(trainer.strategy)  # no torn last.ckpt when the run is killed mid-write
+        if self.adapter_only_checkpoint:
+            pl_module.strict_loading = False  # the checkpoint lacks the frozen backbone by design
+        if not self.maybe_inject(pl_module, device):
+            patches.run_after(pl_module, "configure_model", lambda *_: self.inject_after_configure_model(pl_module, device))
+        if check_checkpoints:
+            patches.run_before(pl_module, "on_load_checkpoint", lambda checkpoint: self.validate_checkpoint(checkpoint, pl_module))
+        adapter_keys = (lambda: self.adapter_keys(pl_module)) if self.adapter_only_checkpoint else None
+        strategies.install(trainer, pl_module, adapter_keys)
+
+    # -- injection -----------------------------------------------------------------------------
+    def backbone_of(self, pl_module: nn.Module) -> nn.Module | None:
+        if self.backbone is None:
+            return pl_module
+        if self.backbone.split(".")[0] not in dir(pl_module) and not hasattr(pl_module, self.backbone.split(".")[0]):
+            raise ValueError(
+                f"`backbone`={self.backbone!r} is not an attribute of {type(pl_module).__name__}. "
+                "Name the attribute that holds the model to adapt (e.g. 'model'), or None for the whole module."
+            )
+        module = pl_module
+        for part in self.backbone.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                return None  # not built yet: configure_model will build it
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"`backbone`={self.backbone!r} names a {type(module).__name__}, not a torch.nn.Module.")
+        return module
+
+    def ready_to_inject(self, pl_module: nn.Module) -> bool:
+        module = self.backbone_of(pl_module)
+        if module is None or lora_state(module) is not None:
+            return False
+        params = list(module.parameters())
+        return bool(params) and not any(p.is_meta for p in params)
+
+    def maybe_inject(self, pl_module: nn.Module, device: torch.device | None = None) -> bool:
+        """Inject if the backbone exists and has weights; returns whether LoRA is in place afterwards."""
+        if self.ready_to_inject(pl_module):
+            module = self.backbone_of(pl_module)
+            quantization = self.quantization_config
+            if quantization is not None:
+                strategies.check_quantization(quantization, pl_module)
+            # A backbone quantized already (e.g. by lightning_lora.loading) is wrapped as it is.
+            already_quantized = any(is_quantized(m) for m in module.modules())
+            inject_lora(module, self.lora_config, None if already_quantized else quantization, device=device)
+            lora_state(module).quantization = quantization
+            if self.compile_blocks:
+                # After injection, before the strategy wraps the model: the compiled blocks hold the LoRA layers.
+                names = compile_blocks(module, None if self.compile_blocks is True else self.compile_blocks)
+                rank_zero_info(f"lightning_lora: compiled {len(names)} blocks ({type(module.get_submodule(names[0])).__name__}).")
+        module = self.backbone_of(pl_module)
+        return module is not None and lora_state(module) is not None
+
+    def inject_after_configure_model(self, pl_module: nn.Module, device: torch.device | None) -> None:
+        """The last chance before the strategy wraps the model and the optimizer is built."""
+        self.maybe_inject(pl_module, device)
+        self.require_injected(pl_module)
+
+    def require_injected(self, pl_module: nn.Module) -> nn.Module:
+        module = self.backbone_of(pl_module)
+        if module is None or lora_state(module) is None:
+            where = f"`self.{self.backbone}`" if self.backbone else "the LightningModule"
+            raise RuntimeError(
+                f"LoRA was never injected: {where} had no materialized weights in setup() or after configure_model(). "
+                "Build the backbone in __init__, setup or configure_model, and set `backbone` to its attribute name."
+            )
+        return module
+
+    # -- fit start -----------------------------------------------------------------------------
+    def check_optimizers(self, trainer: Any, pl_module: nn.Module) -> None:
+        trainable = {id(p) for p in pl_module.parameters() if p.requires_grad}
+        for index, optimizer in enumerate(trainer.optimizers):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if params and not any(id(p) in trainable for p in params):
+                raise ValueError(
+                    f"Optimizer {index} ({type(optimizer).__name__}) holds {len(params)} parameters and none of them trains: "
+                    "it was built from frozen weights, or before LoRA was injected. In configure_optimizers, pass "
+                    "`[p for p in self.parameters() if p.requires_grad]` (or `lightning_lora.trainable_parameters(self)`)."
+                )
+            frozen = [p for p in params if id(p) not in trainable]
+            if frozen:
+                rank_zero_warn(
+                    f"Optimizer {index} holds {len(frozen)} frozen parameters ({sum(p.numel() for p in frozen):,} elements). "
+                    "They never update; pass only `[p for p in self.parameters() if p.requires_grad]` to keep the "
+                    "optimizer small."
+                )
+
+    def warn_if_eval_mode(self, pl_module: nn.Module) -> None:
+        """Lightning keeps the train/eval mode it finds; ``from_pretrained`` returns eval mode (dropout off)."""
+        module = self.require_injected(pl_module)
+        frozen_in_eval = [name for name, m in module.named_modules() if isinstance(m, LoRALinear) and not m.training]
+        if frozen_in_eval:
+            rank_zero_warn(
+                f"{len(frozen_in_eval)} LoRA layers are in eval mode as training starts (first: {frozen_in_eval[0]!r}), so "
+                "dropout is off. Models from `from_pretrained` come in eval mode: call `.train()` on the backbone after loading."
+            )
+
+    def log_summary(self, pl_module: nn.Module) -> str:
+        summary = parameter_summary(self.require_injected(pl_module))
+        rank_zero_info(f"lightning_lora: {summary}")
+        return summary
+
+    # -- checkpoints (see checkpoints.py) ------------------------------------------------------------
+    def metadata(self, pl_module: nn.Module) -> dict[str, Any]:
+        return checkpoints.checkpoint_metadata(self.require_injected(pl_module), self.backbone, self.adapter_only_checkpoint)
+
+    def adapter_keys(self, pl_module: nn.Module) -> set[str]:
+        return checkpoints.adapter_keys(self.require_injected(pl_module), self.backbone)
+
+    def filter_checkpoint(self, checkpoint: dict[str, Any], pl_module: nn.Module) -> None:
+        checkpoints.filter_checkpoint(
+            checkpoint,
+            self.require_injected(pl_module),
+            backbone=self.backbone,
+            adapter_only=self.adapter_only_checkpoint,
+            refuse_nonfinite=self.skip_nonfinite,
+        )
+
+    def validate_checkpoint(self, checkpoint: dict[str, Any], pl_module: nn.Module) -> None:
+        checkpoints.validate_checkpoint(
+            checkpoint, self.require_injected(pl_module), pl_module, backbone=self.backbone, adapter_only=self.adapter_only_checkpoint
+        )
+
+    # -- training steps (see guards.py) ------------------------------------------------------------
+    def handle_nonfinite_gradients(self, trainer: Any, pl_module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.guard.check_gradients(trainer, optimizer)
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.guard.skipped
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self.guard.skipped = value
+
+    @property
+    def nonfinite_streak(self) -> int:
+        return self.guard.streak
+
+    # -- export --------------------------------------------------------------------------------
+    def export(self, trainer: Any, pl_module: nn.Module, export_dir: str | os.PathLike, merge: bool) -> Path | None:
+        """Write the PEFT-format adapter (and merged weights when asked) from rank zero; every rank gathers."""
+        module = self.require_injected(pl_module)
+        tensors = strategies.gather_adapter_state_dict(trainer, module)
+        if not trainer.is_global_zero:
+            return None
+        bad = guards.first_nonfinite(tensors)
+        if bad is not None:
+            raise RuntimeError(f"Refusing to export an adapter with non-finite weights (first: {bad!r}); nothing was written.")
+        export_dir = Path(export_dir)
+        save_adapter(module, export_dir / "adapter", state_dict=tensors)
+        if merge:
+            from lightning_lora.export import save_merged
+
+            save_merged(module, export_dir / "merged")
+        return export_dir

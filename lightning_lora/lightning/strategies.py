@@ -1,0 +1,180 @@
+"""What lightning_lora does differently under each Lightning strategy: the one file to change to support another.
+
+A strategy is classified once, by ``isinstance`` on Lightning's classes (most specific first), into a kind:
+
+==========  =======================================  ===============================================
+kind        strategies                               what differs
+==========  =======================================  ===============================================
+'fsdp'      ``FSDPStrategy`` (FSDP1)                 4-bit storage must be the flattened dtype; no int8;
+                                                     norm clipping through the FSDP root; the adapter is
+                                                     gathered from its units; sharded adapter-only resume
+'fsdp2'     ``ModelParallelStrategy`` (FSDP2)        no int8; DTensors gathered; sharded adapter-only resume
+'ddp'       ``DDPStrategy``                          atomic single-file checkpoints
+'single'    ``SingleDeviceStrategy``                 atomic single-file checkpoints
+'other'     DeepSpeed, XLA and anything else         nothing: they checkpoint their own way
+==========  =======================================  ===============================================
+
+The facts behind the FSDP rows are in ../shared/PRIOR-ART.md: Lightning's ``FSDPPrecision`` raises on
+norm clipping (Lightning #19235); FSDP1 cannot flatten uint8 storage; sharded loads ask for every
+tensor of the model (Lightning #21124).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+    SingleDeviceXLAStrategy,
+    XLAStrategy,
+)
+from torch import nn
+
+from lightning_lora.config import QuantizationConfig
+from lightning_lora.lightning import patches
+from lightning_lora.sharding import full_adapter_state_dict
+
+StrategyKind = Literal["fsdp", "fsdp2", "ddp", "single", "other"]
+
+# Most specific first: DeepSpeed and XLA subclass DDPStrategy / SingleDeviceStrategy but checkpoint their own way.
+_KINDS: tuple[tuple[type, StrategyKind], ...] = (
+    (DeepSpeedStrategy, "other"),
+    (XLAStrategy, "other"),
+    (SingleDeviceXLAStrategy, "other"),
+    (FSDPStrategy, "fsdp"),
+    (ModelParallelStrategy, "fsdp2"),
+    (DDPStrategy, "ddp"),
+    (SingleDeviceStrategy, "single"),
+)
+
+
+def strategy_kind(trainer_or_strategy: Any) -> StrategyKind:
+    """The kind of a trainer's (or a) strategy: 'fsdp', 'fsdp2', 'ddp', 'single' or 'other'."""
+    strategy = getattr(trainer_or_strategy, "strategy", trainer_or_strategy)
+    for cls, kind in _KINDS:
+        if isinstance(strategy, cls):
+            return kind
+    return "other"
+
+
+def writes_single_file_checkpoints(strategy: Any) -> bool:
+    """Whether the strategy writes its checkpoints as one file through its ``checkpoint_io`` plugin."""
+    return strategy_kind(strategy) in ("single", "ddp")
+
+
+def check_quantization(quantization: QuantizationConfig, pl_module: nn.Module) -> None:
+    """Raise before injection if the module's strategy cannot shard ``quantization``."""
+    trainer = getattr(pl_module, "_trainer", None)
+    if trainer is None:
+        return
+    kind = strategy_kind(trainer)
+    if kind == "fsdp" and quantization.mode != "int8" and quantization.quant_storage == "uint8":
+        raise ValueError(
+            "FSDPStrategy cannot flatten packed 4-bit weights stored as uint8 (`quant_storage`='uint8'). "
+            "Set `quant_storage`='bfloat16' (the dtype FSDP flattens) in LoRACallback/QuantizationConfig."
+        )
+    if kind in ("fsdp", "fsdp2") and quantization.mode == "int8":
+        raise ValueError(
+            "`quantize`='int8' cannot be sharded with FSDP: bitsandbytes keeps int8 scales outside the parameters. "
+            "Use 'nf4' with FSDP, or DDP for int8."
+        )
+
+
+def install(trainer: Any, pl_module: nn.Module, adapter_keys: Callable[[], set[str]] | None) -> None:
+    """What the strategy needs patched, once per module and strategy (see ``patches``).
+
+    FSDP1: ``configure_gradient_clipping`` clips by norm through the FSDP root. FSDP1 and FSDP2 with
+    ``adapter_keys`` (adapter-only checkpoints): ``strategy.load_checkpoint`` resumes sharded checkpoints
+    that hold only the adapter.
+    """
+    kind = strategy_kind(trainer)
+    if kind == "fsdp":
+
+        def configure_gradient_clipping(optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None) -> None:
+            _clip_gradients(pl_module, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+        patches.replace(pl_module, "configure_gradient_clipping", configure_gradient_clipping)
+    if adapter_keys is not None and kind in ("fsdp", "fsdp2"):
+        allow_adapter_only_sharded_load(trainer.strategy, adapter_keys)
+
+
+# -- clipping --------------------------------------------------------------------------------------
+def _clip_gradients(pl_module: nn.Module, optimizer: Any, gradient_clip_val: Any, gradient_clip_algorithm: Any) -> None:
+    """``configure_gradient_clipping`` for FSDP1: norm clipping through the FSDP root instead of FSDPPrecision."""
+    if not gradient_clip_val:
+        return
+    if str(gradient_clip_algorithm) in ("norm", "GradClipAlgorithmType.NORM"):
+        clip_grad_norm(pl_module.trainer, pl_module, float(gradient_clip_val))
+    else:
+        pl_module.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+
+def clip_grad_norm(trainer: Any, pl_module: nn.Module, max_norm: float) -> torch.Tensor:
+    """Norm clipping that works under every strategy (Lightning's FSDPPrecision raises for FSDP1)."""
+    if strategy_kind(trainer) == "fsdp":
+        root = trainer.strategy.model  # the FSDP root wrapper; its clip_grad_norm_ reduces over all shards
+        return root.clip_grad_norm_(max_norm)
+    params = [p for p in pl_module.parameters() if p.grad is not None]
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+# -- the adapter under a trainer -------------------------------------------------------------------
+def gather_adapter_state_dict(trainer: Any, module: nn.Module) -> dict[str, torch.Tensor]:
+    """The full adapter on CPU. Under FSDP every rank must call this (the gathers are collectives)."""
+    fsdp1 = trainer is not None and strategy_kind(trainer) == "fsdp"
+    return full_adapter_state_dict(module, fsdp1_root=trainer.strategy.model if fsdp1 else None)
+
+
+# -- resuming sharded adapter-only checkpoints ------------------------------------------------------
+def allow_adapter_only_sharded_load(strategy: Any, adapter_keys: Callable[[], set[str]]) -> None:
+    """Let ``strategy.load_checkpoint`` resume a sharded (distributed-checkpoint) checkpoint that holds only the adapter."""
+    patches.run_inside(strategy, "load_checkpoint", lambda: _adapter_only_dcp_load(adapter_keys))
+
+
+def _adapter_only_dcp_load(adapter_keys: Callable[[], set[str]]) -> contextlib.AbstractContextManager[None]:
+    """While the strategy loads, ``torch.distributed.checkpoint.load`` asks only for the tensors the checkpoint holds.
+
+    Lightning's FSDPStrategy (``state_dict_type='sharded'``) and ModelParallelStrategy ask
+    ``torch.distributed.checkpoint.load`` for every tensor of the model, so a checkpoint without the
+    frozen backbone fails with "Missing key in checkpoint state_dict" (Lightning #21124). The request is
+    cut to the tensors the checkpoint holds; the model then loads only those (``strict_loading`` is
+    False for adapter-only checkpoints). A missing adapter tensor is still an error. Full-state-dict
+    checkpoints are not touched.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    def make(real_load: Callable[..., Any]) -> Callable[..., Any]:
+        def partial_load(state_dict: dict[str, Any], *args: Any, checkpoint_id: Any = None, storage_reader: Any = None, **kwargs: Any) -> Any:
+            reader = storage_reader if storage_reader is not None else dcp.FileSystemReader(checkpoint_id)
+            saved = set(reader.read_metadata().state_dict_metadata)
+            dropped = _drop_unsaved(state_dict, saved)
+            required = adapter_keys()
+            missing = sorted(key for key in dropped if any(key == r or key.endswith("." + r) for r in required))
+            if missing:
+                raise ValueError(f"The sharded checkpoint lacks {len(missing)} adapter tensors (first: {missing[0]!r}); it is incomplete or corrupted.")
+            return real_load(state_dict, *args, checkpoint_id=checkpoint_id, storage_reader=storage_reader, **kwargs)
+
+        return partial_load
+
+    return patches.swapped(dcp, "load", make)
+
+
+def _drop_unsaved(state: dict[str, Any], saved: set[str], prefix: str = "") -> list[str]:
+    """Remove, in place, the tensors of a nested state dict that the checkpoint (flat keys ``saved``) lacks."""
+    dropped = []
+    for key in list(state):
+        fqn = f"{prefix}{key}"
+        value = state[key]
+        if isinstance(value, dict):
+            dropped += _drop_unsaved(value, saved, fqn + ".")
+        elif isinstance(value, torch.Tensor) and fqn not in saved:
+            del state[key]
+            dropped.append(fqn)
+    return dropped

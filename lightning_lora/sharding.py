@@ -1,0 +1,142 @@
+"""Sharding a LoRA model with plain PyTorch FSDP: wrap policies, ``fully_shard`` helpers, gathering the adapter.
+
+No Lightning here: ``lightning_lora.lightning.strategies`` applies these under Lightning's strategies.
+
+Facts from ../shared/PRIOR-ART.md ("Measured: Lightning FSDP with nf4 backbones"): FSDP1 flattens
+tensors of one dtype only, so packed 4-bit weights must be stored in the dtype FSDP flattens
+(``quant_storage='bfloat16'``); a unit mixing frozen and trainable parameters either allocates gradients
+for all of it or is refused; under FSDP2 parameters are DTensors and ``full_tensor()`` gathers one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_lora import quantization
+from lightning_lora.adapter_io import adapter_state_dict
+from lightning_lora.blocks import block_matcher, class_matcher
+
+
+def _is_trainable_leaf(module: nn.Module) -> bool:
+    """A full-precision linear whose parameters all train: a LoRA A or B (quantized layers subclass nn.Linear)."""
+    if not isinstance(module, nn.Linear) or quantization.is_quantized(module):
+        return False
+    params = list(module.parameters(recurse=False))
+    return bool(params) and all(p.requires_grad for p in params)
+
+
+def lora_fsdp_policy(block_classes: Iterable[type | str]) -> Callable[[nn.Module, bool, int], bool]:
+    """An FSDP1 ``auto_wrap_policy``: one unit per decoder layer, and one per LoRA A / B linear.
+
+    LoRA linears get their own units so that no unit mixes frozen and trainable parameters: with
+    ``use_orig_params=True`` a mixed unit allocates gradients for its whole flat parameter (the frozen
+    4-bit storage too), and with ``False`` FSDP refuses it; and so that fp32 LoRA weights never share a
+    flat parameter with bf16-stored 4-bit weights ("Must flatten tensors with uniform dtype").
+
+    Example::
+
+        strategy = FSDPStrategy(auto_wrap_policy=lora_fsdp_policy({LlamaDecoderLayer}),
+                                activation_checkpointing_policy={LlamaDecoderLayer})
+    """
+    is_block = class_matcher(block_classes)
+
+    def policy(module: nn.Module, recurse: bool, nonwrapped_numel: int = 0) -> bool:
+        if recurse:
+            return True
+        return is_block(module) or _is_trainable_leaf(module)
+
+    return policy
+
+
+def fully_shard_lora(
+    model: nn.Module,
+    block_classes: Iterable[type | str] | None = None,
+    *,
+    mesh: Any = None,
+    mp_policy: Any = None,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """FSDP2: ``fully_shard`` each decoder layer, then the root; call it in ``configure_model`` after LoRA is injected.
+
+    Check the packed 4-bit bytes (``packed_4bit_bytes``) when every tensor of a layer is bf16:
+    FSDP2 has been seen to rewrite NaN bit patterns of bf16-stored NF4 weights (bitsandbytes #1945);
+    fp32 LoRA weights in the same group (``LoRALinear``'s default) avoided it.
+
+    Example (in a LightningModule run with ``ModelParallelStrategy``)::
+
+        def configure_model(self):
+            fully_shard_lora(self.model, {LlamaDecoderLayer}, mesh=self.device_mesh["data_parallel"])
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    is_block = block_matcher(model, block_classes)
+    kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    blocks = [m for m in model.modules() if is_block(m)]
+    if not blocks:
+        raise ValueError(f"No module of {type(model).__name__} matches `block_classes`={block_classes!r}: name its decoder layer class.")
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+@torch.no_grad()
+def packed_4bit_bytes(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each 4-bit layer's packed weight as bytes on CPU (gathered from every shard under FSDP2).
+
+    For checks that sharding left the quantized weights bit for bit as they were.
+    """
+    out = {}
+    for name, module in model.named_modules():
+        if quantization.is_4bit(module):
+            weight = module.weight
+            if _is_dtensor(weight):
+                weight = weight.full_tensor()
+            out[name] = weight.detach().reshape(-1).contiguous().view(torch.uint8).cpu()
+    return out
+
+
+def is_sharded_param(param: torch.Tensor) -> bool:
+    """An FSDP2 DTensor, or an FSDP1 flat parameter: its local shape is not the parameter's shape."""
+    return _is_dtensor(param) or param.dim() == 1 and getattr(param, "_is_flat_param", False)
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor"
+
+
+def full_adapter_state_dict(module: nn.Module, fsdp1_root: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The whole adapter of ``module`` on CPU, gathered from every rank's shard (a collective: every rank calls it).
+
+    ``fsdp1_root``: the FSDP1 root wrapper when ``module`` is sharded with FSDP1; FSDP2 DTensors and
+    unsharded tensors need nothing.
+    """
+    if fsdp1_root is not None:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        # Unshard only the units that hold trainable tensors (one per LoRA linear under lora_fsdp_policy):
+        # summoning the root would gather the whole frozen backbone onto every GPU.
+        units = [m for m in FSDP.fsdp_modules(fsdp1_root) if _unit_trains(m)]
+        with contextlib.ExitStack() as stack:
+            for unit in units:
+                stack.enter_context(FSDP.summon_full_params(unit, recurse=False, writeback=False, offload_to_cpu=False))
+            return {k: v.detach().to("cpu", copy=True) for k, v in adapter_state_dict(module).items()}
+    out = {}
+    for key, value in adapter_state_dict(module).items():
+        if _is_dtensor(value):
+            value = value.full_tensor()
+        out[key] = value.detach().to("cpu", copy=True)
+    return out
+
+
+def _unit_trains(unit: nn.Module) -> bool:
+    handle = getattr(unit, "_handle", None)
+    flat = getattr(handle, "flat_param", None)
+    return flat is None or bool(flat.requires_grad)
