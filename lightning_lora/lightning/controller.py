@@ -112,7 +112,9 @@ class LoRAController:
                 strategies.check_quantization(quantization, pl_module)
             # A backbone quantized already (e.g. by lightning_lora.loading) is wrapped as it is.
             already_quantized = any(is_quantized(m) for m in module.modules())
-            inject_lora(module, self.lora_config, None if already_quantized else quantization, device=device)
+            planned = None if already_quantized else quantization
+            strategies.check_precision_keeps_4bit_bytes(getattr(pl_module, "_trainer", None), module, planned)
+            inject_lora(module, self.lora_config, planned, device=device)
             lora_state(module).quantization = quantization
             if self.compile_blocks:
                 # After injection, before the strategy wraps the model: the compiled blocks hold the LoRA layers.

@@ -4,7 +4,8 @@ What is patched, and by whom:
 
 - the user's LightningModule instance: ``configure_model`` (inject right after it) and
   ``on_load_checkpoint`` (check the checkpoint first), by ``controller.LoRAController.setup``;
-  ``configure_gradient_clipping`` under FSDP1, by ``strategies.install``;
+  ``configure_gradient_clipping`` under FSDP1 and ``configure_optimizers`` under FSDP2 (check the
+  4-bit bytes first), by ``strategies.install``;
 - the strategy instance: ``load_checkpoint`` (adapter-only sharded resume), by ``strategies.install``;
 - ``torch.distributed.checkpoint.load``, only while that wrapped ``load_checkpoint`` runs.
 
