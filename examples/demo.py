@@ -25,7 +25,7 @@ import torch
 
 from lightning_lora import LoRACallback
 from lightning_lora.cli import LoRACLI
-from lightning_lora.inject import count_parameters
+from lightning_lora.inject import parameter_counts
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "minilm-sentiment-qlora.yaml"
@@ -62,7 +62,7 @@ def main() -> dict:
     trainer.fit(model, datamodule=datamodule)
     test_metrics = trainer.test(model, datamodule=datamodule, verbose=False)[0]
 
-    counts = count_parameters(model.model)
+    counts = parameter_counts(model.model)
     adapter_dir = Path(lora.export_dir) / "adapter"
     checkpoint = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     result = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -49,3 +50,32 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def atomic_write_files(directory: str | os.PathLike, write: Callable[[str], None], stale: tuple[str, ...] = ()) -> list[str]:
+    """Call ``write(tmp_dir)``, then move each file it made into ``directory`` atomically; returns their names.
+
+    For writers that produce several files (``save_pretrained``): each file in ``directory`` is the old
+    one or the new one, never half of one, and nothing is moved if ``write`` fails. Afterwards, files in
+    ``directory`` matching one of the ``stale`` glob patterns that this write did not produce (e.g. weight
+    shards of an earlier, differently sharded export) are removed.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        write(str(tmp))
+        names = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        for name in names:
+            with open(tmp / name, "rb") as handle:
+                os.fsync(handle.fileno())
+        for name in names:
+            os.replace(tmp / name, directory / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for pattern in stale:
+        for old in directory.glob(pattern):
+            if old.name not in names and old.is_file():
+                old.unlink()
+    _fsync_dir(directory)
+    return names

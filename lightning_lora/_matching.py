@@ -1,4 +1,4 @@
-"""How module paths are matched against user patterns.
+"""Module paths: how they are matched against user patterns, joined, split and unwrapped.
 
 A list of names matches a path when the path equals a name or ends with ``"." + name``
 (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``). A single string other than
@@ -9,12 +9,31 @@ adapter config means the same thing here and there.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from functools import lru_cache
 
 from torch import nn
 
 # Last path components of classification / LM heads that "all-linear" and quantization leave alone.
 _HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "embed_out"})
+
+
+def path_under(path: str, roots: str | Iterable[str]) -> bool:
+    """Whether ``path`` is one of ``roots`` or inside one (``"a.b.c"`` is under ``"a.b"``, ``"a.bc"`` is not)."""
+    if isinstance(roots, str):
+        roots = (roots,)
+    return any(path == root or path.startswith(root + ".") for root in roots)
+
+
+def join_path(prefix: str, name: str) -> str:
+    """``prefix.name``; either may be empty (the root module's path is ``""``)."""
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def parent_of(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """(the module holding the submodule at ``path``, the submodule's attribute name there)."""
+    parent_name, _, child = path.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
 
 
 def matches_suffix(path: str, name: str) -> bool:

@@ -8,6 +8,7 @@ anything into the model: it loads all of the adapter or none of it.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -21,18 +22,10 @@ from torch import nn
 
 from lightning_lora._version import __version__
 from lightning_lora._io import atomic_write, atomic_write_bytes
-from lightning_lora._matching import matches_suffix, pattern_value, unwrapped_name
-from lightning_lora.config import LoRAConfig
-from lightning_lora.inject import (
-    _under,
-    backbone_fingerprint,
-    find_modules_to_save,
-    find_targets,
-    inject_lora,
-    lora_state,
-    require_lora_state,
-)
-from lightning_lora.layers import LoRALinear, base_features, is_supported_base
+from lightning_lora._matching import matches_suffix, path_under, unwrapped_name
+from lightning_lora.config import LoRAConfig, peft_fields
+from lightning_lora.inject import backbone_fingerprint, inject_lora, lora_state, plan_injection, require_lora_state
+from lightning_lora.layers import LoRALinear, is_supported_base
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -41,32 +34,18 @@ _PEFT_PREFIX = "base_model.model."
 _UNSUPPORTED_PEFT_FLAGS = ("use_dora", "use_qalora", "lora_bias", "layer_replication", "trainable_token_indices")
 
 
-def _is_adapter_param(name: str, config: LoRAConfig, to_save: list[str], lora_paths: set[str]) -> bool:
-    if ".lora_a." in f".{name}" or ".lora_b." in f".{name}":
-        return True
-    if _under(name, to_save):
-        return True
-    if name.rpartition(".")[2] != "bias":
-        return False
-    if config.bias == "all":
-        return True
-    return config.bias == "lora_only" and name.endswith(".base_layer.bias") and name[: -len(".base_layer.bias")] in lora_paths
-
-
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors (LoRA A/B, biases and ``modules_to_save`` per config), keyed by module path.
 
     Never holds a frozen backbone weight. Tensors are detached but not copied.
     """
-    state = require_lora_state(model, "adapter_state_dict")
-    lora_paths = set(state.targets)
+    plan = require_lora_state(model, "adapter_state_dict").plan
     out = {}
     for name, param in model.named_parameters():
         name = unwrapped_name(name)
-        if _is_adapter_param(name, state.config, state.modules_to_save, lora_paths):
+        if plan.is_adapter_param(name):  # the rule inject_lora froze everything else by
             out[name] = param.detach()
     return out
-
 
 
 def to_peft_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -100,25 +79,20 @@ def peft_config_dict(model: nn.Module, base_model_name_or_path: str | None = Non
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    return {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": config.r,
-        "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout,
-        "target_modules": _peft_target_modules(model, state.targets, state.modules_to_save),
-        "exclude_modules": None,
-        "bias": config.bias,
-        "modules_to_save": state.modules_to_save or None,
-        "use_rslora": config.use_rslora,
-        "rank_pattern": dict(config.rank_pattern),
-        "alpha_pattern": dict(config.alpha_pattern),
-        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers),
-        "init_lora_weights": True if config.init == "kaiming" else "gaussian",
-        "inference_mode": True,
-        "use_dora": False,
-    }
+    out: dict[str, Any] = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path}
+    for name, (key, _) in peft_fields().items():
+        out[key] = copy.deepcopy(getattr(config, name))
+    out.update(
+        # What the config resolved to on this model, so PEFT picks exactly these layers and modules.
+        target_modules=_peft_target_modules(model, state.targets, state.modules_to_save),
+        exclude_modules=None,
+        modules_to_save=state.modules_to_save or None,
+        init_lora_weights=True if config.init == "kaiming" else "gaussian",
+        fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers),
+        inference_mode=True,
+        use_dora=False,
+    )
+    return out
 
 
 def _peft_target_modules(model: nn.Module, targets: list[str], to_save: list[str]) -> list[str] | str:
@@ -132,7 +106,7 @@ def _peft_target_modules(model: nn.Module, targets: list[str], to_save: list[str
         if name
         and (isinstance(module, LoRALinear) or is_supported_base(module))
         and not name.startswith(inside_lora)
-        and not _under(name, to_save)
+        and not path_under(name, to_save)
     ]
     short = sorted({t.rpartition(".")[2] for t in targets})
     if {c for c in candidates if any(matches_suffix(c, s) for s in short)} == wrapped:
@@ -203,42 +177,20 @@ def lora_config_from_peft(config: dict[str, Any]) -> LoRAConfig:
     for flag in _UNSUPPORTED_PEFT_FLAGS:
         if config.get(flag):
             raise ValueError(f"The adapter uses PEFT's `{flag}`={config[flag]!r}, which lightning_lora does not implement; export it from PEFT without it.")
-    init = config.get("init_lora_weights", True)
-    return LoRAConfig(
-        r=config.get("r", 8),
-        alpha=config.get("lora_alpha", 8),
-        dropout=config.get("lora_dropout", 0.0),
-        target_modules=config.get("target_modules") or "all-linear",
-        exclude_modules=config.get("exclude_modules"),
-        bias=config.get("bias", "none"),
-        modules_to_save=config.get("modules_to_save"),
-        init="gaussian" if init == "gaussian" else "kaiming",
-        use_rslora=bool(config.get("use_rslora", False)),
-        rank_pattern=dict(config.get("rank_pattern") or {}),
-        alpha_pattern=dict(config.get("alpha_pattern") or {}),
+    # A key the file lacks, or holds as null, means PEFT's default.
+    values = {name: default if config.get(key) is None else config[key] for name, (key, default) in peft_fields().items()}
+    values.update(
+        target_modules=values["target_modules"] or "all-linear",
+        init="gaussian" if config.get("init_lora_weights", True) == "gaussian" else "kaiming",
     )
+    return LoRAConfig(**values)
 
 
 def expected_adapter_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[int, ...]]:
     """The keys and shapes ``adapter_state_dict`` would hold after ``inject_lora(model, config)``, without injecting."""
     if lora_state(model) is not None:
         return {key: tuple(value.shape) for key, value in adapter_state_dict(model).items()}
-    to_save = find_modules_to_save(model, config)
-    targets = find_targets(model, config, skip=to_save)
-    shapes: dict[str, tuple[int, ...]] = {}
-    for path in targets:
-        in_features, out_features = base_features(model.get_submodule(path))
-        r = int(pattern_value(path, config.rank_pattern, config.r))
-        shapes[f"{path}.lora_a.weight"] = (r, in_features)
-        shapes[f"{path}.lora_b.weight"] = (out_features, r)
-    lora_paths = set(targets)
-    for name, param in model.named_parameters():
-        # Biases of a layer about to be wrapped move under ".base_layer".
-        parent, _, leaf = name.rpartition(".")
-        wrapped = f"{parent}.base_layer.{leaf}" if parent in lora_paths else name
-        if ".lora_" not in name and _is_adapter_param(wrapped, config, to_save, lora_paths):
-            shapes[wrapped] = tuple(param.shape)
-    return shapes
+    return plan_injection(model, config).adapter_shapes(model)
 
 
 def check_adapter_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], source: str) -> None:

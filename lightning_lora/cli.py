@@ -370,35 +370,10 @@ def _head_labels(tensors: dict[str, torch.Tensor]) -> int | None:
 
 
 def save_merged_pretrained(model: torch.nn.Module, output: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
-    """``merged_state_dict(model)`` written with ``save_pretrained`` through a LoRA-free copy built on the meta device.
+    """``merged_state_dict(model)`` written with ``save_pretrained`` (``lightning_lora.export.save_merged``)."""
+    from lightning_lora.export import save_merged
 
-    The copy takes the merged tensors by assignment, so no second full set of weights is allocated.
-    """
-    from lightning_lora.merge import merged_state_dict
-
-    state = merged_state_dict(model, dtype=dtype)
-    with torch.device("meta"):
-        plain = type(model)._from_config(model.config)
-    plain.load_state_dict(state, strict=True, assign=True)
-    for name, buffer in list(plain.named_buffers()):
-        if buffer.is_meta:  # non-persistent buffers (e.g. rotary inv_freq) are not in the state dict
-            owner, _, leaf = name.rpartition(".")
-            source = model.get_buffer(name) if _has_buffer(model, name) else None
-            if source is not None:
-                plain.get_submodule(owner).register_buffer(leaf, source.detach().clone(), persistent=False)
-    if getattr(plain.config, "tie_word_embeddings", False):
-        plain.tie_weights()
-    if dtype is not None:
-        plain.config.dtype = dtype
-    plain.save_pretrained(output)
-
-
-def _has_buffer(model: torch.nn.Module, name: str) -> bool:
-    try:
-        model.get_buffer(name)
-    except AttributeError:
-        return False
-    return True
+    save_merged(model, output, dtype=dtype)
 
 
 # --- estimate ----------------------------------------------------------------------------------------

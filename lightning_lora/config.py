@@ -7,8 +7,8 @@ keys, and every cross-field check lives in ``__post_init__`` so a bad value fail
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Literal
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Literal
 
 import torch
 
@@ -46,33 +46,31 @@ class LoRAConfig:
         inject_lora(model, config)
     """
 
-    r: int = 8
+    # Each field's metadata says what it is called in PEFT's adapter_config.json ("peft", with "peft_default"
+    # when PEFT's default differs from ours) and whether it changes which adapter tensors exist or what they
+    # compute ("adapter": a checkpoint must match it to resume). adapter_io and the checkpoint checks read it.
+    r: int = field(default=8, metadata={"peft": "r", "adapter": True})
     """Rank of the update ``B @ A``."""
-    alpha: float = 16.0
+    alpha: float = field(default=16.0, metadata={"peft": "lora_alpha", "peft_default": 8, "adapter": True})
     """Scale numerator: the update is multiplied by ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA)."""
-    dropout: float = 0.0
+    dropout: float = field(default=0.0, metadata={"peft": "lora_dropout"})
     """Dropout on the LoRA input, in [0, 1)."""
-    target_modules: list[str] | str = "all-linear"
+    target_modules: list[str] | str = field(default="all-linear", metadata={"peft": "target_modules", "adapter": True})
     """Module names matched as a dotted-path suffix, one regex matched against the full path, or 'all-linear'."""
-    exclude_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"peft": "exclude_modules", "adapter": True})
     """Modules never adapted, in the same forms as ``target_modules``."""
-    bias: BiasMode = "none"
+    bias: BiasMode = field(default="none", metadata={"peft": "bias", "adapter": True})
     """Which biases train and are saved: 'none', 'all', or 'lora_only' (those of adapted layers)."""
-    modules_to_save: list[str] | None = None
+    modules_to_save: list[str] | None = field(default=None, metadata={"peft": "modules_to_save", "adapter": True})
     """Modules trained in full and saved with the adapter, e.g. a classifier head (dotted-path suffixes)."""
-    init: InitMode = "kaiming"
+    init: InitMode = field(default="kaiming", metadata={"peft": "init_lora_weights"})
     """Init of A: 'kaiming' (uniform, a=sqrt(5), as nn.Linear) or 'gaussian' (std 1/r). B starts at zero."""
-    use_rslora: bool = False
+    use_rslora: bool = field(default=False, metadata={"peft": "use_rslora", "adapter": True})
     """Scale by alpha / sqrt(r) (rank-stabilized LoRA) instead of alpha / r."""
-    rank_pattern: dict[str, int] = field(default_factory=dict)
+    rank_pattern: dict[str, int] = field(default_factory=dict, metadata={"peft": "rank_pattern", "adapter": True})
     """Per-module rank overrides: regex (matched as a path suffix) -> r."""
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict, metadata={"peft": "alpha_pattern", "adapter": True})
     """Per-module alpha overrides: regex (matched as a path suffix) -> alpha."""
-
-    ADAPTER_FIELDS: ClassVar[tuple[str, ...]] = (
-        "r", "alpha", "target_modules", "exclude_modules", "bias", "modules_to_save", "use_rslora", "rank_pattern", "alpha_pattern",
-    )  # fmt: skip
-    """The fields that change which adapter tensors exist or what they compute (a resumed checkpoint must match them)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -106,6 +104,20 @@ class LoRAConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+ADAPTER_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(LoRAConfig) if f.metadata.get("adapter"))
+"""The LoRAConfig fields that change which adapter tensors exist or what they compute (dropout and init do not)."""
+
+
+def peft_fields() -> dict[str, tuple[str, Any]]:
+    """LoRAConfig field -> (its key in PEFT's ``adapter_config.json``, the value to assume when a file lacks the key)."""
+    out = {}
+    for f in fields(LoRAConfig):
+        if "peft" in f.metadata:
+            default = f.metadata.get("peft_default", f.default_factory() if f.default is MISSING else f.default)
+            out[f.name] = (f.metadata["peft"], default)
+    return out
 
 
 @dataclass

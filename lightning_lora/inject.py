@@ -1,34 +1,109 @@
-"""Put LoRA into a model: pick the target layers, quantize, wrap, freeze the rest.
+"""Put LoRA into a model: plan it (targets, ranks, what to quantize, which parameters are the adapter),
+then quantize, wrap, and freeze everything but the adapter.
 
-Every check runs before the model is touched, so a bad config leaves the model as it was.
+Every check runs while planning, before the model is touched, so a bad config leaves the model as it was.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from lightning_lora import quantization
-from lightning_lora._matching import matches_any, output_head_names, pattern_value, unwrapped_name
+from lightning_lora._matching import matches_any, output_head_names, parent_of, path_under, pattern_value, unwrapped_name
 from lightning_lora.config import LoRAConfig, QuantizationConfig
-from lightning_lora.layers import LoRALinear, is_supported_base, lora_layers
+from lightning_lora.layers import LoRALinear, base_features, is_supported_base, lora_layers
 
 _STATE_ATTR = "_lightning_lora"
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One LoRA layer to be: its rank and alpha (after ``rank_pattern`` / ``alpha_pattern``) and its base's features."""
+
+    r: int
+    alpha: float
+    in_features: int
+    out_features: int
+
+
+@dataclass
+class InjectionPlan:
+    """What ``inject_lora(model, config, quantization_config)`` does, worked out before anything changes.
+
+    Injection follows it, ``expected_adapter_shapes`` checks files against it, ``peft_config_dict``
+    describes it, and ``is_adapter_param`` is the one rule for which parameters are the adapter:
+    exactly those train after injection, and exactly those ``adapter_state_dict`` saves.
+    """
+
+    config: LoRAConfig
+    layers: dict[str, LayerPlan]
+    """Target path -> the LoRA layer it gets."""
+    modules_to_save: list[str]
+    """Paths of the modules trained in full and saved with the adapter."""
+    quantize: list[str] = field(default_factory=list)
+    """Paths of the linears replaced by bitsandbytes layers before wrapping."""
+    _layer_tensors: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        names = LoRALinear.adapter_names(self.config.bias)
+        self._layer_tensors = frozenset(f"{path}.{name}" for path in self.layers for name in names)
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.layers)
+
+    def is_adapter_param(self, name: str) -> bool:
+        """Whether the parameter at ``name`` (its path in the injected model, wrappers removed) is part of the adapter."""
+        if name in self._layer_tensors or path_under(name, self.modules_to_save):
+            return True
+        return self.config.bias == "all" and name.rpartition(".")[2] == "bias"
+
+    def injected_name(self, name: str) -> str:
+        """The path the parameter ``name`` of the model gets by injection: a wrapped layer's own move under ``.base_layer``."""
+        parent, _, leaf = name.rpartition(".")
+        return f"{parent}.base_layer.{leaf}" if parent in self.layers else name
+
+    def adapter_shapes(self, model: nn.Module) -> dict[str, tuple[int, ...]]:
+        """The keys and shapes ``adapter_state_dict`` will hold once ``model`` (not injected yet) follows this plan."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for path, layer in self.layers.items():
+            for name, shape in LoRALinear.adapter_shapes(layer.in_features, layer.out_features, layer.r).items():
+                shapes[f"{path}.{name}"] = shape
+        for name, param in model.named_parameters():
+            injected = self.injected_name(unwrapped_name(name))
+            if self.is_adapter_param(injected):
+                shapes[injected] = tuple(param.shape)
+        return shapes
 
 
 @dataclass
 class LoRAState:
     """What ``inject_lora`` did to a model; kept on the model for saving, merging and checks."""
 
-    config: LoRAConfig
+    plan: InjectionPlan
     quantization: QuantizationConfig | None
-    targets: list[str]
-    modules_to_save: list[str] = field(default_factory=list)
-    quantized: list[str] = field(default_factory=list)
     fingerprint: str = ""
     """``backbone_fingerprint`` taken at injection, before any strategy wrapped the model."""
+
+    @property
+    def config(self) -> LoRAConfig:
+        return self.plan.config
+
+    @property
+    def targets(self) -> list[str]:
+        return self.plan.targets
+
+    @property
+    def modules_to_save(self) -> list[str]:
+        return self.plan.modules_to_save
+
+    @property
+    def quantized(self) -> list[str]:
+        return self.plan.quantize
 
 
 def lora_state(model: nn.Module) -> LoRAState | None:
@@ -42,8 +117,24 @@ def require_lora_state(model: nn.Module, caller: str) -> LoRAState:
     return state
 
 
-def _under(path: str, roots: list[str]) -> bool:
-    return any(path == root or path.startswith(root + ".") for root in roots)
+def is_adapter_param(model: nn.Module, name: str) -> bool:
+    """Whether ``model``'s parameter ``name`` is part of its adapter (it trains, and ``save_adapter`` writes it)."""
+    return require_lora_state(model, "is_adapter_param").plan.is_adapter_param(unwrapped_name(name))
+
+
+def plan_injection(model: nn.Module, config: LoRAConfig, quantization_config: QuantizationConfig | None = None) -> InjectionPlan:
+    """The ``InjectionPlan`` for ``model``; validates the config against the model (raises with the candidates)."""
+    to_save = find_modules_to_save(model, config)
+    layers = {}
+    for path in find_targets(model, config, skip=to_save):
+        in_features, out_features = base_features(model.get_submodule(path))
+        r = int(pattern_value(path, config.rank_pattern, config.r))
+        layers[path] = LayerPlan(r, float(pattern_value(path, config.alpha_pattern, config.alpha)), in_features, out_features)
+    quantize = []
+    if quantization_config is not None:
+        skip = output_head_names(model) | {name for name, _ in model.named_modules() if path_under(name, to_save)}
+        quantize = quantization.quantization_targets(model, quantization_config, skip=skip)
+    return InjectionPlan(config, layers, to_save, quantize)
 
 
 def find_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str]:
@@ -58,7 +149,7 @@ def find_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str]:
                 f"`modules_to_save` entry {pattern!r} matches no module of {type(model).__name__}. "
                 f"Top-level modules are {[n for n in names if '.' not in n]}; name one by its path suffix, e.g. 'classifier'."
             )
-        found.extend(hit for hit in hits if not _under(hit, found))
+        found.extend(hit for hit in hits if not path_under(hit, found))
     return found
 
 
@@ -77,7 +168,7 @@ def find_targets(model: nn.Module, config: LoRAConfig, skip: list[str] = ()) -> 
                 f"`target_modules`={config.target_modules!r} matches modules that are not linear layers: {kinds}. "
                 "LoRA wraps nn.Linear, Conv1D, Linear4bit and Linear8bitLt; narrow the pattern to those."
             )
-    matched = [name for name in matched if not matches_any(name, config.exclude_modules) and not _under(name, list(skip))]
+    matched = [name for name in matched if not matches_any(name, config.exclude_modules) and not path_under(name, skip)]
     if not matched:
         suffixes = sorted({name.rpartition(".")[2] for name in candidates})
         raise ValueError(
@@ -116,49 +207,28 @@ def inject_lora(
         raise TypeError(f"`quantization_config` must be a QuantizationConfig or None, got {type(quantization_config).__name__} {quantization_config!r}; pass e.g. QuantizationConfig(mode='nf4').")
     if lora_state(model) is not None or lora_layers(model):
         raise ValueError("The model already has LoRA layers: `inject_lora` was called twice. Inject once, or call it on a fresh model.")
-    to_save = find_modules_to_save(model, config)
-    targets = find_targets(model, config, skip=to_save)
-    quantized: list[str] = []
+    plan = plan_injection(model, config, quantization_config)
     if quantization_config is not None:
         quantization.require_bitsandbytes("quantization_config", quantization_config)  # fail before anything changes
-        skip = output_head_names(model) | {name for name, _ in model.named_modules() if _under(name, to_save)}
-        quantized = quantization.quantize_model(model, quantization_config, skip=skip, device=device)
+        quantization.quantize_modules(model, quantization_config, plan.quantize, device=device)
 
     for param in model.parameters():
         param.requires_grad_(False)
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        base = getattr(parent, child)
-        layer = LoRALinear(
-            base,
-            r=int(pattern_value(name, config.rank_pattern, config.r)),
-            alpha=float(pattern_value(name, config.alpha_pattern, config.alpha)),
-            dropout=config.dropout,
-            use_rslora=config.use_rslora,
-            init=config.init,
-        )
-        setattr(parent, child, layer)
-    _unfreeze_extras(model, config, to_save)
-    setattr(model, _STATE_ATTR, LoRAState(config, quantization_config, targets, to_save, quantized, backbone_fingerprint(model)))
+    for path, layer in plan.layers.items():
+        parent, child = parent_of(model, path)
+        setattr(parent, child, LoRALinear.from_config(getattr(parent, child), config, r=layer.r, alpha=layer.alpha))
+    for name, param in model.named_parameters():
+        if plan.is_adapter_param(unwrapped_name(name)):
+            param.requires_grad_(True)
+    setattr(model, _STATE_ATTR, LoRAState(plan, quantization_config, backbone_fingerprint(model)))
     return model
 
 
-def _unfreeze_extras(model: nn.Module, config: LoRAConfig, to_save: list[str]) -> None:
-    for name, param in model.named_parameters():
-        leaf = name.rpartition(".")[2]
-        if ".lora_a." in f".{name}" or ".lora_b." in f".{name}":
-            param.requires_grad_(True)
-        elif _under(name, to_save):
-            param.requires_grad_(True)
-        elif leaf == "bias" and config.bias == "all":
-            param.requires_grad_(True)
-        elif leaf == "bias" and config.bias == "lora_only" and name.endswith(".base_layer.bias"):
-            param.requires_grad_(True)
-
-
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters that train, for ``configure_optimizers``: ``AdamW(trainable_parameters(model))``."""
+    """The parameters that train, for ``configure_optimizers``: ``AdamW(trainable_parameters(model))``.
+
+    The one trainable-parameter filter (the mixin and the optimizer checks use it too).
+    """
     return [param for param in model.parameters() if param.requires_grad]
 
 
@@ -181,9 +251,19 @@ def parameter_summary(model: nn.Module) -> str:
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {percent:.4f}"
 
 
-def count_parameters(model: nn.Module) -> dict[str, int]:
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """``{"trainable": ..., "total": ...}`` parameters of a model (4-bit weights counted as the values they hold).
+
+    Not ``estimate.count_parameters``, which works out counts from a config without building the model.
+    """
     trainable, total = _numel(model)
     return {"trainable": trainable, "total": total}
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Deprecated name of ``parameter_counts`` (``estimate.count_parameters`` is another function)."""
+    warnings.warn("`lightning_lora.inject.count_parameters` is deprecated: call `parameter_counts`.", DeprecationWarning, stacklevel=2)
+    return parameter_counts(model)
 
 
 def backbone_fingerprint(model: nn.Module) -> str:
@@ -194,8 +274,9 @@ def backbone_fingerprint(model: nn.Module) -> str:
     import hashlib
 
     digest = hashlib.sha256()
+    adapter = {id(m) for layer in lora_layers(model).values() for part in (layer.lora_a, layer.lora_b) for m in part.modules()}
     for module_name, module in model.named_modules():
-        if isinstance(module, LoRALinear) or ".lora_a" in module_name or ".lora_b" in module_name:
+        if isinstance(module, LoRALinear) or id(module) in adapter:
             continue
         clean = unwrapped_name(module_name).replace(".base_layer", "")
         for name, param in module.named_parameters(recurse=False):

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lightning_lora import _routes, quantization
+from lightning_lora.config import LoRAConfig
 
 
 def base_features(base: nn.Module) -> tuple[int, int]:
@@ -84,6 +85,23 @@ class LoRALinear(nn.Module):
         self._quantized_snapshot: dict[str, Any] | None = None
         self.reset_lora_parameters(init)
         self.train(base_layer.training)  # a wrapped eval-mode model stays in eval mode
+
+    @classmethod
+    def from_config(cls, base_layer: nn.Module, config: LoRAConfig, r: int, alpha: float) -> LoRALinear:
+        """The layer ``config`` asks for around ``base_layer``, with this layer's rank and alpha (after the patterns)."""
+        return cls(base_layer, r=r, alpha=alpha, dropout=config.dropout, use_rslora=config.use_rslora, init=config.init)
+
+    # -- the adapter protocol: which of the layer's tensors are the adapter ------------------------------
+    @staticmethod
+    def adapter_names(bias: str = "none") -> tuple[str, ...]:
+        """Names, relative to the layer, of its tensors that train and are saved: A and B, and with
+        ``bias='lora_only'`` the base layer's bias (``inject.InjectionPlan`` turns these into the model's rule)."""
+        return ("lora_a.weight", "lora_b.weight", "base_layer.bias") if bias == "lora_only" else ("lora_a.weight", "lora_b.weight")
+
+    @staticmethod
+    def adapter_shapes(in_features: int, out_features: int, r: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of A and B for a base of ``in_features`` -> ``out_features`` at rank ``r`` (keys as ``adapter_names``)."""
+        return {"lora_a.weight": (r, in_features), "lora_b.weight": (out_features, r)}
 
     def reset_lora_parameters(self, init: str = "kaiming") -> None:
         if init == "gaussian":

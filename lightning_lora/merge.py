@@ -72,10 +72,8 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
     layers = lora_layers(model)
     quantized = {name: module for name, module in model.named_modules() if quantization.is_quantized(module)}
     if dtype is None:
-        dtype = next(
-            (p.dtype for n, p in model.named_parameters() if p.is_floating_point() and ".lora_" not in n),
-            torch.float32,
-        )
+        adapter = {id(p) for layer in layers.values() for p in (*layer.lora_a.parameters(), *layer.lora_b.parameters())}
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and id(p) not in adapter), torch.float32)
     out: dict[str, torch.Tensor] = {}
     skip_prefixes = tuple(f"{name}." for name in (*layers, *quantized))
     for key, value in model.state_dict().items():

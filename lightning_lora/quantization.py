@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lightning_lora._matching import matches_any, output_head_names, parent_of
 from lightning_lora.config import QuantizationConfig
 
 if TYPE_CHECKING:
@@ -140,31 +141,54 @@ def quantize_model(
     *,
     skip: set[str] | frozenset[str] = frozenset(),
     device: torch.device | str | None = None,
-) -> list[str]:
-    """Replace each ``nn.Linear`` of ``model`` by its bitsandbytes version, in place.
+) -> nn.Module:
+    """Replace each ``nn.Linear`` of ``model`` by its bitsandbytes version, in place; returns ``model``.
 
     Layers are converted one at a time, and the full-precision weight of each is dropped as soon as
     its quantized copy exists, so peak memory stays near the quantized size. The output head(s) stay
     in full precision, as transformers keeps them; ``skip`` holds more full module paths to leave alone
-    (``modules_to_save``); ``quantization.skip_modules`` adds suffix patterns. Returns the paths that
-    were quantized.
-    """
-    from lightning_lora._matching import matches_any, output_head_names  # local: keeps import order one-way
+    (``modules_to_save``); ``quantization.skip_modules`` adds suffix patterns. ``quantized_paths(model)``
+    lists the quantized layers afterwards.
 
+    Example::
+
+        model = inject_lora(quantize_model(model, QuantizationConfig(mode="nf4")), LoRAConfig(r=16))
+    """
     require_bitsandbytes("quantization", quantization)
-    skip = set(skip) | output_head_names(model)
-    quantized: list[str] = []
-    for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or name in skip or matches_any(name, quantization.skip_modules):
-            continue
-        parent, child = _parent_of(model, name)
-        setattr(parent, child, quantize_linear(module, quantization, device))
-        quantized.append(name)
-    if quantized and hasattr(model, "config"):
+    paths = quantization_targets(model, quantization, skip=set(skip) | output_head_names(model))
+    quantize_modules(model, quantization, paths, device=device)
+    return model
+
+
+def quantization_targets(model: nn.Module, config: QuantizationConfig, skip: set[str] | frozenset[str] = frozenset(), among: list[str] | None = None) -> list[str]:
+    """Paths of the layers that quantizing with ``config`` replaces: every plain ``nn.Linear`` (of ``among``, default
+    all modules) except the paths in ``skip`` and those matching ``config.skip_modules``."""
+    names = [name for name, _ in model.named_modules()] if among is None else among
+    return [
+        name
+        for name in names
+        if name and type(model.get_submodule(name)) is nn.Linear and name not in skip and not matches_any(name, config.skip_modules)
+    ]
+
+
+def quantize_modules(model: nn.Module, config: QuantizationConfig, paths: list[str], device: torch.device | str | None = None) -> list[str]:
+    """Replace the ``nn.Linear`` at each of ``paths`` by its bitsandbytes copy, one at a time; returns ``paths``.
+
+    The one quantize loop: ``quantize_model``, ``inject_lora`` and block-by-block loading all go through it.
+    """
+    for path in paths:
+        parent, child = parent_of(model, path)
+        setattr(parent, child, quantize_linear(getattr(parent, child), config, device))
+    if paths and hasattr(model, "config"):
         # PEFT and transformers look at these flags to pick their quantized code paths.
-        model.is_loaded_in_4bit = quantization.mode != "int8"
-        model.is_loaded_in_8bit = quantization.mode == "int8"
-    return quantized
+        model.is_loaded_in_4bit = config.mode != "int8"
+        model.is_loaded_in_8bit = config.mode == "int8"
+    return list(paths)
+
+
+def quantized_paths(model: nn.Module) -> list[str]:
+    """Paths of ``model``'s bitsandbytes layers (inside LoRA layers they end in ``.base_layer``)."""
+    return [name for name, module in model.named_modules() if is_quantized(module)]
 
 
 def dequantize_weight(module: nn.Module, snapshot: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -269,8 +293,3 @@ def quantized_numel(module: nn.Module) -> int:
     if is_4bit(module):
         return module.in_features * module.out_features
     return weight.numel()
-
-
-def _parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, child = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child

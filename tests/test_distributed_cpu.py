@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM
 from _models import tiny_llama, token_batch
 from lightning_lora import QuantizationConfig, quantize_model
 from lightning_lora.loading import build_quantized_model
-from lightning_lora.quantization import bitsandbytes_available, is_4bit
+from lightning_lora.quantization import bitsandbytes_available, is_4bit, quantized_paths
 
 pytestmark = pytest.mark.skipif(not bitsandbytes_available(), reason="bitsandbytes is not usable here")
 
@@ -73,7 +73,7 @@ def test_loaded_model_equals_model_built_then_quantized(tmp_path, sharded):
         save_file(state, checkpoint)
 
     loaded = build_quantized_model(reference.config, NF4, device="cpu", offload_to=None, checkpoint=checkpoint).train()
-    quantized = quantize_model(reference, NF4, skip={"lm_head"}, device="cpu")
+    quantized = quantized_paths(quantize_model(reference, NF4, skip={"lm_head"}, device="cpu"))
 
     assert len(quantized) == 14 and all(is_4bit(loaded.get_submodule(name)) for name in quantized)
     assert loaded.lm_head.weight.dtype == torch.bfloat16 and not is_4bit(loaded.lm_head)

@@ -21,7 +21,7 @@ from lightning_lora import (
     quantize_model,
     trainable_parameters,
 )
-from lightning_lora.inject import count_parameters, lora_state
+from lightning_lora.inject import lora_state, parameter_counts, plan_injection
 from lightning_lora.layers import lora_layers
 
 LLAMA_LINEARS = ["down_proj", "gate_proj", "k_proj", "lm_head", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -113,7 +113,7 @@ def test_trainable_parameters_and_summary_exact_numbers():
     expected = 2 * (4 * (64 + 64) + 4 * (64 + 32))
     assert expected == 1_792
     assert sum(p.numel() for p in trainable_parameters(model)) == expected
-    assert count_parameters(model) == {"trainable": expected, "total": base_total + expected}
+    assert parameter_counts(model) == {"trainable": expected, "total": base_total + expected}
     assert parameter_summary(model) == (
         f"trainable params: 1,792 || all params: 92,224 || trainable%: {100 * 1792 / 92224:.4f}"
     )
@@ -123,7 +123,7 @@ def test_trainable_parameters_and_summary_exact_numbers():
 def test_parameter_counts_of_quantized_model_count_logical_weights():
     model = inject_lora(tiny_llama(), LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]), QuantizationConfig(mode="nf4"))
     # 4-bit weights are packed two per byte; the count is of the weights they stand for.
-    assert count_parameters(model) == {"trainable": 1_792, "total": 92_224}
+    assert parameter_counts(model) == {"trainable": 1_792, "total": 92_224}
 
 
 def test_llama_7b_shape_adapter_size_on_meta_device():
@@ -286,10 +286,15 @@ _BERT_LINEARS = ["query", "key", "value", "dense"]
 )
 def test_what_trains_is_exactly_what_is_saved(bias, modules_to_save, patterns):
     config = LoRAConfig(r=4, alpha=8, target_modules=_BERT_LINEARS, bias=bias, modules_to_save=modules_to_save, **patterns)
+    fresh = tiny_bert_classifier()
+    planned = plan_injection(fresh, config).adapter_shapes(fresh)  # what adapter_io checks files against
     model = inject_lora(tiny_bert_classifier(), config)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    saved = set(adapter_state_dict(model))
-    assert trainable == saved == _expected_adapter_keys(model, config)
+    saved = adapter_state_dict(model)
+    assert trainable == set(saved) == _expected_adapter_keys(model, config)
+    assert planned == {key: tuple(value.shape) for key, value in saved.items()}
+    if "rank_pattern" in patterns:
+        assert saved["bert.encoder.layer.0.attention.self.query.lora_a.weight"].shape == (2, 64)
     # Six linears named query/key/value/dense per layer, two layers, and pooler.dense (unless saved in full).
     per_layer = 5 if "exclude_modules" in patterns else 6
     pooler = 0 if modules_to_save and "pooler" in modules_to_save else 1

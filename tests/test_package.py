@@ -167,3 +167,19 @@ def test_deprecated_paths_warn_and_give_the_same_objects():
         assert out[old]["warnings"][0].startswith(f"`{old}` is deprecated: import from `lightning_lora.")
         assert out[old]["same"] == {name: True for name in names}
         assert out[old]["all"] == sorted(names)
+
+
+def test_the_model_parameter_count_has_its_own_name():
+    import pytest
+    import torch
+    from torch import nn
+
+    from lightning_lora import LoRAConfig, inject_lora
+    from lightning_lora.inject import count_parameters, parameter_counts
+
+    torch.manual_seed(0)
+    model = inject_lora(nn.Sequential(nn.Linear(32, 64), nn.Linear(64, 32)), LoRAConfig(r=4, target_modules=["0"]))
+    expected = {"trainable": 4 * 32 + 64 * 4, "total": 32 * 64 + 64 + 64 * 32 + 32 + 4 * 32 + 64 * 4}
+    assert parameter_counts(model) == expected
+    with pytest.warns(DeprecationWarning, match="call `parameter_counts`"):
+        assert count_parameters(model) == expected

@@ -26,7 +26,7 @@ from lightning_lora import LoRAConfig, LoRALinear, QuantizationConfig, inject_lo
 from lightning_lora import quantization
 from lightning_lora.inject import lora_state
 from lightning_lora.layers import lora_layers
-from lightning_lora.quantization import dequantize_weight, is_quantized, quantize_linear
+from lightning_lora.quantization import dequantize_weight, is_quantized, quantize_linear, quantized_paths
 
 RTOL = {"nf4": 1e-5, "fp4": 1e-5, "int8": 1e-4}
 LLAMA_LAYERS = [f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + [f"mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")]
@@ -62,7 +62,8 @@ def output_and_grads(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, d
 
 def test_quantize_model_replaces_every_linear_but_the_head():
     model = tiny_llama()
-    quantized = quantize_model(model, QuantizationConfig(mode="nf4"))
+    assert quantize_model(model, QuantizationConfig(mode="nf4")) is model  # chains like inject_lora
+    quantized = quantized_paths(model)
     expected = {f"model.layers.{i}.{name}" for i in range(2) for name in LLAMA_LAYERS}
     assert set(quantized) == expected
     assert all(isinstance(model.get_submodule(name), bnb.nn.Linear4bit) for name in expected)
@@ -71,7 +72,7 @@ def test_quantize_model_replaces_every_linear_but_the_head():
     assert (model.is_loaded_in_4bit, model.is_loaded_in_8bit) == (True, False)
 
     bert = tiny_bert_classifier()
-    quantized = quantize_model(bert, QuantizationConfig(mode="int8", skip_modules=["pooler.dense"]))
+    quantized = quantized_paths(quantize_model(bert, QuantizationConfig(mode="int8", skip_modules=["pooler.dense"])))
     assert len(quantized) == 2 * 6
     assert type(bert.classifier) is nn.Linear and type(bert.bert.pooler.dense) is nn.Linear
     assert (bert.is_loaded_in_4bit, bert.is_loaded_in_8bit) == (False, True)

@@ -23,7 +23,7 @@ from torch import nn
 from lightning_lora._io import atomic_write
 from lightning_lora._version import __version__
 from lightning_lora.adapter_io import adapter_state_dict
-from lightning_lora.config import LoRAConfig
+from lightning_lora.config import ADAPTER_FIELDS
 from lightning_lora.inject import backbone_fingerprint, lora_state
 from lightning_lora.lightning import guards, strategies
 from lightning_lora.sharding import is_sharded_param
@@ -86,7 +86,7 @@ def validate_checkpoint(checkpoint: dict[str, Any], module: nn.Module, pl_module
             f"The checkpoint was written for another backbone (fingerprint {meta['fingerprint']} vs this model's "
             f"{current['fingerprint']}: module names or shapes differ). Resume with the same base model architecture."
         )
-    for field in LoRAConfig.ADAPTER_FIELDS:
+    for field in ADAPTER_FIELDS:
         saved, now = meta["lora_config"].get(field), current["lora_config"].get(field)
         if saved != now:
             raise ValueError(

@@ -23,7 +23,7 @@ from torch import nn
 from lightning_lora.adapter_io import save_adapter
 from lightning_lora.compiling import compile_blocks
 from lightning_lora.config import LoRAConfig, QuantizationConfig
-from lightning_lora.inject import inject_lora, lora_state, parameter_summary
+from lightning_lora.inject import inject_lora, lora_state, parameter_summary, trainable_parameters
 from lightning_lora.layers import LoRALinear
 from lightning_lora.lightning import checkpoints, guards, patches, strategies
 from lightning_lora.quantization import is_quantized
@@ -140,7 +140,7 @@ class LoRAController:
 
     # -- fit start -----------------------------------------------------------------------------
     def check_optimizers(self, trainer: Any, pl_module: nn.Module) -> None:
-        trainable = {id(p) for p in pl_module.parameters() if p.requires_grad}
+        trainable = {id(p) for p in trainable_parameters(pl_module)}
         for index, optimizer in enumerate(trainer.optimizers):
             params = [p for group in optimizer.param_groups for p in group["params"]]
             if params and not any(id(p) in trainable for p in params):

@@ -11,6 +11,7 @@ from torch import nn
 
 from lightning_lora.adapter_io import load_adapter, save_adapter
 from lightning_lora.config import LoRAConfig, QuantizationConfig
+from lightning_lora.inject import trainable_parameters
 from lightning_lora.lightning import strategies
 from lightning_lora.lightning.controller import LoRAController
 from lightning_lora.merge import merge_lora, unmerge_lora
@@ -103,7 +104,7 @@ class LoRAMixin:
     # -- user API --------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters that train (LoRA, and biases / modules_to_save per config), for the optimizer."""
-        return [p for p in self.parameters() if p.requires_grad]
+        return trainable_parameters(self)
 
     def save_adapter(self, directory: str | os.PathLike) -> Path:
         """Write the adapter in PEFT's format (gathered across ranks under FSDP; written by rank zero)."""
