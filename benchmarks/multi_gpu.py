@@ -332,7 +332,7 @@ def _fmt(value, spec: str = ".1e") -> str:
 
 def table(results: dict) -> str:
     rows = ["| scenario | ranks | loss0 Δ vs 1 rank | max loss Δ | grad norm Δ rel (step 0 / max) | clip error | adapter same on ranks | "
-            "NF4 bytes changed per rank | resume | export | peak GiB/rank | notes |",
+            "NF4 bytes changed per rank | resume | export | peak GiB per rank | notes |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in results.items():
         c = r.get("checks", {})
@@ -360,12 +360,19 @@ def table(results: dict) -> str:
         ckpt = r.get("checkpoints")
         if ckpt:
             notes.append(f"ckpt {sum(ckpt['bytes'].values()) / 2**20 / max(1, len(ckpt['bytes'])):.1f} MiB, non-adapter keys {len(ckpt.get('non_adapter_keys', []))}")
-        peaks = r.get("peak_alloc_gib") or []
+        checked = r.get("nf4_layers_checked_per_rank") or []
+        nf4 = _fmt(r.get("nf4_bytes_changed_per_rank")) + (f" ({min(checked)} layers)" if any(checked) else " (not checked)")
+        peaks, setup = r.get("peak_alloc_gib") or [], r.get("setup_peak_alloc_gib") or []
+        est = r.get("estimate_gib")
+        memory = "-"
+        if any(peaks):
+            memory = f"{'/'.join(f'{p:.2f}' for p in peaks)} (setup {max(setup):.2f}"
+            memory += f", est. {est:.2f})" if isinstance(est, float) else ")"
         rows.append(
             f"| {name} | {r.get('world_size', '?')} | {_fmt(c.get('loss_first_abs_diff'))} | {_fmt(c.get('loss_max_abs_diff'))} | "
             f"{_fmt(c.get('grad_norm_first_rel_diff'))} / {_fmt(c.get('grad_norm_max_rel_diff'))} | {_fmt(c.get('clip_max_rel_error'))} | "
-            f"{_fmt(r.get('adapter_same_on_all_ranks'))} | {_fmt(r.get('nf4_bytes_changed_per_rank'))} | {resume} | {export} | "
-            f"{'/'.join(f'{p:.2f}' for p in peaks) if any(peaks) else '-'} | {'; '.join(notes)} |"
+            f"{_fmt(r.get('adapter_same_on_all_ranks'))} | {nf4} | {resume} | {export} | "
+            f"{memory} | {'; '.join(notes)} |"
         )
     return "\n".join(rows)
 
@@ -401,6 +408,7 @@ def main() -> None:
     parser.add_argument("--suite", choices=["shared", "two-gpu", "70b"], default=None, help="a named set of scenarios")
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4], help="rank counts of --suite shared")
     parser.add_argument("--only", nargs="*", default=None, help="scenario names (see the module docstring)")
+    parser.add_argument("--also", nargs="*", default=[], help="scenario names added to --suite (e.g. a 4-rank subset)")
     parser.add_argument("--all", action="store_true", help="kept for old command lines: same as --suite shared (or two-gpu with 2+ GPUs)")
     parser.add_argument("--work", default="/tmp/lightning_lora_multi_gpu")
     parser.add_argument("--out", default=None, help="directory for multi_gpu.json")
@@ -428,7 +436,7 @@ def main() -> None:
 
     gpus = 0 if args.cpu else torch.cuda.device_count()
     name = args.suite or ("two-gpu" if gpus >= 2 and not args.shared_gpu else "shared")
-    names = args.only or suite(name, args.ranks)
+    names = args.only or suite(name, args.ranks) + [n for n in args.also if n not in suite(name, args.ranks)]
     shared_mode = args.cpu or args.shared_gpu or gpus < 2
     defaults = dict(model=args.model, seq=args.seq, steps=args.steps, cpu=args.cpu, default_model="tiny" if args.cpu else ("mid" if shared_mode else "small"),
                     default_seq=16 if args.cpu else (256 if shared_mode else 2048))
