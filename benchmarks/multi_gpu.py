@@ -73,11 +73,11 @@ TEMPLATES: dict[str, dict] = {
     "fsdp2_allbf16_unchecked": dict(strategy="fsdp2", steps=5, lora_bf16=True, unchecked=True),
     "ddp_2node": dict(strategy="ddp", world=2, steps=10, two_nodes=True),
     # The 70B shape: batch 1 x 2048 per rank, activation checkpointing, adapter-only checkpoint at step 2, PEFT export.
-    "single_70b": dict(own_launch=True, strategy="single", world=1, steps=5, ckpt_every=5, checkpointing=True, model="70b", seq=2048, batch_per_rank=1,
+    "single_70b": dict(own_launch=True, epoch_steps=5, strategy="single", world=1, steps=5, ckpt_every=5, checkpointing=True, model="70b", seq=2048, batch_per_rank=1,
                        check_bytes=False, capture_state=False),
-    "fsdp_70b": dict(own_launch=True, strategy="fsdp", steps=4, ckpt_every=2, checkpointing=True, model="70b", seq=2048, batch_per_rank=1,
+    "fsdp_70b": dict(own_launch=True, epoch_steps=4, strategy="fsdp", steps=4, ckpt_every=2, checkpointing=True, model="70b", seq=2048, batch_per_rank=1,
                      state_dict_type="sharded", check_bytes=False, capture_state=False, export=True),
-    "fsdp2_70b": dict(own_launch=True, strategy="fsdp2", steps=4, ckpt_every=2, checkpointing=True, model="70b", seq=2048, batch_per_rank=1,
+    "fsdp2_70b": dict(own_launch=True, epoch_steps=4, strategy="fsdp2", steps=4, ckpt_every=2, checkpointing=True, model="70b", seq=2048, batch_per_rank=1,
                       check_bytes=False, capture_state=False, export=True),
 }
 WRITERS = ("ddp", "fsdp", "fsdp_sharded", "fsdp2")
@@ -88,7 +88,9 @@ def llama_config(name: str, seq: int):
     from transformers import LlamaConfig
 
     config = LlamaConfig(**MODELS[name], max_position_embeddings=max(seq, 64), tie_word_embeddings=False, use_cache=False)
-    config._attn_implementation = "sdpa"
+    # Correctness runs use eager attention, whose backward is deterministic (bit-exact resume on a GPU); the
+    # memory and speed runs use PyTorch's fused attention.
+    config._attn_implementation = "sdpa" if name in ("small", "70b") else "eager"
     return config
 
 
@@ -136,7 +138,9 @@ def resolve(name: str, defaults: dict) -> dict:
     spec["global_batch"] = template.get("global_batch") or (template["batch_per_rank"] * written_by if "batch_per_rank" in template else GLOBAL_BATCH)
     if spec["global_batch"] % world:
         raise ValueError(f"Scenario {name!r}: the global batch of {spec['global_batch']} does not split over {world} ranks.")
-    spec["steps_per_epoch"] = spec["steps"]  # one epoch: checkpoints are taken (and resumed) mid-epoch
+    # One epoch of the reference run's length for every scenario (the same data in the same order; a checkpoint
+    # mid-epoch); the 70B runs have their own.
+    spec["steps_per_epoch"] = template.get("epoch_steps") or defaults.get("steps") or TEMPLATES["single"]["steps"]
     if defaults["cpu"] and spec.pop("expect_error_on_gpu", None):
         pass  # on CPU FSDP2's copy is a memcpy: the all-bf16 group is allowed (and measured)
     elif "expect_error_on_gpu" in spec:
@@ -251,7 +255,7 @@ def launch(group: dict, work: Path, cpu: bool, timeout: float) -> dict:
             "scenarios": [s["name"] for s in specs], "log_tail": log[-3000:]}
 
 
-def collect(specs: list[dict], groups: list[dict], work: Path) -> dict:
+def collect(groups: list[tuple[dict, dict]], work: Path) -> dict:
     results = {}
     for group, info in groups:
         for spec in group["specs"]:
@@ -444,6 +448,7 @@ def main() -> None:
     skipped = {n: "Lightning's FSDPStrategy needs CUDA" for n, s in specs.items() if args.cpu and s["strategy"] == "fsdp"}
     runnable = [s for n, s in specs.items() if n not in skipped]
     groups, started = [], time.perf_counter()
+    report = _report(args, groups, specs, skipped, work)
     for group in plan(runnable, gpus, args.cpu, args.shared_gpu):
         if time.perf_counter() - started > args.deadline:
             info = {"group": "not run", "returncode": f"--deadline of {args.deadline:.0f} s had passed"}
@@ -454,20 +459,22 @@ def main() -> None:
             if info["returncode"] != 0:
                 print(info["log_tail"][-2000:], flush=True)
         groups.append((group, info))
-    results = collect(runnable, groups, work)
+        report = _report(args, groups, specs, skipped, work)  # after every launch: a run cut short keeps what it measured
+    print(report["table"])
+    print(json.dumps(report["summary"], indent=1))
+
+
+def _report(args, groups: list, specs: dict, skipped: dict, work: Path) -> dict:
+    results = collect(groups, work)
     analyse(results, specs, work)
-    for n, why in skipped.items():
-        results[n] = {"scenario": n, "skipped": why}
+    results.update({n: {"scenario": n, "skipped": why} for n, why in skipped.items()})
+    ran = {n: r for n, r in results.items() if "skipped" not in r}
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv), "versions": versions(),
-              "groups": [info for _, info in groups], "results": results}
-    report["summary"] = summarize({n: r for n, r in results.items() if "skipped" not in r})
-    text = table({n: r for n, r in results.items() if "skipped" not in r})
-    report["table"] = text
+              "groups": [info for _, info in groups], "results": results, "summary": summarize(ran), "table": table(ran)}
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         Path(args.out, "multi_gpu.json").write_text(json.dumps(report, indent=1))
-    print(text)
-    print(json.dumps(report["summary"], indent=1))
+    return report
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -159,7 +160,16 @@ def test_single_gpu_qlora_trains_adapter_only_and_checkpoints_it(tmp_path):
 
 
 def _run_multi_gpu(tmp_path: Path, *scenarios: str) -> dict:
-    """Run scenarios through the benchmark's driver: with fewer GPUs than ranks, the ranks share GPU 0 (gloo)."""
+    """Results of ``scenarios`` from ``benchmarks/multi_gpu.py``: with fewer GPUs than ranks, the ranks share GPU 0 (gloo).
+
+    ``LL_MULTI_GPU_RESULTS=<multi_gpu.json>`` reuses a driver run that holds every scenario (the GPU command runs
+    the benchmark first, so its runs are not repeated here); otherwise the driver runs them on a tiny Llama.
+    """
+    reuse = os.environ.get("LL_MULTI_GPU_RESULTS")
+    if reuse and Path(reuse).exists():
+        results = json.loads(Path(reuse).read_text())["results"]
+        if all(name in results and "skipped" not in results[name] for name in scenarios):
+            return {name: results[name] for name in scenarios}
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "multi_gpu.py"), "--model", "tiny", "--seq", "64", "--work", str(tmp_path / "work"),
            "--out", str(out), "--timeout", "240", "--only", *scenarios]
@@ -168,13 +178,14 @@ def _run_multi_gpu(tmp_path: Path, *scenarios: str) -> dict:
 
 
 def _assert_trained_like_one_rank(name: str, result: dict) -> None:
-    checks = result["checks"]
+    checks, lora_layers = result["checks"], 7 * result["layers"]  # q, k, v, o, gate, up, down per decoder layer
     assert result["error"] is None, (name, result.get("log_tail"))
-    assert result["nf4_layers_checked_per_rank"] == [14] * result["world_size"] and set(result["nf4_bytes_changed_per_rank"]) == {0}, name
+    assert result["nf4_layers_checked_per_rank"] == [lora_layers] * result["world_size"] and set(result["nf4_bytes_changed_per_rank"]) == {0}, name
     assert result["adapter_same_on_all_ranks"] in ((None,) if result["world_size"] == 1 else (True,)), name
     assert checks["clipped_steps"] == result["steps_run"] and checks["clip_max_rel_error"] < 1e-3, (name, checks)  # global norm, every step
     if "loss_first_abs_diff" in checks:
         assert checks["loss_first_abs_diff"] < 2e-2 and checks["grad_norm_first_rel_diff"] < 2e-2, (name, checks)  # bf16 rounding
+        assert checks["same_global_batches"] is True, name
 
 
 @pytest.mark.multigpu
@@ -192,7 +203,7 @@ def test_ddp_fsdp1_fsdp2_parity_bytes_resume_and_export(tmp_path):
     for name in ("fsdp@2", "fsdp_sharded@2", "fsdp2@2"):
         export = results[name]["peft_export"]
         assert export["loaded"] is True and export["max_abs_diff"] == 0.0 and export["file_keys_match"] is True, (name, export)
-        assert results[name]["checkpoints"]["non_adapter_keys"] == [], name
+        assert results[name]["checkpoints"]["non_adapter_keys"] == [] and results[name]["checkpoints"]["state_dict_keys"] == 14 * results[name]["layers"], name
 
 
 @pytest.mark.multigpu
@@ -202,7 +213,8 @@ def test_fsdp1_checkpoints_resume_on_another_number_of_ranks(tmp_path):
         result, checks = results[name], results[name]["checks"]
         assert result["error"] is None, (name, result.get("log_tail"))
         assert checks["resume_state"] == {**checks["resume_state"], "adapter_exact": True, "optimizer_exact": True, "step_exact": True}, name
-        assert checks["resume_state"]["optimizer_tensors"] == 28 and result["start_step"] == 10 and result["final_step"] == 20, name
+        assert checks["resume_state"]["optimizer_tensors"] == 14 * result["layers"] and result["start_step"] == 10 and result["final_step"] == 20, name
+        assert checks["resume_same_global_batches"] is True, name
         assert checks["continuation_loss_max_abs_diff"] < 2e-2, (name, checks)  # like an uninterrupted run on the new ranks
 
 
