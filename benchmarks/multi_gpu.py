@@ -75,9 +75,9 @@ TEMPLATES: dict[str, dict] = {
     # The 70B shape: batch 1 x 2048 per rank, activation checkpointing, adapter-only checkpoint at step 2, PEFT export.
     "single_70b": dict(own_launch=True, epoch_steps=5, strategy="single", world=1, steps=5, ckpt_every=5, checkpointing=True, model="70b", seq=2048, batch_per_rank=1,
                        check_bytes=False, capture_state=False),
-    "fsdp_70b": dict(own_launch=True, epoch_steps=4, strategy="fsdp", steps=4, ckpt_every=2, checkpointing=True, model="70b", seq=2048, batch_per_rank=1,
+    "fsdp_70b": dict(own_launch=True, epoch_steps=3, strategy="fsdp", steps=3, ckpt_every=2, checkpointing=True, model="70b", seq=2048, batch_per_rank=1,
                      state_dict_type="sharded", check_bytes=False, capture_state=False, export=True),
-    "fsdp2_70b": dict(own_launch=True, epoch_steps=4, strategy="fsdp2", steps=4, ckpt_every=2, checkpointing=True, model="70b", seq=2048, batch_per_rank=1,
+    "fsdp2_70b": dict(own_launch=True, epoch_steps=3, strategy="fsdp2", steps=3, ckpt_every=2, checkpointing=True, model="70b", seq=2048, batch_per_rank=1,
                       check_bytes=False, capture_state=False, export=True),
 }
 WRITERS = ("ddp", "fsdp", "fsdp_sharded", "fsdp2")
