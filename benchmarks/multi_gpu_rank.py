@@ -183,8 +183,11 @@ def run_scenario(spec: dict, work: Path, ctx: dict) -> None:
                 self.setup_peak = torch.cuda.max_memory_allocated()
             trainer.optimizers[0].register_step_post_hook(lambda *_: self.post_norms.append(_global_grad_norm(trainer, pl_module, kind)))
             if spec.get("resume_from") and capture:  # what the restore produced, against what the writer had
-                saved = torch.load(work / f"state_{spec['writer_slug']}_step{start_step}.pt", weights_only=True)
-                self.resume_check = _compare_states(saved, self._state(trainer, pl_module))
+                try:
+                    saved = torch.load(work / f"state_{spec['writer_slug']}_step{start_step}.pt", weights_only=True)
+                    self.resume_check = _compare_states(saved, self._state(trainer, pl_module))
+                except Exception as err:  # the measurement failed, not necessarily the resume: report it, train on
+                    self.resume_check = {"error": f"{type(err).__name__}: {err}"[:500]}
 
         def _state(self, trainer, pl_module):
             return {"adapter": strategies.gather_adapter_state_dict(trainer, pl_module.model), "optimizer": _full_optimizer_state(trainer),
@@ -205,7 +208,11 @@ def run_scenario(spec: dict, work: Path, ctx: dict) -> None:
             self.times.append(time.perf_counter() - self.t)
             self.losses.append(float(trainer.strategy.reduce(outputs["loss"].detach().float(), reduce_op="mean")))
             if capture and spec.get("ckpt_every") and trainer.global_step == spec["ckpt_every"]:
-                state = self._state(trainer, pl_module)  # every rank gathers; rank 0 keeps it for the resumes
+                try:
+                    state = self._state(trainer, pl_module)  # every rank gathers; rank 0 keeps it for the resumes
+                except Exception as err:  # the resumes then report the missing file
+                    print(f"state capture failed: {type(err).__name__}: {err}", flush=True)
+                    return
                 if trainer.is_global_zero:
                     torch.save(state, work / f"state_{spec['slug']}_step{trainer.global_step}.pt")
 

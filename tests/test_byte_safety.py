@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import lightning as L
@@ -31,6 +32,16 @@ from lightning_lora.inject import lora_state
 from lightning_lora.quantization import bitsandbytes_available
 
 pytestmark = pytest.mark.skipif(not bitsandbytes_available(), reason="bitsandbytes is not usable here")
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Lightning's launcher sets LOCAL_RANK / NODE_RANK in this process; left behind, a later test's child
+    processes would think they were started by an outside launcher and wait for peers that never come."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture
