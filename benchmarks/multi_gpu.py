@@ -1,329 +1,158 @@
-"""Multi-GPU QLoRA through Lightning: one GPU, DDP, FSDP1 (FSDPStrategy), FSDP2 (ModelParallelStrategy),
-a 70B-shaped model under FSDP, and a two-node launch simulated on one host.
+"""Multi-rank QLoRA through Lightning: DDP, FSDP1 (FSDPStrategy), FSDP2 (ModelParallelStrategy), resume on another
+world size, a 70B-shaped model, a two-node launch; on real GPUs, or with N ranks sharing ONE GPU (gloo), or on CPU.
 
-Every scenario trains a random Llama-shaped model (built with ``lightning_lora.loading``, nf4 with
-double quant, bf16 storage) through ``Trainer`` + ``LoRACallback`` (r=16, alpha=32, all linear layers),
-bf16-mixed, AdamW, norm clipping at 1.0. Run everything (the driver launches one process tree per
-scenario and writes one JSON)::
+Every scenario trains a random Llama built block by block (nf4 + double quant, bf16 storage) through ``Trainer`` +
+``LoRACallback`` (r=16, alpha=32, all linear layers), AdamW, norm clipping at 0.1 (``CLIP``), on a fixed global batch (8
+sequences; per-rank batch = 8 / ranks), and is compared with the 1-rank run: first-step loss, 20-step loss curve,
+global gradient norm before clipping on every step (and after it: clipping must use the global norm), adapter
+identical on every rank, the NF4 bytes each layer computes with against those before sharding (every rank),
+bit-exact resume from the adapter-only checkpoint, and for a checkpoint written by W ranks and resumed on W' the
+adapter, optimizer state and step found after the restore against those saved, then the continuation against an
+uninterrupted W'-rank run. See ``multi_gpu_rank.py`` for what each rank does.
 
-    python benchmarks/multi_gpu.py --all --out results_dir            # GPUs
-    python benchmarks/multi_gpu.py --all --out results_dir --cpu      # tiny sizes on CPU (gloo), to debug
+Scenario names: ``<template>@<ranks>``, ``<template>_resume@<ranks>`` (resume its step-10 checkpoint, same
+ranks) and ``<template>_resume@<W>-><W'>`` (written by W ranks, resumed on W'). Templates: ``single``, ``ddp``,
+``fsdp`` (full state dict), ``fsdp_sharded``, ``fsdp2``, ``fsdp2_allbf16`` (bitsandbytes #1945's set-up: refused
+on a GPU), ``fsdp2_allbf16_unchecked`` (the same with the refusal switched off, to measure the bytes it changes),
+``ddp_2node``, ``single_b4``, ``single_70b``, ``fsdp_70b``, ``fsdp2_70b``.
 
-One scenario, as the driver runs it (Lightning starts the other ranks itself)::
+How ranks are launched: each group of scenarios with the same rank count runs in one process group, one scenario
+after another. With fewer GPUs than ranks (or ``--shared-gpu``, or ``--cpu``) every rank is its own "node": W
+``torchrun --nnodes W --node_rank i --nproc_per_node 1`` on localhost, ``Trainer(num_nodes=W, devices=1)``, gloo,
+every rank on ``cuda:0`` (NCCL refuses two ranks on one GPU; gloo runs the collectives on CUDA tensors). That is
+also how to check a cluster configuration on one GPU before renting the cluster. With enough GPUs: one
+``torchrun --nproc_per_node W``, NCCL.
 
-    python benchmarks/multi_gpu.py --scenario fsdp --work /tmp/mg
+    python benchmarks/multi_gpu.py --suite shared --ranks 2 4 --out DIR          # one GPU (or --cpu): everything
+    python benchmarks/multi_gpu.py --only fsdp2@2 fsdp2_resume@2->1 --out DIR    # a selection
+    python benchmarks/multi_gpu.py --suite 70b --out DIR                         # the 70B shape, 2 ranks
+    python benchmarks/multi_gpu.py --suite two-gpu --out DIR                     # 2 real GPUs, throughput too
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
-GiB = 2**30
 MODELS = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128),
+    "mid": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=8, vocab_size=16384),
     "small": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=8, vocab_size=32000),
     "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, vocab_size=32000),
 }
 LORA = dict(r=16, alpha=32.0, target_modules="all-linear")
+GLOBAL_BATCH = 8
+# Norm clipping this low engages on every step, so each step checks that the clipper scaled by the *global* norm
+# (a per-shard norm would leave the gradient with norm CLIP * sqrt(ranks)); Adam's update hardly depends on it.
+CLIP = 0.1
 
-# name -> how it runs. steps_per_epoch * global batch = dataset size, so checkpoints at epoch ends resume exactly.
-SCENARIOS = {
-    "single": dict(strategy="single", devices=1, batch=8, steps=20, ckpt_every=0),  # parity: same global batch as 2 x 4
-    "single_b4": dict(strategy="single", devices=1, batch=4, steps=20, ckpt_every=0),  # throughput baseline, same per-GPU batch
-    "ddp": dict(strategy="ddp", devices=2, batch=4, steps=20, ckpt_every=10),
-    "ddp_resume": dict(strategy="ddp", devices=2, batch=4, steps=20, resume="ddp"),
-    "fsdp": dict(strategy="fsdp", devices=2, batch=4, steps=20, ckpt_every=10, export=True, checkpointing=True),
-    "fsdp_resume": dict(strategy="fsdp", devices=2, batch=4, steps=20, resume="fsdp", checkpointing=True),
-    "fsdp_sharded": dict(strategy="fsdp", devices=2, batch=4, steps=10, ckpt_every=5, checkpointing=True, state_dict_type="sharded"),
-    "fsdp_sharded_resume": dict(strategy="fsdp", devices=2, batch=4, steps=10, resume="fsdp_sharded", checkpointing=True, state_dict_type="sharded"),
-    "fsdp2": dict(strategy="fsdp2", devices=2, batch=4, steps=20, ckpt_every=10),
-    "fsdp2_resume": dict(strategy="fsdp2", devices=2, batch=4, steps=20, resume="fsdp2"),
-    "fsdp2_allbf16": dict(strategy="fsdp2", devices=2, batch=4, steps=5, ckpt_every=0, lora_bf16=True),
-    "ddp_2node": dict(strategy="ddp", devices=1, num_nodes=2, batch=4, steps=10, ckpt_every=0),
-    # The 70B shape on one GPU (no sharding): low-memory loading and QLoRA training where one H200 holds it all.
-    "single_70b": dict(strategy="single", devices=1, batch=1, steps=5, ckpt_every=5, checkpointing=True, model="70b", seq=2048,
-                       check_bytes=False),
-    "fsdp_70b": dict(strategy="fsdp", devices=2, batch=1, steps=5, ckpt_every=5, checkpointing=True, model="70b", seq=2048,
-                     state_dict_type="sharded", check_bytes=False),
+# template -> how it runs; `world` fixes the rank count, `batch_per_rank` makes the global batch follow the ranks.
+TEMPLATES: dict[str, dict] = {
+    "single": dict(strategy="single", world=1, steps=20, ckpt_every=10),
+    "single_b4": dict(strategy="single", world=1, steps=20, global_batch=4),  # throughput baseline: ddp@2's batch per GPU
+    "ddp": dict(strategy="ddp", steps=20, ckpt_every=10),
+    "fsdp": dict(strategy="fsdp", steps=20, ckpt_every=10, checkpointing=True, export=True),
+    "fsdp_sharded": dict(strategy="fsdp", steps=20, ckpt_every=10, checkpointing=True, state_dict_type="sharded", export=True),
+    "fsdp2": dict(strategy="fsdp2", steps=20, ckpt_every=10, export=True),
+    "fsdp2_allbf16": dict(strategy="fsdp2", steps=5, lora_bf16=True, expect_error_on_gpu="FSDP2 would silently change the packed 4-bit weights"),
+    "fsdp2_allbf16_unchecked": dict(strategy="fsdp2", steps=5, lora_bf16=True, unchecked=True),
+    "ddp_2node": dict(strategy="ddp", world=2, steps=10, two_nodes=True),
+    # The 70B shape: batch 1 x 2048 per rank, activation checkpointing, adapter-only checkpoint at step 2, PEFT export.
+    "single_70b": dict(own_launch=True, epoch_steps=5, strategy="single", world=1, steps=5, ckpt_every=5, checkpointing=True, model="70b", seq=2048, batch_per_rank=1,
+                       check_bytes=False, capture_state=False),
+    "fsdp_70b": dict(own_launch=True, epoch_steps=3, strategy="fsdp", steps=3, ckpt_every=2, checkpointing=True, model="70b", seq=2048, batch_per_rank=1,
+                     state_dict_type="sharded", check_bytes=False, capture_state=False, export=True),
+    "fsdp2_70b": dict(own_launch=True, epoch_steps=3, strategy="fsdp2", steps=3, ckpt_every=2, checkpointing=True, model="70b", seq=2048, batch_per_rank=1,
+                      check_bytes=False, capture_state=False, export=True),
 }
-DEFAULT_ORDER = ["single", "single_b4", "ddp", "ddp_resume", "fsdp", "fsdp_resume", "fsdp_sharded", "fsdp_sharded_resume",
-                 "fsdp2", "fsdp2_resume", "ddp_2node", "fsdp2_allbf16"]
+WRITERS = ("ddp", "fsdp", "fsdp_sharded", "fsdp2")
+_NAME = re.compile(r"(?P<template>[a-z0-9_]+?)(?P<resume>_resume)?(?:@(?P<world>\d+)(?:->(?P<to>\d+))?)?")
 
 
 def llama_config(name: str, seq: int):
     from transformers import LlamaConfig
 
     config = LlamaConfig(**MODELS[name], max_position_embeddings=max(seq, 64), tie_word_embeddings=False, use_cache=False)
-    config._attn_implementation = "sdpa"
+    # Correctness runs use eager attention, whose backward is deterministic (bit-exact resume on a GPU); the
+    # memory and speed runs use PyTorch's fused attention.
+    config._attn_implementation = "sdpa" if name in ("small", "70b") else "eager"
     return config
 
 
-# -- one scenario (runs on every rank) ---------------------------------------------------------------
-def run_scenario(name: str, work: Path, cpu: bool, model_override: str | None = None, seq_override: int | None = None) -> None:
-    import lightning as L
-    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-    from torch.utils.data import DataLoader, TensorDataset
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
-    from lightning_lora import LoRACallback, QuantizationConfig, sharding
-    from lightning_lora.adapter_io import adapter_state_dict
-    from lightning_lora.lightning import strategies
-    from lightning_lora.loading import build_quantized_model
-    from lightning_lora.quantization import is_4bit
-
-    spec = dict(SCENARIOS[name])
-    model_name = model_override or ("tiny" if cpu else spec.get("model", "small"))
-    seq = seq_override or (16 if cpu else spec.get("seq", 2048))
-    batch, steps, devices, num_nodes = spec["batch"], spec["steps"], spec["devices"], spec.get("num_nodes", 1)
-    world = devices * num_nodes
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cpu") if cpu else torch.device("cuda", local_rank)
-    if not cpu:
-        torch.cuda.set_device(device)
-    quant = QuantizationConfig(mode="nf4", double_quant=True, compute_dtype="bfloat16", quant_storage="bfloat16")
-    config = llama_config(model_name, seq)
-    check_bytes = spec.get("check_bytes", True)
-
-    class LM(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            t0 = time.perf_counter()
-            L.seed_everything(0, verbose=False)
-            # Built here, quantized block by block on this rank's GPU and parked on the CPU; every rank builds
-            # the same weights (same seed). The strategy moves (DDP) or shards (FSDP) it from there.
-            self.model = build_quantized_model(config, quant, device=device, offload_to="cpu", seed=0).train()
-            if spec.get("checkpointing") and spec["strategy"] != "fsdp":  # FSDPStrategy checkpoints through its policy
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.build_seconds = time.perf_counter() - t0
-            self.before, self.seen = {}, {}
-            if check_bytes:
-                self.before = {n: m.weight.detach().reshape(-1).view(torch.uint8).clone() for n, m in self.model.named_modules() if is_4bit(m)}
-            self._sharded = False
-
-        def _record(self, name, layer) -> None:
-            if name not in self.seen:  # the packed bytes this layer computes with, after any all-gather
-                self.seen[name] = layer.weight.detach().reshape(-1).view(torch.uint8).cpu().clone()
-
-        def configure_model(self) -> None:
-            if check_bytes and not self._sharded:
-                # Hook the LoRA layers (injected by now): their forward reads the base weight, and a hook on
-                # the base layer itself would switch them to the unfused path.
-                for n, m in self.model.named_modules():
-                    if is_4bit(getattr(m, "base_layer", None)):
-                        m.register_forward_pre_hook(lambda layer, args, n=n + ".base_layer": self._record(n, layer.base_layer))
-            if spec["strategy"] == "fsdp2" and not self._sharded:
-                if spec.get("lora_bf16"):
-                    self.model.to(torch.bfloat16)  # every tensor of a group bf16 (the bitsandbytes #1945 set-up)
-                sharding.fully_shard_lora(self.model, {LlamaDecoderLayer}, mesh=self.device_mesh["data_parallel"])
-                self._sharded = True
-
-        def training_step(self, batch_, batch_idx):
-            (ids,) = batch_
-            loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
-            return loss
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
-
-    class Meter(Callback):
-        """Per-step loss (mean over ranks), per-step wall time, per-GPU peak memory after the first steps."""
-
-        def __init__(self) -> None:
-            self.losses, self.times, self.t = [], [], None
-            self.setup_peak = 0
-
-        def _sync(self):
-            if not cpu:
-                torch.cuda.synchronize()
-
-        def on_train_start(self, trainer, pl_module):
-            if not cpu:
-                self.setup_peak = torch.cuda.max_memory_allocated()
-
-        def on_train_batch_start(self, trainer, pl_module, batch_, batch_idx):
-            self._sync()
-            if not cpu and trainer.global_step == min(2, steps - 1) + start_step:
-                torch.cuda.reset_peak_memory_stats()
-            self.t = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch_, batch_idx):
-            self._sync()
-            self.times.append(time.perf_counter() - self.t)
-            loss = trainer.strategy.reduce(outputs["loss"].detach().float(), reduce_op="mean")
-            self.losses.append(float(loss))
-
-    spec_resume = spec.get("resume")
-    ckpt_dir = work / f"ckpt_{spec_resume or name}"
-    start_step = 0
-    ckpt_path = None
-    if spec_resume:
-        half = SCENARIOS[spec_resume]["ckpt_every"]
-        ckpt_path = str(ckpt_dir / f"step={half}.ckpt")
-        start_step = half
-    # One epoch = the checkpoint interval (or 10 steps): the same 10 global batches in every parity run, and
-    # checkpoints on epoch boundaries, where a plain DataLoader resumes exactly.
-    origin = SCENARIOS[spec_resume] if spec_resume else spec
-    n_sequences = batch * world * (origin.get("ckpt_every") or min(10, origin["steps"]))
-    generator = torch.Generator().manual_seed(1234)
-    data = TensorDataset(torch.randint(0, config.vocab_size, (n_sequences, seq), generator=generator))
-    # Our own sampler: rank r takes sequences r, r + world, ... in order, so the 2-GPU global batch is exactly
-    # the 1-GPU batch of the parity run (Lightning's replacement sampler shuffles).
-    rank = int(os.environ.get("RANK", int(os.environ.get("NODE_RANK", 0)) * devices + local_rank))
-    sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
-    loader = DataLoader(data, batch_size=batch, shuffle=False, sampler=sampler)
-
-    strategy: object
-    if spec["strategy"] == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        strategy = FSDPStrategy(
-            auto_wrap_policy=sharding.lora_fsdp_policy({LlamaDecoderLayer}),
-            activation_checkpointing_policy={LlamaDecoderLayer} if spec.get("checkpointing") else None,
-            use_orig_params=True,
-            state_dict_type=spec.get("state_dict_type", "full"),
-        )
-    elif spec["strategy"] == "fsdp2":
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
-    elif spec["strategy"] == "ddp":
-        strategy = "ddp"
-    else:
-        strategy = "auto"
-    meter = Meter()
-    export_dir = work / f"export_{name}"
-    lora_cb = LoRACallback(**LORA, quantize="nf4", quant_storage="bfloat16", compute_dtype="bfloat16", backbone="model",
-                           export_dir=str(export_dir) if spec.get("export") else None)
-    callbacks = [lora_cb, meter]
-    if spec.get("ckpt_every"):
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=spec["ckpt_every"], save_top_k=-1, filename="{step}"))
-    trainer = L.Trainer(
-        accelerator="cpu" if cpu else "gpu", devices=devices, num_nodes=num_nodes, strategy=strategy,
-        precision="32-true" if cpu else "bf16-mixed", max_steps=steps, callbacks=callbacks, logger=False,
-        enable_checkpointing=bool(spec.get("ckpt_every")), enable_progress_bar=False, enable_model_summary=False,
-        gradient_clip_val=1.0, gradient_clip_algorithm="norm", num_sanity_val_steps=0, use_distributed_sampler=False,
-    )
-    module = LM()
-    t_fit = time.perf_counter()
-    error = None
-    try:
-        trainer.fit(module, loader, ckpt_path=ckpt_path)
-    except Exception as err:  # keep what was measured; the driver reports the error
-        import traceback
-
-        traceback.print_exc()
-        error = f"{type(err).__name__}: {err}"[:2000]
-    fit_seconds = time.perf_counter() - t_fit
-
-    # Adapter: gathered from every shard (collective on every rank); identical on every rank?
-    adapter = strategies.gather_adapter_state_dict(trainer, module.model) if error is None else {}
-    flat = torch.cat([v.float().reshape(-1) for v in adapter.values()]) if adapter else torch.zeros(1)
-    same_on_ranks = None
-    if world > 1 and error is None:
-        import torch.distributed as dist
-
-        flat_dev = flat.to(trainer.strategy.root_device)
-        reference = flat_dev.clone()
-        dist.broadcast(reference, 0)
-        mismatch = torch.tensor([0.0 if torch.equal(reference, flat_dev) else 1.0], device=flat_dev.device)
-        dist.all_reduce(mismatch)
-        same_on_ranks = bool(mismatch.item() == 0)
-    changed = {k: int((module.seen[k] != v).sum()) for k, v in module.before.items() if k in module.seen}
-    peaks = [0.0, 0.0, 0.0]
-    if not cpu:
-        peaks = [torch.cuda.max_memory_allocated() / GiB, torch.cuda.max_memory_reserved() / GiB, meter.setup_peak / GiB]
-    all_peaks = trainer.strategy.all_gather(torch.tensor(peaks, device=trainer.strategy.root_device)) if world > 1 else torch.tensor([peaks])
-    all_peaks = all_peaks.reshape(-1, 3).tolist()
-    changed_all = trainer.strategy.all_gather(torch.tensor([sum(changed.values())], device=trainer.strategy.root_device)) if world > 1 else torch.tensor([sum(changed.values())])
-
-    if trainer.is_global_zero:
-        times = meter.times[3:] if len(meter.times) > 4 else meter.times
-        if spec.get("ckpt_every") and len(meter.times) > spec["ckpt_every"]:
-            times = [t for i, t in enumerate(meter.times) if i >= 3 and i != spec["ckpt_every"]]  # the step after a save
-        step_time = sorted(times)[len(times) // 2] if times else float("nan")
-        tokens_per_step = batch * seq * world
-        result = dict(
-            scenario=name, strategy=spec["strategy"], world_size=world, num_nodes=num_nodes, model=model_name,
-            hidden=config.hidden_size, layers=config.num_hidden_layers, seq=seq, batch_per_gpu=batch,
-            steps_run=len(meter.losses), start_step=start_step, final_step=trainer.global_step,
-            losses=meter.losses, step_times=meter.times, median_step_s=step_time, tokens_per_s=tokens_per_step / step_time,
-            peak_alloc_gib=[p[0] for p in all_peaks], peak_reserved_gib=[p[1] for p in all_peaks],
-            setup_peak_alloc_gib=[p[2] for p in all_peaks], build_seconds=module.build_seconds, fit_seconds=fit_seconds,
-            adapter_tensors=len(adapter), adapter_params=int(flat.numel()) if adapter else 0,
-            adapter_same_on_all_ranks=same_on_ranks, nf4_bytes_changed_per_rank=[int(x) for x in changed_all.reshape(-1).tolist()],
-            nf4_layers_checked=len(changed), error=error, activation_checkpointing=bool(spec.get("checkpointing")),
-        )
-        if spec.get("ckpt_every") and ckpt_dir.exists():
-            sizes = {}
-            for path in sorted(ckpt_dir.iterdir()):
-                sizes[path.name] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
-            result["checkpoint_bytes"] = sizes
-            first = sorted(ckpt_dir.iterdir())[0]
-            if first.is_file():
-                ckpt = torch.load(first, map_location="cpu", weights_only=False)
-                keys = list(ckpt.get("state_dict", {}))
-                result["checkpoint_state_dict_keys"] = len(keys)
-                result["checkpoint_non_adapter_keys"] = [k for k in keys if ".lora_" not in k][:5]
-        if adapter:
-            torch.save(adapter, work / f"adapter_{name}.pt")
-        if spec_resume and adapter and (work / f"adapter_{spec_resume}.pt").exists():
-            uninterrupted = torch.load(work / f"adapter_{spec_resume}.pt")
-            diffs = [float((uninterrupted[k].float() - adapter[k].float()).abs().max()) for k in adapter]
-            result["resume_vs_uninterrupted_max_abs_diff"] = max(diffs)
-            result["resume_bit_exact"] = all(torch.equal(uninterrupted[k], adapter[k]) for k in adapter)
-        if spec.get("export") and adapter:
-            result["peft_export"] = check_peft_export(export_dir / "adapter", config, adapter)
-        result["estimate_gib"] = estimate(config, spec, batch, seq, world)
-        (work / f"{name}.json").write_text(json.dumps(result, indent=1))
+def suite(name: str, ranks: list[int]) -> list[str]:
+    if name == "shared":
+        names = ["single"] + [f"{t}@1" for t in WRITERS]
+        for world in ranks:
+            names += [f"{t}@{world}" for t in WRITERS] + [f"{t}_resume@{world}" for t in WRITERS]
+            names += [f"fsdp2_allbf16@{world}", f"fsdp2_allbf16_unchecked@{world}"]
+        names.append("ddp_2node")
+        for src, dst in ((2, 1), (1, 2), (4, 2)):
+            if src in ranks + [1] and dst in ranks + [1]:
+                names += [f"{t}_resume@{src}->{dst}" for t in WRITERS]
+        return names
+    if name == "two-gpu":
+        return ["single", "single_b4", "ddp@2", "ddp_resume@2", "fsdp@2", "fsdp_resume@2", "fsdp_sharded@2", "fsdp_sharded_resume@2",
+                "fsdp2@2", "fsdp2_resume@2", "ddp_2node", "fsdp2_allbf16@2", "fsdp2_allbf16_unchecked@2"]
+    if name == "70b":
+        return ["fsdp2_70b@2", "fsdp2_70b_resume@2"]
+    raise ValueError(f"`--suite`={name!r} is not one of 'shared', 'two-gpu', '70b'.")
 
 
-def check_peft_export(path: Path, config, adapter: dict) -> dict:
-    """Load the exported adapter with PEFT into a plain model of the same shape; compare its tensors."""
-    try:
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
-
-        with torch.device("meta"):
-            base = AutoModelForCausalLM.from_config(config)
-        base = base.to_empty(device="cpu")
-        model = PeftModel.from_pretrained(base, str(path))
-        params = dict(model.named_parameters())
-        worst, found = 0.0, 0
-        for key, value in adapter.items():
-            peft_key = "base_model.model." + key.replace(".lora_a.weight", ".lora_A.default.weight").replace(".lora_b.weight", ".lora_B.default.weight")
-            worst = max(worst, float((params[peft_key].detach().float() - value.float()).abs().max()))
-            found += 1
-        return {"loaded": True, "tensors_compared": found, "max_abs_diff": worst, "files": sorted(os.listdir(path))}
-    except Exception as err:
-        return {"loaded": False, "error": f"{type(err).__name__}: {err}"[:1000]}
+def slug(name: str) -> str:
+    return name.replace("->", "-to-").replace("@", "-w")
 
 
-def estimate(config, spec: dict, batch: int, seq: int, world: int) -> float | None:
-    try:
-        from lightning_lora.estimate import estimate_memory
-    except ImportError:
-        return None
-    strategy = {"single": "single", "ddp": "ddp", "fsdp": "fsdp", "fsdp2": "fsdp"}[spec["strategy"]]
-    try:
-        est = estimate_memory(
-            config, quantization="nf4", double_quant=True, r=LORA["r"], target_modules="all-linear", batch_size=batch,
-            seq_len=seq, strategy=strategy, num_gpus=world, activation_checkpointing=bool(spec.get("checkpointing")), dtype="bf16",
-        )
-        return est.total / GiB
-    except Exception as err:  # the estimator is another module's; report, do not fail the benchmark
-        return f"estimator failed: {err}"
+def resolve(name: str, defaults: dict) -> dict:
+    """Everything a rank needs to run scenario ``name`` (``defaults``: model, seq and cpu of this run)."""
+    match = _NAME.fullmatch(name)
+    if not match or match["template"] not in TEMPLATES:
+        raise ValueError(f"Unknown scenario {name!r}: use <template>[_resume][@ranks[->ranks]] with a template among {sorted(TEMPLATES)}.")
+    template = TEMPLATES[match["template"]]
+    written_by = int(match["world"]) if match["world"] else template.get("world", 2)
+    world = int(match["to"]) if match["to"] else written_by
+    if "world" in template and written_by != template["world"]:
+        raise ValueError(f"Scenario {name!r}: template {match['template']!r} runs with {template['world']} ranks only.")
+    model = defaults["model"] or template.get("model") or defaults["default_model"]
+    seq = defaults["seq"] or (template["seq"] if template.get("model") == model else defaults["default_seq"])
+    spec = {k: v for k, v in template.items() if k not in ("world", "model", "seq")}
+    if defaults.get("steps"):  # shorter runs (tests): the checkpoint stays in the middle
+        spec["steps"] = defaults["steps"]
+        if "ckpt_every" in spec:
+            spec["ckpt_every"] = max(1, defaults["steps"] // 2)
+    spec.update(name=name, slug=slug(name), template=match["template"], world=world, model=model, seq=seq)
+    spec["global_batch"] = template.get("global_batch") or (template["batch_per_rank"] * written_by if "batch_per_rank" in template else GLOBAL_BATCH)
+    if spec["global_batch"] % world:
+        raise ValueError(f"Scenario {name!r}: the global batch of {spec['global_batch']} does not split over {world} ranks.")
+    # One epoch of the reference run's length for every scenario (the same data in the same order; a checkpoint
+    # mid-epoch); the 70B runs have their own.
+    spec["steps_per_epoch"] = template.get("epoch_steps") or defaults.get("steps") or TEMPLATES["single"]["steps"]
+    if defaults["cpu"] and spec.pop("expect_error_on_gpu", None):
+        pass  # on CPU FSDP2's copy is a memcpy: the all-bf16 group is allowed (and measured)
+    elif "expect_error_on_gpu" in spec:
+        spec["expect_error"] = spec.pop("expect_error_on_gpu")
+    if match["resume"]:
+        if not template.get("ckpt_every"):
+            raise ValueError(f"Scenario {name!r}: template {match['template']!r} writes no checkpoint to resume.")
+        writer = f"{match['template']}@{written_by}"
+        spec.update(resume_from=writer, writer_slug=slug(writer), start_step=spec["ckpt_every"], export=False,
+                    reference=f"{match['template']}@{world}")
+        spec.pop("ckpt_every")
+    return spec
 
 
 # -- driver ----------------------------------------------------------------------------------------------
@@ -351,156 +180,301 @@ def _wait_all_or_first_failure(procs: list[subprocess.Popen], timeout: float) ->
         time.sleep(0.5)
 
 
-def launch(name: str, work: Path, cpu: bool, timeout: float, extra: list[str] = ()) -> dict:
-    spec = SCENARIOS[name]
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK")}
-    env["MASTER_PORT"] = str(_free_port())
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    base = [sys.executable, __file__, "--scenario", name, "--work", str(work)] + (["--cpu"] if cpu else []) + list(extra)
-    if not spec.get("resume"):
-        import shutil
+def _style(spec: dict, gpus: int, cpu: bool, shared_gpu: bool) -> str:
+    if spec["world"] == 1:
+        return "single"
+    if cpu or shared_gpu or gpus < spec["world"]:
+        return "nodes-shared"  # every rank its own node, all on cuda:0 (or the CPU), gloo
+    return "nodes-gpus" if spec.get("two_nodes") else "local"  # a node per GPU / one node, NCCL
 
-        shutil.rmtree(work / f"ckpt_{name}", ignore_errors=True)  # ModelCheckpoint would add -v1 copies
-        (work / f"{name}.json").unlink(missing_ok=True)
+
+def plan(specs: list[dict], gpus: int, cpu: bool, shared_gpu: bool) -> list[dict]:
+    """Launches in order: each runs, in one process group, every scenario of one rank count whose writer has run.
+
+    Few launches (each costs a process start per rank): first the rank counts whose checkpoints other rank
+    counts wait for and that wait for the fewest themselves; within a launch, writers before resumes.
+    """
+    pending = sorted(specs, key=lambda s: bool(s.get("resume_from")))
+    done: set[str] = set()
+    groups = []
+    while pending:
+        by_key: dict[tuple, list[dict]] = {}
+        for spec in pending:
+            alone = spec["name"] if spec.get("own_launch") else ""  # a fresh process: nothing of the last run left in memory
+            by_key.setdefault((spec["world"], _style(spec, gpus, cpu, shared_gpu), alone), []).append(spec)
+        ready = {}
+        for key, members in by_key.items():
+            names, ready[key] = set(done), []
+            for spec in members:  # writers come first: a resume may follow its writer in the same launch
+                if not spec.get("resume_from") or spec["resume_from"] in names:
+                    ready[key].append(spec)
+                    names.add(spec["name"])
+        ready = {k: v for k, v in ready.items() if v}
+        if not ready:
+            raise ValueError(f"Scenarios {[s['name'] for s in pending]} resume checkpoints no selected scenario writes: add their writers.")
+        waited_for = {s["resume_from"] for s in pending if s.get("resume_from")}
+        key = min(ready, key=lambda k: (not any(s["name"] in waited_for for s in ready[k]), len(by_key[k]) - len(ready[k]), k))
+        groups.append({"index": len(groups), "world": key[0], "style": key[1], "specs": ready[key][:1] if key[2] else ready[key]})
+        done |= {s["name"] for s in groups[-1]["specs"]}
+        pending = [s for s in pending if s["name"] not in done]
+    return groups
+
+
+def launch(group: dict, work: Path, cpu: bool, timeout: float) -> dict:
+    world, style, specs = group["world"], group["style"], group["specs"]
+    for spec in specs:
+        (work / f"{spec['slug']}.json").unlink(missing_ok=True)
+        if not spec.get("resume_from"):
+            shutil.rmtree(work / f"ckpt_{spec['slug']}", ignore_errors=True)  # ModelCheckpoint would add -v1 copies
+    key = f"group{group['index']}-w{world}-{style}"
+    (work / f"{key}.json").write_text(json.dumps(specs))
+    shared = style == "nodes-shared"
+    nodes = world if style.startswith("nodes") else 1
+    ctx = dict(cpu=cpu, shared_gpu=shared and not cpu, num_nodes=nodes, backend="gloo" if (shared or cpu) else None, timeout=timeout)
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK")}
+    env.update(MASTER_PORT=str(_free_port()), PYTHONUNBUFFERED="1", CUBLAS_WORKSPACE_CONFIG=env.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8"))
+    rank_cmd = [__file__, "--rank-group", str(work / f"{key}.json"), "--work", str(work), "--ctx", json.dumps(ctx)]
+    run = [sys.executable, "-m", "torch.distributed.run", "--master_addr=127.0.0.1", f"--master_port={env['MASTER_PORT']}"]
+    total = timeout * len(specs) + 120
     t0 = time.perf_counter()
-    log = work / f"{name}.log"
-    with open(log, "w") as out:
-        if spec.get("num_nodes", 1) > 1:
-            # Two "nodes" on one host: torchrun per node, one GPU each, rendezvous on localhost.
-            procs = []
-            for node in range(spec["num_nodes"]):
+    with open(work / f"{key}.log", "w") as out:
+        procs = []
+        if nodes > 1:
+            for node in range(nodes):
                 node_env = dict(env)
-                if not cpu:
+                if style == "nodes-gpus":
                     node_env["CUDA_VISIBLE_DEVICES"] = str(node)
-                cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={spec['num_nodes']}", f"--node_rank={node}",
-                       "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={env['MASTER_PORT']}", *base[1:]]
+                cmd = [*run, f"--nnodes={nodes}", f"--node_rank={node}", "--nproc_per_node=1", *rank_cmd]
                 procs.append(subprocess.Popen(cmd, env=node_env, stdout=out, stderr=subprocess.STDOUT))
-            rcs = _wait_all_or_first_failure(procs, timeout)
-            rc = rcs if any(r != 0 for r in rcs) else 0
         else:
-            try:
-                rc = subprocess.run(base, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout).returncode
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-    wall = time.perf_counter() - t0
-    path = work / f"{name}.json"
-    result = json.loads(path.read_text()) if path.exists() else {"scenario": name}
-    result["returncode"], result["wall_seconds"] = rc, wall
-    if rc != 0 or result.get("error") or not path.exists():
-        result["log_tail"] = log.read_text()[-3000:]
-    return result
+            procs.append(subprocess.Popen([*run, "--nnodes=1", "--node_rank=0", f"--nproc_per_node={world}", *rank_cmd], env=env, stdout=out,
+                                          stderr=subprocess.STDOUT))
+        codes = _wait_all_or_first_failure(procs, total)
+    log = (work / f"{key}.log").read_text(errors="replace")
+    return {"group": key, "returncode": 0 if all(c == 0 for c in codes) else codes, "wall_seconds": time.perf_counter() - t0,
+            "scenarios": [s["name"] for s in specs], "log_tail": log[-3000:]}
 
 
-def summarize(results: dict) -> dict:
-    single = results.get("single_b4", {})
-    summary = {}
-    if single.get("tokens_per_s") and results.get("ddp", {}).get("tokens_per_s"):
-        summary["ddp_scaling_vs_1gpu"] = results["ddp"]["tokens_per_s"] / single["tokens_per_s"]
-    if results.get("fsdp", {}).get("tokens_per_s") and single.get("tokens_per_s"):
-        summary["fsdp_ac_scaling_vs_1gpu_no_ac"] = results["fsdp"]["tokens_per_s"] / single["tokens_per_s"]
-    ref = results.get("single", {}).get("losses")
-    if ref:
-        parity = {}
-        for name in ("ddp", "fsdp", "fsdp2", "fsdp2_allbf16"):
-            losses = results.get(name, {}).get("losses")
-            if losses:
-                n = min(len(ref), len(losses))
-                parity[name] = {"first_step_abs_diff": abs(ref[0] - losses[0]), "max_abs_diff": max(abs(a - b) for a, b in zip(ref[:n], losses[:n])), "steps": n}
-        summary["loss_parity_vs_single"] = parity
-    return summary
+def collect(groups: list[tuple[dict, dict]], work: Path) -> dict:
+    results = {}
+    for group, info in groups:
+        for spec in group["specs"]:
+            path = work / f"{spec['slug']}.json"
+            r = json.loads(path.read_text()) if path.exists() else {"scenario": spec["name"], "error": "no result: its group failed or ran out of time"}
+            r["group"], r["group_returncode"] = info["group"], info["returncode"]
+            if r.get("error") and info.get("log_tail"):
+                r["log_tail"] = info["log_tail"]
+            results[spec["name"]] = r
+    return results
+
+
+# -- checks ------------------------------------------------------------------------------------------------
+def _adapter(work: Path, name: str) -> dict | None:
+    path = work / f"adapter_{slug(name)}.pt"
+    return torch.load(path, weights_only=True) if path.exists() else None
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a) if a.keys() == b.keys() else float("inf")
+
+
+def _curve_diff(a: list, b: list) -> float | None:
+    n = min(len(a), len(b))
+    return max(abs(x - y) for x, y in zip(a[:n], b[:n])) if n else None
+
+
+def analyse(results: dict, specs: dict, work: Path) -> None:
+    """Add ``checks`` to every result: parity with the 1-rank run, clipping, bytes, ranks, resume."""
+    ref = results.get("single") or {}
+    for name, r in results.items():
+        spec, checks = specs[name], {}
+        if r.get("losses") and r.get("grad_norm_pre_clip"):
+            pre, post = r["grad_norm_pre_clip"], r["grad_norm_post_clip"]
+            if len(post) == len(pre):
+                checks["clip_max_rel_error"] = max(abs(q - min(p, CLIP)) / min(p, CLIP) for p, q in zip(pre, post) if p > 0)
+                checks["clipped_steps"] = sum(p > CLIP for p in pre)
+        if (name != "single" and not spec.get("resume_from") and r.get("losses") and ref.get("losses") and spec["model"] == ref.get("model")
+                and spec["seq"] == ref.get("seq") and spec["global_batch"] == ref.get("global_batch")):
+            checks["loss_first_abs_diff"] = abs(r["losses"][0] - ref["losses"][0])
+            checks["loss_max_abs_diff"] = _curve_diff(r["losses"], ref["losses"])
+            a, b = r["grad_norm_pre_clip"], ref["grad_norm_pre_clip"]
+            checks["grad_norm_first_rel_diff"] = abs(a[0] - b[0]) / b[0]
+            checks["grad_norm_max_rel_diff"] = max(abs(x - y) / y for x, y in zip(a, b))
+            checks["steps_compared"] = min(len(r["losses"]), len(ref["losses"]))
+            checks["same_global_batches"] = r.get("batch_fingerprints") == ref.get("batch_fingerprints")[: len(r["losses"])]
+        if spec.get("resume_from") and r.get("losses"):
+            k = spec["start_step"]
+            writer, reference = results.get(spec["resume_from"], {}), results.get(spec["reference"], {})
+            mine = _adapter(work, name)
+            checks["resume_state"] = r.get("resume_state_check")
+            # the resumed run sees the global batches the uninterrupted runs saw from step k on (mid-epoch)
+            checks["resume_same_global_batches"] = r.get("batch_fingerprints") == writer.get("batch_fingerprints", [])[k:] == (
+                reference.get("batch_fingerprints", [])[k:])
+            if spec["resume_from"] == spec["reference"]:  # same ranks: the continuation must be the uninterrupted run, bit for bit
+                final = _adapter(work, spec["resume_from"])
+                checks["resume_bit_exact"] = bool(mine is not None and final is not None and mine.keys() == final.keys()
+                                                  and all(torch.equal(mine[t], final[t]) for t in mine))
+                checks["resume_adapter_max_abs_diff"] = _max_diff(mine, final) if mine and final else None
+                checks["resume_losses_equal"] = writer.get("losses", [])[k:] == r["losses"]
+            else:  # another world size: like an uninterrupted run at the new one, within rounding
+                final = _adapter(work, spec["reference"])
+                checks["continuation_loss_max_abs_diff"] = _curve_diff(r["losses"], reference.get("losses", [])[k:])
+                checks["continuation_adapter_max_abs_diff"] = _max_diff(mine, final) if mine and final else None
+                checks["continuation_vs_writer_loss_max_abs_diff"] = _curve_diff(r["losses"], writer.get("losses", [])[k:])
+        if spec.get("expect_error"):
+            checks["refused_as_expected"] = bool(r.get("error") and spec["expect_error"] in r["error"])
+        r["checks"] = checks
+
+
+def _fmt(value, spec: str = ".1e") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)
 
 
 def table(results: dict) -> str:
-    rows = ["| scenario | GPUs | batch/GPU x seq | tokens/s | peak alloc GiB/GPU | estimate GiB | first loss | last loss | adapter same on ranks | NF4 bytes changed | notes |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| scenario | ranks | loss0 Δ vs 1 rank | max loss Δ | grad norm Δ rel (step 0 / max) | clip error | adapter same on ranks | "
+            "NF4 bytes changed per rank | resume | export | peak GiB per rank | notes |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in results.items():
-        if name not in SCENARIOS:
-            continue
-        peaks = r.get("peak_alloc_gib") or []
-        est = r.get("estimate_gib")
+        c = r.get("checks", {})
+        resume = "-"
+        if "resume_bit_exact" in c:
+            resume = "bit-exact" if c["resume_bit_exact"] else f"differs {_fmt(c.get('resume_adapter_max_abs_diff'))}"
+        elif "continuation_loss_max_abs_diff" in c:
+            state = c.get("resume_state") or {}
+            exact = "/".join(str(state.get(f"{k}_exact", "?"))[0] for k in ("adapter", "optimizer", "step"))
+            resume = (f"state a/o/s exact {exact}; cont. Δloss {_fmt(c['continuation_loss_max_abs_diff'])} "
+                      f"(vs writer {_fmt(c.get('continuation_vs_writer_loss_max_abs_diff'))}), Δadapter {_fmt(c.get('continuation_adapter_max_abs_diff'))}")
+        if "resume_same_global_batches" in c:
+            resume += "; same batches" if c["resume_same_global_batches"] else "; OTHER BATCHES"
+        export = r.get("peft_export")
+        export = "-" if not export else (f"PEFT ok, Δ {_fmt(export.get('max_abs_diff'))}" if export.get("loaded") else "PEFT FAILED")
         notes = []
-        if r.get("error") or r.get("returncode") not in (0, None):
-            notes.append(f"FAILED rc={r.get('returncode')}: {(r.get('error') or '')[:120]}")
-        if "resume_bit_exact" in r:
-            notes.append(f"resume bit-exact={r['resume_bit_exact']} (max diff {r['resume_vs_uninterrupted_max_abs_diff']:.2e})")
-        if r.get("checkpoint_bytes"):
-            notes.append("ckpt " + ", ".join(f"{k}: {v / 2**20:.1f} MiB" for k, v in r["checkpoint_bytes"].items()))
-        if r.get("peft_export"):
-            notes.append(f"PEFT load={r['peft_export'].get('loaded')} diff={r['peft_export'].get('max_abs_diff')}")
-        losses = r.get("losses") or [float("nan")]
+        if c.get("refused_as_expected"):
+            notes.append("refused as expected")
+        elif r.get("error"):
+            notes.append(f"ERROR: {r['error'][:100]}")
+        if r.get("unchecked"):
+            notes.append("library check off")
+        if c.get("same_global_batches") is False:
+            notes.append("OTHER GLOBAL BATCHES than 1 rank")
+        ckpt = r.get("checkpoints")
+        if ckpt:
+            notes.append(f"ckpt {sum(ckpt['bytes'].values()) / 2**20 / max(1, len(ckpt['bytes'])):.1f} MiB, non-adapter keys {len(ckpt.get('non_adapter_keys', []))}")
+        checked = r.get("nf4_layers_checked_per_rank") or []
+        nf4 = _fmt(r.get("nf4_bytes_changed_per_rank")) + (f" ({min(checked)} layers)" if any(checked) else " (not checked)")
+        peaks, setup = r.get("peak_alloc_gib") or [], r.get("setup_peak_alloc_gib") or []
+        est = r.get("estimate_gib")
+        memory = "-"
+        if any(peaks):
+            memory = f"{'/'.join(f'{p:.2f}' for p in peaks)} (setup {max(setup):.2f}"
+            memory += f", est. {est:.2f})" if isinstance(est, float) else ")"
         rows.append(
-            f"| {name} | {r.get('world_size', '?')} | {r.get('batch_per_gpu', '?')} x {r.get('seq', '?')} | {r.get('tokens_per_s', float('nan')):,.0f} | "
-            f"{'/'.join(f'{p:.2f}' for p in peaks)} | {est if not isinstance(est, float) else f'{est:.2f}'} | {losses[0]:.4f} | {losses[-1]:.4f} | "
-            f"{r.get('adapter_same_on_all_ranks')} | {r.get('nf4_bytes_changed_per_rank')} | {'; '.join(notes)} |"
+            f"| {name} | {r.get('world_size', '?')} | {_fmt(c.get('loss_first_abs_diff'))} | {_fmt(c.get('loss_max_abs_diff'))} | "
+            f"{_fmt(c.get('grad_norm_first_rel_diff'))} / {_fmt(c.get('grad_norm_max_rel_diff'))} | {_fmt(c.get('clip_max_rel_error'))} | "
+            f"{_fmt(r.get('adapter_same_on_all_ranks'))} | {nf4} | {resume} | {export} | "
+            f"{memory} | {'; '.join(notes)} |"
         )
     return "\n".join(rows)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--scenario", choices=sorted(SCENARIOS))
-    parser.add_argument("--all", action="store_true", help="run --only (default: all but fsdp_70b) through the driver")
-    parser.add_argument("--only", nargs="*", default=None)
-    parser.add_argument("--work", default="/tmp/lightning_lora_multi_gpu")
-    parser.add_argument("--out", default=None, help="directory for the combined JSON")
-    parser.add_argument("--cpu", action="store_true", help="tiny model on CPU (gloo): debug the code paths")
-    parser.add_argument("--model", choices=sorted(MODELS), default=None, help="override every scenario's model (e.g. tiny for tests)")
-    parser.add_argument("--seq", type=int, default=None, help="override every scenario's sequence length")
-    parser.add_argument("--timeout", type=float, default=300, help="seconds per scenario")
-    parser.add_argument("--deadline", type=float, default=1e9, help="start no scenario after this many seconds")
-    args = parser.parse_args()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    if args.scenario:
-        run_scenario(args.scenario, work, args.cpu, args.model, args.seq)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # An orderly shutdown: a rank that exits with the process group alive can abort in gloo's
-            # threads ("terminate called without an active exception"), failing a run that succeeded.
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
-        return
-    names = args.only or DEFAULT_ORDER
-    results = {}
-    started = time.perf_counter()
-    for name in names:
-        if args.cpu and SCENARIOS[name]["strategy"] == "fsdp":
-            continue  # Lightning's FSDPStrategy needs CUDA
-        if time.perf_counter() - started > args.deadline:
-            results[name] = {"scenario": name, "skipped": f"not run: the driver's --deadline of {args.deadline:.0f} s had passed"}
-            continue
-        print(f"== {name}", flush=True)
-        extra = (["--model", args.model] if args.model else []) + (["--seq", str(args.seq)] if args.seq else [])
-        results[name] = launch(name, work, args.cpu, args.timeout, extra)
-        r = results[name]
-        print(json.dumps({k: r.get(k) for k in ("returncode", "wall_seconds", "tokens_per_s", "peak_alloc_gib", "error")}), flush=True)
-        if r.get("log_tail"):
-            print(r["log_tail"][-1500:], flush=True)
-        if args.out:  # after every scenario, so a run cut short still leaves its results
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            Path(args.out, "multi_gpu.json").write_text(json.dumps(results, indent=1))
-    results["summary"] = summarize(results)
-    results["versions"] = versions()
-    print(table(results))
-    print(json.dumps(results["summary"], indent=1))
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        Path(args.out, "multi_gpu.json").write_text(json.dumps(results, indent=1))
+def summarize(results: dict) -> dict:
+    out: dict = {}
+    single = results.get("single_b4", {})
+    if single.get("tokens_per_s") and results.get("ddp@2", {}).get("tokens_per_s"):
+        out["ddp_scaling_vs_1gpu"] = results["ddp@2"]["tokens_per_s"] / single["tokens_per_s"]
+    failed = [n for n, r in results.items() if r.get("error") and not r.get("checks", {}).get("refused_as_expected")]
+    out["failed"] = failed
+    out["bytes_changed"] = [n for n, r in results.items() if any(r.get("nf4_bytes_changed_per_rank") or [])]
+    return out
 
 
 def versions() -> dict:
     import importlib.metadata as md
+    import platform
 
-    out = {"python": sys.version.split()[0]}
+    out = {"python": sys.version.split()[0], "machine": platform.node(), "cpus": os.cpu_count()}
     for pkg in ("torch", "lightning", "transformers", "bitsandbytes", "peft"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             out[pkg] = None
     if torch.cuda.is_available():
-        out["gpu"] = torch.cuda.get_device_name(0)
-        out["gpus"] = torch.cuda.device_count()
-        out["cuda"] = torch.version.cuda
+        out.update(gpu=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count(), cuda=torch.version.cuda)
     return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--suite", choices=["shared", "two-gpu", "70b"], default=None, help="a named set of scenarios")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4], help="rank counts of --suite shared")
+    parser.add_argument("--only", nargs="*", default=None, help="scenario names (see the module docstring)")
+    parser.add_argument("--also", nargs="*", default=[], help="scenario names added to --suite (e.g. a 4-rank subset)")
+    parser.add_argument("--all", action="store_true", help="kept for old command lines: same as --suite shared (or two-gpu with 2+ GPUs)")
+    parser.add_argument("--work", default="/tmp/lightning_lora_multi_gpu")
+    parser.add_argument("--out", default=None, help="directory for multi_gpu.json")
+    parser.add_argument("--cpu", action="store_true", help="run on CPU (gloo): tiny model unless --model")
+    parser.add_argument("--shared-gpu", action="store_true", help="every rank on cuda:0 through gloo, even with more GPUs")
+    parser.add_argument("--model", choices=sorted(MODELS), default=None, help="override every scenario's model (e.g. tiny for tests)")
+    parser.add_argument("--seq", type=int, default=None, help="override every scenario's sequence length")
+    parser.add_argument("--steps", type=int, default=None, help="override every scenario's steps (checkpoint at half)")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per scenario (a group gets the sum)")
+    parser.add_argument("--deadline", type=float, default=1e9, help="start no group after this many seconds")
+    parser.add_argument("--rank-group", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--ctx", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    if args.rank_group:  # one rank of a launch
+        from multi_gpu_rank import run_group
+
+        run_group(json.loads(Path(args.rank_group).read_text()), work, json.loads(args.ctx))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # An orderly shutdown: a rank that exits with the process group alive can abort in gloo's threads.
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        return
+
+    gpus = 0 if args.cpu else torch.cuda.device_count()
+    name = args.suite or ("two-gpu" if gpus >= 2 and not args.shared_gpu else "shared")
+    names = args.only or suite(name, args.ranks) + [n for n in args.also if n not in suite(name, args.ranks)]
+    shared_mode = args.cpu or args.shared_gpu or gpus < 2
+    defaults = dict(model=args.model, seq=args.seq, steps=args.steps, cpu=args.cpu, default_model="tiny" if args.cpu else ("mid" if shared_mode else "small"),
+                    default_seq=16 if args.cpu else (256 if shared_mode else 2048))
+    specs = {n: resolve(n, defaults) for n in names}
+    skipped = {n: "Lightning's FSDPStrategy needs CUDA" for n, s in specs.items() if args.cpu and s["strategy"] == "fsdp"}
+    runnable = [s for n, s in specs.items() if n not in skipped]
+    groups, started = [], time.perf_counter()
+    report = _report(args, groups, specs, skipped, work)
+    for group in plan(runnable, gpus, args.cpu, args.shared_gpu):
+        if time.perf_counter() - started > args.deadline:
+            info = {"group": "not run", "returncode": f"--deadline of {args.deadline:.0f} s had passed"}
+        else:
+            print(f"== {len(group['specs'])} scenarios on {group['world']} ranks ({group['style']}): {' '.join(s['name'] for s in group['specs'])}", flush=True)
+            info = launch(group, work, args.cpu, args.timeout)
+            print(json.dumps({k: info[k] for k in ("group", "returncode", "wall_seconds")}), flush=True)
+            if info["returncode"] != 0:
+                print(info["log_tail"][-2000:], flush=True)
+        groups.append((group, info))
+        report = _report(args, groups, specs, skipped, work)  # after every launch: a run cut short keeps what it measured
+    print(report["table"])
+    print(json.dumps(report["summary"], indent=1))
+
+
+def _report(args, groups: list, specs: dict, skipped: dict, work: Path) -> dict:
+    results = collect(groups, work)
+    analyse(results, specs, work)
+    results.update({n: {"scenario": n, "skipped": why} for n, why in skipped.items()})
+    ran = {n: r for n, r in results.items() if "skipped" not in r}
+    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv), "versions": versions(),
+              "groups": [info for _, info in groups], "results": results, "summary": summarize(ran), "table": table(ran)}
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, "multi_gpu.json").write_text(json.dumps(report, indent=1))
+    return report
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from torch import nn
 from lightning_lora import quantization
 from lightning_lora.adapter_io import adapter_state_dict
 from lightning_lora.blocks import block_matcher, class_matcher
+from lightning_lora.config import _dtype_name
 
 
 def _is_trainable_leaf(module: nn.Module) -> bool:
@@ -65,9 +66,10 @@ def fully_shard_lora(
 
     Call it in ``configure_model`` after LoRA is injected.
 
-    Check the packed 4-bit bytes (``packed_4bit_bytes``) when every tensor of a layer is bf16:
-    FSDP2 has been seen to rewrite NaN bit patterns of bf16-stored NF4 weights (bitsandbytes #1945);
-    fp32 LoRA weights in the same group (``LoRALinear``'s default) avoided it.
+    Raises ``ValueError`` when the all-gathers would change packed 4-bit bytes (``fsdp2_4bit_risks``): a
+    group whose tensors are all bf16 on a GPU (FSDP2's copy into the all-gather buffer rewrites NaN bit
+    patterns, bitsandbytes #1945), or a mixed-precision ``param_dtype`` that casts them. fp32 LoRA weights
+    in the group (``LoRALinear``'s default) keep it safe.
 
     Example (in a LightningModule run with ``ModelParallelStrategy``)::
 
@@ -90,6 +92,7 @@ def fully_shard_lora(
         # end of backward (FSDP2 never reshards the root after forward), 7.8 GiB per GPU for a 128k-vocab 405B.
         fully_shard(module, **kwargs)
     fully_shard(model, **kwargs)
+    check_fsdp2_keeps_4bit_bytes(model)
     return model
 
 
@@ -107,6 +110,77 @@ def _embedding_and_head(model: nn.Module, is_block: Callable[[nn.Module], bool])
     if len(found) == 2 and any(p is q for p in found[0].parameters() for q in found[1].parameters()):
         return []
     return [m for m in found if id(m) not in inside and m is not model]
+
+
+def _fsdp2_param_groups(model: nn.Module) -> list[tuple[str, Any, list[Any]]]:
+    """(module name, mixed-precision policy, FSDPParams) of every FSDP2 parameter group in ``model`` (torch's private state)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
+    groups = []
+    for name, module in model.named_modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        state = module._get_fsdp_state()
+        param_groups = getattr(state, "_fsdp_param_groups", None)
+        if param_groups is None:
+            single = getattr(state, "_fsdp_param_group", None)
+            param_groups = [single] if single is not None else []
+        for group in param_groups:
+            groups.append((name, getattr(group, "mp_policy", None), list(group.fsdp_params)))
+    return groups
+
+
+def _all_gather_dtype(fsdp_param: Any, mp_policy: Any) -> torch.dtype:
+    # What FSDP2 gathers a parameter as: its dtype, or the policy's param_dtype for floating ones (FSDPParam.init_dtype_attrs).
+    dtype = fsdp_param.sharded_param.dtype
+    param_dtype = getattr(mp_policy, "param_dtype", None)
+    return dtype if param_dtype is None or not dtype.is_floating_point else param_dtype
+
+
+def fsdp2_4bit_risks(model: nn.Module, device_type: str | None = None) -> list[str]:
+    """Why FSDP2's all-gathers would change packed 4-bit bytes in ``model``, one line per group at risk.
+
+    Two causes, both silent:
+
+    - a mixed-precision ``param_dtype`` other than the storage dtype casts the packed weight by value;
+    - a group whose all-gather inputs all share one 16-bit dtype is copied into the all-gather buffer
+      with ``torch._foreach_copy_``, whose CUDA kernel goes through float32 and back, rewriting every
+      NaN bit pattern to the canonical NaN (bitsandbytes #1945: ~0.1% of NF4 bytes). A group with
+      mixed dtypes (fp32 LoRA next to bf16-stored NF4, the default) is gathered as raw bytes; on CPU
+      the copy is a plain memcpy. ``device_type`` overrides the groups' device (for tests).
+    """
+    risks = []
+    for name, mp_policy, fsdp_params in _fsdp2_param_groups(model):
+        packed = [p for p in fsdp_params if quantization.is_4bit(p._module_info.module) and p._module_info.param_name == "weight"]
+        if not packed:
+            continue
+        where = name or "<root>"
+        stored, gathered = packed[0].sharded_param.dtype, _all_gather_dtype(packed[0], mp_policy)
+        if gathered != stored:
+            risks.append(
+                f"group {where!r}: mixed precision casts the packed 4-bit weights from {_dtype_name(stored)} "
+                f"to {_dtype_name(gathered)}"
+            )
+        gather_dtypes = {_all_gather_dtype(p, mp_policy) for p in fsdp_params}
+        device = device_type or packed[0].sharded_param.device.type
+        if len(gather_dtypes) == 1 and next(iter(gather_dtypes)) in (torch.bfloat16, torch.float16) and device != "cpu":
+            risks.append(f"group {where!r}: every tensor is all-gathered as {_dtype_name(next(iter(gather_dtypes)))} on {device}")
+    return risks
+
+
+def check_fsdp2_keeps_4bit_bytes(model: nn.Module) -> None:
+    """Raise if FSDP2 (``fully_shard``) would change packed 4-bit bytes (see ``fsdp2_4bit_risks``)."""
+    risks = fsdp2_4bit_risks(model)
+    if risks:
+        raise ValueError(
+            f"FSDP2 would silently change the packed 4-bit weights of {len(risks)} parameter groups ({risks[0]}"
+            f"{'; ...' if len(risks) > 1 else ''}). Keep the LoRA weights in float32 (LoRALinear's default) so each group "
+            "mixes dtypes and is all-gathered as raw bytes: use precision='bf16-mixed' rather than 'bf16-true', do not cast the "
+            "model to bfloat16 after injection, and give `fully_shard` no mixed-precision param_dtype; or store the 4-bit weights "
+            "as `quant_storage`='float32'. (bitsandbytes #1945)"
+        )
 
 
 @torch.no_grad()

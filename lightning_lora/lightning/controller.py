@@ -97,7 +97,9 @@ class LoRAController:
         if self.lora_plus_ratio is not None:
             # Split the groups as the user's optimizer is built, so its schedulers and checkpoints see the final groups.
             ratio = self.lora_plus_ratio
-            patches.run_inside(pl_module, "configure_optimizers", lambda: patches.lora_plus_groups(lora_plus.b_side_parameters(pl_module), ratio))
+            patches.run_inside(
+                pl_module, "configure_optimizers", lambda: patches.lora_plus_groups(lora_plus.b_side_parameters(pl_module), ratio), purpose="lora_plus"
+            )
         adapter_keys = (lambda: self.adapter_keys(pl_module)) if self.adapter_only_checkpoint else None
         # Strategies that do not read through the checked reader (FSDP, a custom CheckpointIO) get the file checked first.
         reads_checked = isinstance(getattr(trainer.strategy, "_checkpoint_io", None), checkpoints.AtomicCheckpointIO)
@@ -143,7 +145,9 @@ class LoRAController:
                 strategies.check_quantization(quantization, pl_module)
             # A backbone quantized already (e.g. by lightning_lora.loading) is wrapped as it is.
             already_quantized = any(is_quantized(m) for m in module.modules())
-            inject_lora(module, self.lora_config, None if already_quantized else quantization, device=device)
+            planned = None if already_quantized else quantization
+            strategies.check_precision_keeps_4bit_bytes(getattr(pl_module, "_trainer", None), module, planned)
+            inject_lora(module, self.lora_config, planned, device=device)
             lora_state(module).quantization = quantization
             if self.compile_blocks:
                 # After injection, before the strategy wraps the model: the compiled blocks hold the LoRA layers.

@@ -4,7 +4,8 @@ What is patched, and by whom:
 
 - the user's LightningModule instance: ``configure_model`` (inject right after it) and
   ``on_load_checkpoint`` (check the checkpoint first), by ``controller.LoRAController.setup``;
-  ``configure_gradient_clipping`` under FSDP1, by ``strategies.install``;
+  ``configure_gradient_clipping`` under FSDP1 and ``configure_optimizers`` under FSDP2 (check the
+  4-bit bytes first), by ``strategies.install``;
 - the strategy instance: ``load_checkpoint`` (the file checked first where the strategy reads it itself;
   adapter-only sharded resume), by ``strategies.install``;
 - ``torch.distributed.checkpoint.load``, only while that wrapped ``load_checkpoint`` runs;
@@ -32,29 +33,37 @@ def is_patched(function: Any) -> bool:
     return bool(getattr(function, MARKER, False))
 
 
-def replace(obj: Any, name: str, replacement: Callable[..., Any]) -> bool:
-    """Set ``obj.name = replacement`` (marked) unless ``obj.name`` is one of ours already; returns whether it did."""
-    if is_patched(getattr(obj, name, None)):
+def replace(obj: Any, name: str, replacement: Callable[..., Any], purpose: str | None = None) -> bool:
+    """Set ``obj.name = replacement`` (marked) unless ``obj.name`` carries a patch for ``purpose`` already;
+    returns whether it did.
+
+    The marker is the set of purposes the chain of patches on ``obj.name`` serves, so two different patches of
+    one attribute (LoRA+'s split and FSDP2's byte check, both on ``configure_optimizers``) both apply, and the
+    same patch applied twice (``setup`` runs once per stage) applies once. ``purpose`` defaults to ``name``.
+    """
+    purpose = name if purpose is None else purpose
+    present = getattr(getattr(obj, name, None), MARKER, None) or frozenset()
+    if purpose in present:
         return False
-    setattr(replacement, MARKER, True)
+    setattr(replacement, MARKER, frozenset(present) | {purpose})
     replacement.__name__ = name
     setattr(obj, name, replacement)
     return True
 
 
-def run_before(obj: Any, name: str, extra: Callable[..., Any]) -> None:
-    """Make ``obj.name(...)`` call ``extra(...)`` before the original; once per instance."""
+def run_before(obj: Any, name: str, extra: Callable[..., Any], purpose: str | None = None) -> None:
+    """Make ``obj.name(...)`` call ``extra(...)`` before the original; once per instance and purpose."""
     original = getattr(obj, name)
 
     def before(*args: Any, **kwargs: Any) -> Any:
         extra(*args, **kwargs)
         return original(*args, **kwargs)
 
-    replace(obj, name, before)
+    replace(obj, name, before, purpose)
 
 
-def run_after(obj: Any, name: str, extra: Callable[..., Any]) -> None:
-    """Make ``obj.name(...)`` call ``extra(...)`` after the original; once per instance."""
+def run_after(obj: Any, name: str, extra: Callable[..., Any], purpose: str | None = None) -> None:
+    """Make ``obj.name(...)`` call ``extra(...)`` after the original; once per instance and purpose."""
     original = getattr(obj, name)
 
     def after(*args: Any, **kwargs: Any) -> Any:
@@ -62,18 +71,18 @@ def run_after(obj: Any, name: str, extra: Callable[..., Any]) -> None:
         extra(*args, **kwargs)
         return result
 
-    replace(obj, name, after)
+    replace(obj, name, after, purpose)
 
 
-def run_inside(obj: Any, name: str, context: Callable[[], contextlib.AbstractContextManager[Any]]) -> None:
-    """Make ``obj.name(...)`` run the original inside ``with context():``; once per instance."""
+def run_inside(obj: Any, name: str, context: Callable[[], contextlib.AbstractContextManager[Any]], purpose: str | None = None) -> None:
+    """Make ``obj.name(...)`` run the original inside ``with context():``; once per instance and purpose."""
     original = getattr(obj, name)
 
     def inside(*args: Any, **kwargs: Any) -> Any:
         with context():
             return original(*args, **kwargs)
 
-    replace(obj, name, inside)
+    replace(obj, name, inside, purpose)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,8 @@ kind        strategies                               what differs
 'fsdp'      ``FSDPStrategy`` (FSDP1)                 4-bit storage must be the flattened dtype; no int8;
                                                      norm clipping through the FSDP root; the adapter is
                                                      gathered from its units; sharded adapter-only resume
-'fsdp2'     ``ModelParallelStrategy`` (FSDP2)        no int8; DTensors gathered; sharded adapter-only resume
+'fsdp2'     ``ModelParallelStrategy`` (FSDP2)        no int8; DTensors gathered; sharded adapter-only resume;
+                                                     groups that would rewrite 4-bit bytes refused
 'ddp'       ``DDPStrategy``                          atomic single-file checkpoints
 'single'    ``SingleDeviceStrategy``                 atomic single-file checkpoints
 'other'     DeepSpeed, XLA and anything else         nothing: they checkpoint their own way
@@ -37,7 +38,8 @@ from lightning.pytorch.strategies import (
 )
 from torch import nn
 
-from lightning_lora.config import QuantizationConfig
+from lightning_lora import quantization, sharding
+from lightning_lora.config import QuantizationConfig, _dtype_name
 from lightning_lora.lightning import patches
 from lightning_lora.sharding import full_adapter_state_dict
 
@@ -87,6 +89,70 @@ def check_quantization(quantization: QuantizationConfig, pl_module: nn.Module) -
         )
 
 
+def _packed_4bit_storage(model: nn.Module) -> dict[torch.dtype, str]:
+    """Floating-point storage dtypes of the packed 4-bit weights -> the first layer stored so (quoted).
+
+    uint8 storage is left out: ``Module.to(dtype)`` casts floating-point tensors only.
+    """
+    found: dict[torch.dtype, str] = {}
+    for name, module in model.named_modules():
+        if quantization.is_4bit(module) and module.weight.dtype.is_floating_point:
+            found.setdefault(module.weight.dtype, repr(name))
+    return found
+
+
+def check_precision_keeps_4bit_bytes(trainer: Any, model: nn.Module, planned: QuantizationConfig | None = None) -> None:
+    """Refuse a precision / strategy set-up that would cast the packed 4-bit weights by value.
+
+    Packed NF4/FP4 bytes stored in a floating dtype are not numbers: a precision plugin that converts
+    the module (``'16-true'``, ``'bf16-true'``, ``'64-true'``, FSDPStrategy's ``'32-true'``) or FSDP1's
+    mixed precision ``param_dtype`` (cast before every all-gather) turns them into other bytes, and the
+    layers then compute with garbage, without an error. Called before injection: ``model``'s 4-bit layers
+    and those ``planned`` will create.
+    """
+    stored = _packed_4bit_storage(model)
+    if planned is not None and planned.mode in ("nf4", "fp4") and planned.storage_dtype().is_floating_point:
+        stored.setdefault(planned.storage_dtype(), f"the layers `quantize`={planned.mode!r} creates")
+    strategy = getattr(trainer, "strategy", None)
+    if not stored or strategy is None:
+        return
+    plugin = getattr(strategy, "precision_plugin", None)
+    if plugin is not None:
+        probe = nn.Module()  # one tensor per storage dtype: what does this plugin turn it into?
+        for index, dtype in enumerate(stored):
+            probe.register_parameter(f"p{index}", nn.Parameter(torch.zeros(1, dtype=dtype), requires_grad=False))
+        try:
+            converted = plugin.convert_module(probe)
+        except Exception:  # a plugin that cannot convert a bare module: nothing learned, nothing refused
+            converted = probe
+        for index, dtype in enumerate(stored):
+            new = getattr(converted, f"p{index}").dtype
+            if new != dtype:
+                if strategy_kind(strategy) != "fsdp":
+                    other = "`quant_storage`='uint8', which no precision casts"
+                elif new in (torch.float32, torch.bfloat16, torch.float16):
+                    other = f"`quant_storage`={_dtype_name(new)!r}"
+                else:
+                    other = "a precision FSDPStrategy can shard 4-bit weights with ('bf16-true')"
+                raise ValueError(
+                    f"`precision`={getattr(trainer, 'precision', None)!r} casts every floating-point weight to {_dtype_name(new)}, "
+                    f"which would turn the packed 4-bit weights of {stored[dtype]} (stored as {_dtype_name(dtype)}) into "
+                    "other bytes: the model would compute with garbage. Use precision='bf16-mixed' (4-bit layers compute in their "
+                    f"`compute_dtype` anyway), or {other}."
+                )
+    if strategy_kind(strategy) == "fsdp":
+        mixed = getattr(strategy, "mixed_precision_config", None)
+        param_dtype = getattr(mixed, "param_dtype", None)
+        for dtype, layer in stored.items():
+            if param_dtype is not None and param_dtype != dtype:
+                raise ValueError(
+                    f"FSDPStrategy's mixed precision casts every parameter to {_dtype_name(param_dtype)} before its "
+                    f"all-gather (`precision`={getattr(trainer, 'precision', None)!r}), which would turn the packed 4-bit weights of "
+                    f"{layer} (stored as {_dtype_name(dtype)}) into other bytes. Use precision='bf16-mixed' or "
+                    "'bf16-true' with `quant_storage`='bfloat16' (or a `mixed_precision` whose param_dtype is the storage dtype)."
+                )
+
+
 def install(
     trainer: Any,
     pl_module: nn.Module,
@@ -99,7 +165,8 @@ def install(
     ``adapter_keys`` (adapter-only checkpoints): ``strategy.load_checkpoint`` resumes sharded checkpoints
     that hold only the adapter. With ``check_file`` (strategies that read checkpoints without the
     checked reader, e.g. FSDP's unrestricted unpickler): ``strategy.load_checkpoint`` calls it on the
-    path first.
+    path first. FSDP2: ``configure_optimizers`` first refuses parameter groups whose
+    all-gathers would change packed 4-bit bytes (``sharding.check_fsdp2_keeps_4bit_bytes``).
     """
     kind = strategy_kind(trainer)
     if kind == "fsdp":
@@ -111,6 +178,11 @@ def install(
     sharded_adapter = adapter_keys is not None and kind in ("fsdp", "fsdp2")
     if sharded_adapter or check_file is not None:
         _wrap_load_checkpoint(trainer.strategy, adapter_keys if sharded_adapter else None, check_file)
+    if kind == "fsdp2":
+        # After configure_model sharded the model and the precision plugin converted it, before any step.
+        patches.run_before(
+            pl_module, "configure_optimizers", lambda *_: sharding.check_fsdp2_keeps_4bit_bytes(pl_module), purpose="fsdp2_4bit_bytes"
+        )
 
 
 # -- clipping --------------------------------------------------------------------------------------

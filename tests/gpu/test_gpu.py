@@ -8,15 +8,19 @@
 - The fused LoRA training node and regional compilation (``compile_blocks``) give the gradients of
   the unfused eager path on a CUDA nf4 Llama (each tensor within bf16 noise; a compiled custom
   autograd node once lost whole layers' gradients here while the loss looked right).
-- Two GPUs (skipped with fewer): ``benchmarks/multi_gpu.py`` on a tiny Llama under DDP, FSDP1 and
-  FSDP2: first-step loss equal to one GPU's, the adapter identical on both ranks, the NF4 bytes each
-  layer computes with equal to those before sharding, resume from the adapter-only checkpoint, and a
-  PEFT-loadable export from FSDP.
+- Two ranks (``multigpu``; on a machine with one GPU both ranks share it through gloo, each launched as
+  its own node): ``benchmarks/multi_gpu.py`` on a tiny Llama under DDP, FSDP1 (full and sharded state
+  dicts) and FSDP2: first-step loss and gradient norm equal to one rank's within bf16 rounding, norm
+  clipping by the global norm on every step, the adapter identical on both ranks, the NF4 bytes each
+  layer computes with equal to those before sharding, bit-exact resume from the adapter-only checkpoint,
+  a PEFT-loadable export, the all-bf16 FSDP2 group refused; FSDP1 checkpoints resumed on another number
+  of ranks with the adapter, optimizer state and step as saved; a two-node launch on one host.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: _models,
 ROOT = Path(__file__).resolve().parents[2]
 CUDA = torch.cuda.is_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the GPU machine: pytest -m gpu tests/gpu)")]
-two_gpus = pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs two or more CUDA GPUs")
 
 
 def _nf4(**kwargs):
@@ -157,36 +160,67 @@ def test_single_gpu_qlora_trains_adapter_only_and_checkpoints_it(tmp_path):
 
 
 def _run_multi_gpu(tmp_path: Path, *scenarios: str) -> dict:
+    """Results of ``scenarios`` from ``benchmarks/multi_gpu.py``: with fewer GPUs than ranks, the ranks share GPU 0 (gloo).
+
+    ``LL_MULTI_GPU_RESULTS=<multi_gpu.json>`` reuses a driver run that holds every scenario (the GPU command runs
+    the benchmark first, so its runs are not repeated here); otherwise the driver runs them on a tiny Llama.
+    """
+    reuse = os.environ.get("LL_MULTI_GPU_RESULTS")
+    if reuse and Path(reuse).exists():
+        results = json.loads(Path(reuse).read_text())["results"]
+        if all(name in results and "skipped" not in results[name] for name in scenarios):
+            return {name: results[name] for name in scenarios}
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "multi_gpu.py"), "--all", "--model", "tiny", "--seq", "64", "--work", str(tmp_path / "work"),
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "multi_gpu.py"), "--model", "tiny", "--seq", "64", "--work", str(tmp_path / "work"),
            "--out", str(out), "--timeout", "240", "--only", *scenarios]
     subprocess.run(cmd, check=True, timeout=1500, cwd=ROOT)
-    return json.loads((out / "multi_gpu.json").read_text())
+    return json.loads((out / "multi_gpu.json").read_text())["results"]
 
 
-@two_gpus
+def _assert_trained_like_one_rank(name: str, result: dict) -> None:
+    checks, lora_layers = result["checks"], 7 * result["layers"]  # q, k, v, o, gate, up, down per decoder layer
+    assert result["error"] is None, (name, result.get("log_tail"))
+    assert result["nf4_layers_checked_per_rank"] == [lora_layers] * result["world_size"] and set(result["nf4_bytes_changed_per_rank"]) == {0}, name
+    assert result["adapter_same_on_all_ranks"] in ((None,) if result["world_size"] == 1 else (True,)), name
+    assert checks["clipped_steps"] == result["steps_run"] and checks["clip_max_rel_error"] < 1e-3, (name, checks)  # global norm, every step
+    if "loss_first_abs_diff" in checks:
+        assert checks["loss_first_abs_diff"] < 2e-2 and checks["grad_norm_first_rel_diff"] < 2e-2, (name, checks)  # bf16 rounding
+        assert checks["same_global_batches"] is True, name
+
+
 @pytest.mark.multigpu
 def test_ddp_fsdp1_fsdp2_parity_bytes_resume_and_export(tmp_path):
-    results = _run_multi_gpu(tmp_path, "single", "ddp", "ddp_resume", "fsdp", "fsdp_resume", "fsdp2", "fsdp2_resume", "fsdp_sharded", "fsdp_sharded_resume")
+    results = _run_multi_gpu(tmp_path, "single", "ddp@2", "ddp_resume@2", "fsdp@2", "fsdp_resume@2", "fsdp_sharded@2", "fsdp_sharded_resume@2",
+                             "fsdp2@2", "fsdp2_resume@2", "fsdp2_allbf16@2")
     for name, result in results.items():
-        if name in ("summary", "versions"):
+        if name == "fsdp2_allbf16@2":  # every tensor bf16 on a GPU: FSDP2's all-gather copy would rewrite NaN bytes
+            assert result["checks"]["refused_as_expected"] is True and result["steps_run"] == 0, result.get("error")
             continue
-        assert result["returncode"] == 0 and result["error"] is None, (name, result.get("log_tail"))
-        assert set(result["nf4_bytes_changed_per_rank"]) == {0}, name
-        if result["world_size"] > 1:
-            assert result["adapter_same_on_all_ranks"] is True, name
-    parity = results["summary"]["loss_parity_vs_single"]
-    for name in ("ddp", "fsdp", "fsdp2"):
-        assert parity[name]["first_step_abs_diff"] < 2e-2, (name, parity[name])  # bf16 rounding of one step's loss
-    for name in ("ddp_resume", "fsdp_resume", "fsdp2_resume", "fsdp_sharded_resume"):
-        assert results[name]["resume_vs_uninterrupted_max_abs_diff"] < 1e-2, (name, results[name])
-    assert results["fsdp"]["peft_export"]["loaded"] is True and results["fsdp"]["peft_export"]["max_abs_diff"] == 0.0
-    assert results["fsdp"]["checkpoint_non_adapter_keys"] == []
+        _assert_trained_like_one_rank(name, result)
+    for name in ("ddp_resume@2", "fsdp_resume@2", "fsdp_sharded_resume@2", "fsdp2_resume@2"):
+        assert results[name]["checks"]["resume_bit_exact"] is True and results[name]["checks"]["resume_losses_equal"] is True, (name, results[name]["checks"])
+        assert results[name]["checks"]["resume_state"]["adapter_exact"] and results[name]["checks"]["resume_state"]["optimizer_exact"], name
+    for name in ("fsdp@2", "fsdp_sharded@2", "fsdp2@2"):
+        export = results[name]["peft_export"]
+        assert export["loaded"] is True and export["max_abs_diff"] == 0.0 and export["file_keys_match"] is True, (name, export)
+        assert results[name]["checkpoints"]["non_adapter_keys"] == [] and results[name]["checkpoints"]["state_dict_keys"] == 14 * results[name]["layers"], name
 
 
-@two_gpus
+@pytest.mark.multigpu
+def test_fsdp1_checkpoints_resume_on_another_number_of_ranks(tmp_path):
+    results = _run_multi_gpu(tmp_path, "fsdp@1", "fsdp@2", "fsdp_sharded@1", "fsdp_sharded@2", "fsdp_resume@2->1", "fsdp_sharded_resume@1->2")
+    for name in ("fsdp_resume@2->1", "fsdp_sharded_resume@1->2"):
+        result, checks = results[name], results[name]["checks"]
+        assert result["error"] is None, (name, result.get("log_tail"))
+        assert checks["resume_state"] == {**checks["resume_state"], "adapter_exact": True, "optimizer_exact": True, "step_exact": True}, name
+        assert checks["resume_state"]["optimizer_tensors"] == 14 * result["layers"] and result["start_step"] == 10 and result["final_step"] == 20, name
+        assert checks["resume_same_global_batches"] is True, name
+        assert checks["continuation_loss_max_abs_diff"] < 2e-2, (name, checks)  # like an uninterrupted run on the new ranks
+
+
 @pytest.mark.multigpu
 def test_two_node_launch_on_one_host(tmp_path):
-    result = _run_multi_gpu(tmp_path, "ddp_2node")["ddp_2node"]
-    assert result["returncode"] == 0 and result["num_nodes"] == 2 and result["world_size"] == 2
-    assert result["adapter_same_on_all_ranks"] is True
+    result = _run_multi_gpu(tmp_path, "single", "ddp_2node")["ddp_2node"]
+    assert result["error"] is None and result["num_nodes"] == 2 and result["world_size"] == 2 and result["devices_per_node"] == 1
+    assert result["adapter_same_on_all_ranks"] is True and result["steps_run"] == 10
+    assert result["checks"]["loss_first_abs_diff"] < 2e-2
