@@ -396,7 +396,7 @@ def estimate(config, spec: dict, seq: int) -> float | str | None:
         return None
     from multi_gpu import LORA
 
-    strategy = {"single": "single", "ddp": "ddp", "fsdp": "fsdp", "fsdp2": "fsdp"}[spec["strategy"]]
+    strategy = {"single": "single", "ddp": "ddp", "fsdp": "fsdp", "fsdp2": "fsdp2"}[spec["strategy"]]
     try:
         est = estimate_memory(
             config, quantization="nf4", double_quant=True, r=LORA["r"], target_modules="all-linear", batch_size=spec["global_batch"] // spec["world"],
