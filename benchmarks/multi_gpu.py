@@ -76,9 +76,11 @@ TEMPLATES: dict[str, dict] = {
     "single_70b": dict(own_launch=True, epoch_steps=5, strategy="single", world=1, steps=5, ckpt_every=5, checkpointing=True, model="70b", seq=2048, batch_per_rank=1,
                        check_bytes=False, capture_state=False),
     "fsdp_70b": dict(own_launch=True, epoch_steps=3, strategy="fsdp", steps=3, ckpt_every=2, checkpointing=True, model="70b", seq=2048, batch_per_rank=1,
-                     state_dict_type="sharded", check_bytes=False, capture_state=False, export=True),
+                     state_dict_type="sharded", check_bytes=False, capture_state=False, export=True, sharded_build=True),
     "fsdp2_70b": dict(own_launch=True, epoch_steps=3, strategy="fsdp2", steps=3, ckpt_every=2, checkpointing=True, model="70b", seq=2048, batch_per_rank=1,
-                      check_bytes=False, capture_state=False, export=True),
+                      check_bytes=False, capture_state=False, export=True, sharded_build=True),
+    # The same machinery at a tiny size (CPU dry runs of the 70B command).
+    "fsdp2_sharded": dict(strategy="fsdp2", steps=6, ckpt_every=3, export=True, sharded_build=True, check_bytes=False),
 }
 WRITERS = ("ddp", "fsdp", "fsdp_sharded", "fsdp2")
 _NAME = re.compile(r"(?P<template>[a-z0-9_]+?)(?P<resume>_resume)?(?:@(?P<world>\d+)(?:->(?P<to>\d+))?)?")

@@ -106,7 +106,7 @@ def run_scenario(spec: dict, work: Path, ctx: dict) -> None:
     from torch.utils.data import DistributedSampler, TensorDataset
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from lightning_lora import LoRACallback, QuantizationConfig, sharding
+    from lightning_lora import LoRACallback, LoRAConfig, QuantizationConfig, sharding
     from lightning_lora.lightning import strategies
     from lightning_lora.data._resumable import ResumableDataLoader
     from lightning_lora.quantization import is_4bit
@@ -127,20 +127,26 @@ def run_scenario(spec: dict, work: Path, ctx: dict) -> None:
     capture = spec.get("capture_state", True)
     rank = int(os.environ.get("RANK", 0))
     start_step = spec.get("start_step", 0)
+    sharded_build = bool(spec.get("sharded_build")) and kind in ("fsdp", "fsdp2")
 
     class LM(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
             t0 = time.perf_counter()
             L.seed_everything(0, verbose=False)
-            # Built here (block by block on this rank's device, parked on the CPU): the same weights on every rank.
-            self.model = build_backbone(config, quant, device).train()
-            if spec.get("checkpointing") and kind != "fsdp":  # FSDPStrategy checkpoints through its policy
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model = None
+            if not sharded_build:
+                # Built here (block by block on this rank's device, parked on the CPU): the same weights on every rank.
+                self.model = build_backbone(config, quant, device).train()
+                self._checkpointing()
             self.build_seconds = time.perf_counter() - t0
             self.before: dict[str, torch.Tensor] = {}
             self.seen: dict[str, torch.Tensor] = {}
             self._sharded = False
+
+        def _checkpointing(self) -> None:
+            if spec.get("checkpointing") and kind != "fsdp":  # FSDPStrategy checkpoints through its policy
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
         def _record(self, name, layer) -> None:
             if name not in self.seen:  # the packed bytes this layer computes with, after any all-gather
@@ -148,6 +154,16 @@ def run_scenario(spec: dict, work: Path, ctx: dict) -> None:
 
         def configure_model(self) -> None:
             if self._sharded:
+                return
+            if sharded_build:
+                # Each rank materializes, quantizes and keeps only its FSDP shard (lightning_lora.sharded_loading).
+                from lightning_lora.sharded_loading import build_lora_model
+
+                t0 = time.perf_counter()
+                self.model = build_lora_model(config, LoRAConfig(**LORA), quant, strategy=self.trainer.strategy, seed=0).train()
+                self._checkpointing()
+                self.build_seconds = time.perf_counter() - t0
+                self._sharded = True
                 return
             if check_bytes:  # LoRA is injected by now; the bytes before sharding, then hook the LoRA layers (their forward reads the base weight)
                 self.before = sharding.packed_4bit_bytes(self.model)
@@ -248,8 +264,13 @@ def run_scenario(spec: dict, work: Path, ctx: dict) -> None:
         strategy = "auto"
     meter = Meter()
     export_dir = work / f"export_{spec['slug']}"
-    callbacks: list[Any] = [LoRACallback(**LORA, quantize="nf4", quant_storage="bfloat16", compute_dtype="bfloat16", backbone="model",
-                                         export_dir=str(export_dir) if spec.get("export") else None), meter]
+    export = str(export_dir) if spec.get("export") else None
+    lora_callback = (
+        LoRACallback(from_backbone=True, backbone="model", export_dir=export)
+        if sharded_build
+        else LoRACallback(**LORA, quantize="nf4", quant_storage="bfloat16", compute_dtype="bfloat16", backbone="model", export_dir=export)
+    )
+    callbacks: list[Any] = [lora_callback, meter]
     ckpt_dir = work / f"ckpt_{spec['writer_slug'] if spec.get('resume_from') else spec['slug']}"
     if spec.get("ckpt_every") and not spec.get("resume_from"):
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=spec["ckpt_every"], save_top_k=-1, filename="{step}"))
@@ -293,7 +314,10 @@ def run_scenario(spec: dict, work: Path, ctx: dict) -> None:
     changed = {k: int((module.seen[k] != v).sum()) if module.seen[k].shape == v.shape else int(v.numel())
                for k, v in module.before.items() if k in module.seen}
     peaks = [torch.cuda.max_memory_allocated() / GiB, torch.cuda.max_memory_reserved() / GiB, meter.setup_peak / GiB] if not cpu else [0.0] * 3
-    mine = [peaks, [sum(changed.values()), len(changed)]]
+    import resource
+
+    max_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB  # Linux reports KiB
+    mine = [peaks, [sum(changed.values()), len(changed)], max_rss_gib]
     gathered: list[Any] = [None] * world
     if world > 1 and torch.distributed.is_initialized():
         torch.distributed.all_gather_object(gathered, mine)
@@ -315,7 +339,7 @@ def run_scenario(spec: dict, work: Path, ctx: dict) -> None:
         adapter_same_on_all_ranks=same_on_ranks, nf4_bytes_changed_per_rank=[g[1][0] for g in gathered],
         nf4_layers_checked_per_rank=[g[1][1] for g in gathered], error=error, activation_checkpointing=bool(spec.get("checkpointing")),
         resume_from=spec.get("resume_from"), resume_state_check=meter.resume_check, expect_error=spec.get("expect_error"),
-        unchecked=bool(unchecked),
+        unchecked=bool(unchecked), sharded_build=sharded_build, max_host_rss_gib=[g[2] for g in gathered],
     )
     if spec.get("ckpt_every") and not spec.get("resume_from") and ckpt_dir.exists():
         result["checkpoints"] = _describe_checkpoints(ckpt_dir)
