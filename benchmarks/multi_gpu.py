@@ -79,8 +79,9 @@ TEMPLATES: dict[str, dict] = {
                      state_dict_type="sharded", check_bytes=False, capture_state=False, export=True, sharded_build=True),
     "fsdp2_70b": dict(own_launch=True, epoch_steps=3, strategy="fsdp2", steps=3, ckpt_every=2, checkpointing=True, model="70b", seq=2048, batch_per_rank=1,
                       check_bytes=False, capture_state=False, export=True, sharded_build=True),
-    # The same machinery at a tiny size (CPU dry runs of the 70B command).
-    "fsdp2_sharded": dict(strategy="fsdp2", steps=6, ckpt_every=3, export=True, sharded_build=True, check_bytes=False),
+    # Each rank builds only its shard (sharded_loading.build_lora_model), as the 70B runs do, at the small size.
+    "fsdp2_rankbuild": dict(strategy="fsdp2", steps=6, ckpt_every=3, export=True, sharded_build=True, check_bytes=False),
+    "fsdp_rankbuild": dict(strategy="fsdp", steps=6, ckpt_every=3, checkpointing=True, export=True, sharded_build=True, check_bytes=False),
 }
 WRITERS = ("ddp", "fsdp", "fsdp_sharded", "fsdp2")
 _NAME = re.compile(r"(?P<template>[a-z0-9_]+?)(?P<resume>_resume)?(?:@(?P<world>\d+)(?:->(?P<to>\d+))?)?")
@@ -102,7 +103,7 @@ def suite(name: str, ranks: list[int]) -> list[str]:
         for world in ranks:
             names += [f"{t}@{world}" for t in WRITERS] + [f"{t}_resume@{world}" for t in WRITERS]
             names += [f"fsdp2_allbf16@{world}", f"fsdp2_allbf16_unchecked@{world}"]
-        names.append("ddp_2node")
+        names += ["ddp_2node", "fsdp2_rankbuild@2", "fsdp2_rankbuild_resume@2", "fsdp_rankbuild@2", "fsdp_rankbuild_resume@2"]
         for src, dst in ((2, 1), (1, 2), (4, 2)):
             if src in ranks + [1] and dst in ranks + [1]:
                 names += [f"{t}_resume@{src}->{dst}" for t in WRITERS]
