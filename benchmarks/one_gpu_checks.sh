@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The GPU runs of issues 12 and 17 on ONE H200, in parts that each fit a 10-minute device call.
+# Every multi-rank part runs N processes sharing cuda:0 through gloo (each rank its own "node").
+# Usage (on the GPU machine, from the repository root, OUT = a folder for results):
+#   benchmarks/one_gpu_checks.sh shared   OUT   # every multi-rank scenario at 2 ranks (+ 4-rank writers, 4->2 resumes), GPU tests
+#   benchmarks/one_gpu_checks.sh 70b      OUT   # the 70B shape, 2 ranks, FSDP2, each rank builds its shard; resume, PEFT export
+#   benchmarks/one_gpu_checks.sh scale    OUT   # rank 0 of 2..64 (70B) and 8..64 (405B) under the fake process group
+#   benchmarks/one_gpu_checks.sh loading  OUT   # sharded loading: per-rank memory and packed bytes, GPU tests
+#   benchmarks/one_gpu_checks.sh packing  OUT   # packing GPU tests and the 7B packing benchmark
+set -uo pipefail
+part=${1:?part}; out=${2:?output folder}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt" 2>&1
+python3 -c "import torch, lightning, transformers, bitsandbytes; print('torch', torch.__version__, 'lightning', lightning.__version__, 'transformers', transformers.__version__, 'bitsandbytes', bitsandbytes.__version__)" >> "$out/gpu.txt" 2>&1
+cat "$out/gpu.txt"
+case "$part" in
+  shared)
+    python3 benchmarks/multi_gpu.py --shared-gpu --suite shared --ranks 2 \
+      --also ddp@4 fsdp@4 fsdp_sharded@4 fsdp2@4 fsdp2_allbf16@4 'ddp_resume@4->2' 'fsdp_resume@4->2' 'fsdp_sharded_resume@4->2' 'fsdp2_resume@4->2' \
+      --work /tmp/mg --out "$out" --timeout 150 --deadline 360 > "$out/multi_gpu.log" 2>&1
+    LL_MULTI_GPU_RESULTS="$out/multi_gpu.json" timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_gpu.py > "$out/pytest.log" 2>&1
+    tail -5 "$out/pytest.log"
+    python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(r['table']); print(json.dumps(r['summary']))" "$out/multi_gpu.json"
+    ;;
+  70b)
+    python3 benchmarks/multi_gpu.py --shared-gpu --suite 70b --work /tmp/mg70 --out "$out" --timeout 330 > "$out/multi_gpu.log" 2>&1
+    tail -25 "$out/multi_gpu.log"
+    ;;
+  scale)
+    python3 benchmarks/simulated_scale.py --out "$out" --jobs 2 --max-seconds 420 --timeout 300 > "$out/simulated_scale.log" 2>&1
+    tail -40 "$out/simulated_scale.log"
+    ;;
+  loading)
+    python3 benchmarks/sharded_loading.py --device cuda --shape 70b --runs fsdp2:2 fsdp1:2 --fake-worlds 4 8 --no-hashes \
+      --out "$out" --work /tmp/sl --timeout 300 > "$out/sharded_loading.log" 2>&1
+    tail -20 "$out/sharded_loading.log"
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_sharded_loading.py > "$out/pytest.log" 2>&1
+    tail -5 "$out/pytest.log"
+    ;;
+  packing)
+    timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_packing.py > "$out/pytest.log" 2>&1
+    tail -5 "$out/pytest.log"
+    python3 benchmarks/packing.py --gpu --out "$out" > "$out/packing.log" 2>&1
+    tail -20 "$out/packing.log"
+    ;;
+  *) echo "unknown part $part"; exit 2 ;;
+esac
