@@ -243,6 +243,10 @@ def run_scenario(spec: dict, work: Path, ctx: dict) -> None:
     loader = ResumableDataLoader(data, batch_size=per_rank, sampler=sampler)
 
     backend = ctx["backend"]
+    if kind == "fsdp2" and not cpu and backend == "gloo":
+        # torch's DeviceMesh replaces a plain "gloo" default group on a CUDA machine by a new group, and that copy fails
+        # ("cannot pickle ... _Options", seen on one H200, torch 2.11); naming the backend per device keeps the default.
+        backend = "cpu:gloo,cuda:gloo"
     timeout = timedelta(seconds=ctx["timeout"])
     if kind == "fsdp":
         from lightning.pytorch.strategies import FSDPStrategy

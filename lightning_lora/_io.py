@@ -126,6 +126,7 @@ def atomic_directory(path: str | os.PathLike, *, owned: Iterable[str] = (), para
         os.mkdir(tmp)  # not mkdtemp: that makes 0700 directories; this one gets the umask's mode
         try:
             yield tmp
+            _umask_modes(tmp)  # before the carry-over: the user's files keep their own modes
             _carry_over(path, tmp, list(owned))
             if path.is_dir():
                 shutil.copymode(path, tmp)
@@ -135,6 +136,15 @@ def atomic_directory(path: str | os.PathLike, *, owned: Iterable[str] = (), para
             shutil.rmtree(tmp, ignore_errors=True)  # after the swap this is the old version
     finally:
         _release_lock(lock, lock_path)
+
+
+def _umask_modes(directory: Path) -> None:
+    """Give every file written into ``directory`` the mode ``open()`` would: writers such as safetensors'
+    ``save_file`` create 0600 files, which others on a shared cluster could not read."""
+    mode = 0o666 & ~_umask()
+    for root, _, files in os.walk(directory):
+        for name in files:
+            os.chmod(os.path.join(root, name), mode)
 
 
 def read_files(directory: str | os.PathLike, names: Iterable[str], attempts: int = 5) -> dict[str, bytes]:

@@ -46,7 +46,10 @@ def test_written_files_get_the_mode_the_umask_gives(umask, tmp_path: Path, mask:
     AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(2)}}, tmp_path / "last.ckpt")
     save_merged(model, tmp_path / "merged")
     modes = {str(p.relative_to(tmp_path)): _mode(p) for p in tmp_path.rglob("*") if p.is_file()}
-    names = ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "last.ckpt", "merged/config.json", "merged/model.safetensors"]
+    names = [
+        "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "last.ckpt", "merged/config.json",
+        "merged/generation_config.json", "merged/model.safetensors",
+    ]
     assert modes == {name: expected for name in names}  # also: no temporary file left behind
 
 

@@ -10,8 +10,20 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 
 def first_nonfinite(tensors: Mapping[str, Any]) -> str | None:
-    """The first key whose tensor holds a NaN or Inf (non-tensor values are skipped), or None."""
-    return next((key for key, value in tensors.items() if isinstance(value, torch.Tensor) and not torch.isfinite(value).all()), None)
+    """The first key whose tensor holds a NaN or Inf (non-tensor values are skipped), or None.
+
+    Sharded values are checked where they live: a DTensor (FSDP2) by its local shard, a ShardedTensor
+    (FSDP1's sharded state dict) by this rank's shards, so each rank checks what it writes.
+    """
+    return next((key for key, value in tensors.items() if any(not bool(torch.isfinite(part).all()) for part in _local_parts(value))), None)
+
+
+def _local_parts(value: Any) -> list[torch.Tensor]:
+    if hasattr(value, "local_shards") and callable(value.local_shards):  # torch.distributed._shard ShardedTensor
+        return [shard.tensor for shard in value.local_shards()]
+    if hasattr(value, "to_local") and callable(value.to_local):  # DTensor
+        return [value.to_local()]
+    return [value] if isinstance(value, torch.Tensor) else []
 
 
 class NonFiniteGuard:

@@ -83,7 +83,8 @@ def main() -> None:
         # build_lora_model sets the wrap policy (decoder layers and LoRA linears as units) and the param_init_fn
         strategy = FSDPStrategy(process_group_backend="gloo", activation_checkpointing_policy={LlamaDecoderLayer} if checkpointing else None)
     else:
-        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo")
+        # "gloo" alone makes DeviceMesh build a new CUDA group, which fails on torch 2.11; per-device gloo keeps the default.
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="cpu:gloo,cuda:gloo")
     L.seed_everything(0)
     module = BuiltLM(config, checkpointing)
     trainer = L.Trainer(accelerator="gpu" if CUDA else "cpu", devices=1, num_nodes=2, strategy=strategy, precision="bf16-mixed", max_steps=steps,
