@@ -243,10 +243,6 @@ def run_scenario(spec: dict, work: Path, ctx: dict) -> None:
     loader = ResumableDataLoader(data, batch_size=per_rank, sampler=sampler)
 
     backend = ctx["backend"]
-    if kind == "fsdp2" and not cpu and backend == "gloo":
-        # torch's DeviceMesh replaces a plain "gloo" default group on a CUDA machine by a new group, and that copy fails
-        # ("cannot pickle ... _Options", seen on one H200, torch 2.11); naming the backend per device keeps the default.
-        backend = "cpu:gloo,cuda:gloo"
     timeout = timedelta(seconds=ctx["timeout"])
     if kind == "fsdp":
         from lightning.pytorch.strategies import FSDPStrategy
@@ -259,7 +255,10 @@ def run_scenario(spec: dict, work: Path, ctx: dict) -> None:
     elif kind == "fsdp2":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1, process_group_backend=backend, timeout=timeout)
+        from lightning_lora.lightning.strategies import share_one_gpu
+
+        # several gloo ranks on one GPU: torch's DeviceMesh cannot split a GPU-bound gloo group (see share_one_gpu)
+        strategy = share_one_gpu(ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1, process_group_backend=backend, timeout=timeout))
     elif kind == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 

@@ -231,8 +231,8 @@ def drop_unmatched_names(model: nn.Module, config: LoRAConfig) -> LoRAConfig:
     """``config`` without the ``target_modules`` names that match no module of ``model``: PEFT's rule, for configs
     read from adapter files (PEFT saves the list as the user wrote it, e.g. names of other architectures, and
     loads it anyway). Configs a user writes go through the strict check of ``find_targets`` instead."""
-    if isinstance(config.target_modules, str):
-        return config
+    if config.target_modules is None or isinstance(config.target_modules, str):
+        return config  # experts only (target_parameters) or a pattern: nothing to drop
     paths = [name for name, _ in model.named_modules() if name]
     kept = [t for t in config.target_modules if any(matches_suffix(path, t) for path in paths)]
     if not kept or len(kept) == len(config.target_modules):

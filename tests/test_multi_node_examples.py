@@ -60,8 +60,8 @@ def test_one_gpu_rehearsal_runs_two_ranks_as_two_nodes(tmp_path):
                             env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MEMBER: 1/2" in result.stderr + result.stdout and "MEMBER: 2/2" in result.stderr + result.stdout
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]
+    config = yaml.safe_load(next(run_dir.glob("**/config.yaml")).read_text())["trainer"]
     assert (str(config["devices"]), config["num_nodes"], config["max_steps"]) == ("1", 2, 2)  # devices may be int or str
     assert config["strategy"]["init_args"]["process_group_backend"] == "gloo"
-    checkpoint = torch.load(next((run_dir / "checkpoints").glob("*.ckpt")), weights_only=True)
+    checkpoint = torch.load(next(run_dir.glob("**/checkpoints/*.ckpt")), weights_only=True)
     assert checkpoint["global_step"] == 2 and checkpoint["state_dict"] and all(".lora_" in key for key in checkpoint["state_dict"])

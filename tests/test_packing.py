@@ -288,10 +288,10 @@ def test_the_cli_trains_the_tiny_config_with_packing_on(tmp_path: Path) -> None:
         config["trainer"]["max_epochs"] = 2  # 24 rows pack into 2 batches an epoch: 3 steps cross an epoch
 
     cli.main(["fit", "--config", str(tiny_config(tmp_path, edit))])
-    (checkpoint,) = (tmp_path / "run" / "checkpoints").glob("*.ckpt")
+    (checkpoint,) = (tmp_path / "run").glob("**/checkpoints/*.ckpt")
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert state["global_step"] == 3 and len(state["state_dict"]) == 28
-    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]["init_args"]["packing"] is True
+    assert yaml.safe_load(next((tmp_path / "run").glob("**/config.yaml")).read_text())["data"]["init_args"]["packing"] is True
 
 
 # --- models and backends that cannot pack ----------------------------------------------------------------

@@ -266,7 +266,7 @@ def test_yaml_config_reaches_experts_tokens_lora_plus_and_serving_checks(tmp_pat
         f"base_model.model.model.layers.0.mlp.experts.{inner}lora_{ab}.weight" for inner in ("", "base_layer.") for ab in "AB"
     }
     assert "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta" in keys and len(keys) == 2 * (4 + 4) + 1
-    (checkpoint,) = (tmp_path / "run" / "checkpoints").glob("*.ckpt")
+    (checkpoint,) = (tmp_path / "run").glob("**/checkpoints/*.ckpt")
     groups = torch.load(checkpoint, weights_only=True)["optimizer_states"][0]["param_groups"]
     # configure_adamw's two groups (matrices, 1-D), the matrices split by LoRA+: A side and token rows, then B.
     assert [(len(g["params"]), g["lora_plus_ratio"], g["initial_lr"]) for g in groups] == [(9, 1.0, 1e-3), (8, 16.0, 16e-3)]

@@ -198,6 +198,21 @@ def _run_bash_line(argv: list[str], cwd: Path) -> None:
             cli.main(argv[1:])
         except SystemExit as done:  # --help / --print_config exit 0 when they succeed
             assert done.code in (0, None), f"`{shlex.join(argv)}` exited with {done.code}"
+    elif "=" in argv[0] and argv[0].split("=", 1)[0].isidentifier():  # NAME=value before a command: its environment
+        env = {}
+        while argv and "=" in argv[0] and argv[0].split("=", 1)[0].isidentifier():
+            name, value = argv.pop(0).split("=", 1)
+            env[name] = value
+        if "CONFIG" in env:
+            assert (ROOT / env["CONFIG"]).is_file(), f"README names CONFIG={env['CONFIG']}, which does not exist"
+        _run_bash_line(argv, cwd)
+    elif argv[0].startswith("examples/") and argv[0].endswith(".sh"):
+        # The launch scripts start GPU jobs (tests/test_multi_node_examples.py runs them on CPU with a tiny config):
+        # here the script must exist, be executable and parse.
+        script = ROOT / argv[0]
+        assert script.is_file() and os.access(script, os.X_OK), f"README runs {argv[0]}, which is not an executable file"
+        result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, check=False)
+        assert result.returncode == 0, result.stderr
     else:
         pytest.fail(f"README runs `{argv[0]}`, which tests/test_readme.py has no rule for; add one")
 

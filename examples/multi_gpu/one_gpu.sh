@@ -32,7 +32,7 @@ for ((node = 0; node < RANKS; node++)); do
   CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} torchrun --nnodes "$RANKS" --node_rank "$node" --nproc_per_node 1 \
     --master_addr 127.0.0.1 --master_port "$PORT" \
     -m lightning_lora.cli fit --config "$CONFIG" "${strategy[@]}" \
-    --trainer.devices 1 --trainer.num_nodes "$RANKS" --trainer.strategy.process_group_backend cpu:gloo,cuda:gloo \
+    --trainer.devices 1 --trainer.num_nodes "$RANKS" --trainer.strategy.process_group_backend gloo \
     --trainer.max_steps "$STEPS" "$@" &
   pids+=($!)
 done

@@ -38,6 +38,7 @@ from lightning_lora.lightning.run_dir import (
     holds_export,
     previous_run,
 )
+from lightning_lora.lightning.strategies import share_one_gpu
 from lightning_lora.lightning.summary import LoRAModelSummary
 from lightning_lora.tasks import CausalLMModule, SequenceClassificationModule  # noqa: F401
 from lightning_lora import _yaml
@@ -113,6 +114,7 @@ class LoRACLI(LightningCLI):
         extra = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         trainer = self._instantiate_trainer(config, extra + self._library_callbacks(config))
+        share_one_gpu(trainer.strategy)  # several gloo ranks on one GPU (examples/multi_gpu/one_gpu.sh)
         set_cpu_threads(trainer)
         return trainer
 

@@ -185,6 +185,33 @@ def install(
         )
 
 
+# -- several gloo ranks on one GPU ------------------------------------------------------------------
+def share_one_gpu(strategy: Any) -> Any:
+    """``strategy``, made able to run several ranks on one GPU through gloo; returns it.
+
+    ``ModelParallelStrategy`` binds its default process group to the GPU, and torch's ``DeviceMesh`` then
+    splits that group for each mesh dimension, deep-copying the backend's options, which gloo's cannot be
+    ("cannot pickle 'torch._C._distributed_c10d._Options' object", torch 2.11 on an H200). This unbinds a
+    gloo default group right after the strategy makes it, so the mesh makes its groups with ``new_group``
+    as it does on CPU. NCCL groups, CPU runs and other strategies are left alone. ``lightning-lora fit``
+    applies it to every strategy it builds.
+    """
+    if isinstance(strategy, ModelParallelStrategy):
+        patches.run_after(strategy, "_setup_distributed", _unbind_gloo_default_group, purpose="share_one_gpu")
+    return strategy
+
+
+def _unbind_gloo_default_group(*_: Any) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    group = dist.distributed_c10d._get_default_group()
+    backends = {part.rsplit(":", 1)[-1] for part in str(dist.get_backend(group)).split(",")}
+    if backends == {"gloo"} and getattr(group, "bound_device_id", None) is not None:
+        group.bound_device_id = None
+
+
 # -- clipping --------------------------------------------------------------------------------------
 def _clip_gradients(pl_module: nn.Module, optimizer: Any, gradient_clip_val: Any, gradient_clip_algorithm: Any) -> None:
     """``configure_gradient_clipping`` for FSDP1: norm clipping through the FSDP root instead of FSDPPrecision."""

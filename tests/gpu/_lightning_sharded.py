@@ -25,7 +25,7 @@ from _models import tiny_llama  # noqa: E402
 from _sharded_worker import LORA, QUANT  # noqa: E402
 
 from lightning_lora import LoRACallback  # noqa: E402
-from lightning_lora.lightning.strategies import gather_adapter_state_dict  # noqa: E402
+from lightning_lora.lightning.strategies import gather_adapter_state_dict, share_one_gpu  # noqa: E402
 from lightning_lora.sharding import packed_4bit_bytes  # noqa: E402
 from lightning_lora.sharded_loading import build_lora_model  # noqa: E402
 
@@ -83,8 +83,8 @@ def main() -> None:
         # build_lora_model sets the wrap policy (decoder layers and LoRA linears as units) and the param_init_fn
         strategy = FSDPStrategy(process_group_backend="gloo", activation_checkpointing_policy={LlamaDecoderLayer} if checkpointing else None)
     else:
-        # "gloo" alone makes DeviceMesh build a new CUDA group, which fails on torch 2.11; per-device gloo keeps the default.
-        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="cpu:gloo,cuda:gloo")
+        # two gloo ranks on one GPU: torch's DeviceMesh cannot split a GPU-bound gloo group (see share_one_gpu)
+        strategy = share_one_gpu(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo"))
     L.seed_everything(0)
     module = BuiltLM(config, checkpointing)
     trainer = L.Trainer(accelerator="gpu" if CUDA else "cpu", devices=1, num_nodes=2, strategy=strategy, precision="bf16-mixed", max_steps=steps,
