@@ -232,6 +232,28 @@ def full_adapter_state_dict(module: nn.Module, fsdp1_root: nn.Module | None = No
     return out
 
 
+def restore_unsharded_params(fsdp1_root: nn.Module) -> int:
+    """Register the parameters of FSDP1's unsharded (``NO_SHARD``) frozen units again; returns how many units.
+
+    With ``use_orig_params=True`` a unit's forward swaps its parameters for plain tensor views, and the
+    post-backward hook swaps them back; a unit without trainable parameters has no such hook, and under
+    ``NO_SHARD`` (FSDPStrategy on one rank) no reshard does it either, so ``state_dict`` afterwards lacks the
+    unit's frozen weights and FSDP's own hook fails ("FSDP assumes ... is in the state_dict"). Call it before
+    any ``state_dict`` of the root; sharded units are left alone.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
+
+    restored = 0
+    for unit in FSDP.fsdp_modules(fsdp1_root):
+        handle = getattr(unit, "_handle", None)
+        if handle is None or not handle._use_orig_params or unit.sharding_strategy != ShardingStrategy.NO_SHARD:
+            continue
+        handle._use_unsharded_views(as_params=True)
+        restored += 1
+    return restored
+
+
 def _unit_trains(unit: nn.Module) -> bool:
     handle = getattr(unit, "_handle", None)
     flat = getattr(handle, "flat_param", None)

@@ -161,7 +161,8 @@ def install(
 ) -> None:
     """What the strategy needs patched, once per module and strategy (see ``patches``).
 
-    FSDP1: ``configure_gradient_clipping`` clips by norm through the FSDP root. FSDP1 and FSDP2 with
+    FSDP1: ``configure_gradient_clipping`` clips by norm through the FSDP root; ``lightning_module_state_dict``
+    first registers the frozen weights of unsharded units again (``sharding.restore_unsharded_params``). FSDP1 and FSDP2 with
     ``adapter_keys`` (adapter-only checkpoints): ``strategy.load_checkpoint`` resumes sharded checkpoints
     that hold only the adapter. With ``check_file`` (strategies that read checkpoints without the
     checked reader, e.g. FSDP's unrestricted unpickler): ``strategy.load_checkpoint`` calls it on the
@@ -175,6 +176,11 @@ def install(
             _clip_gradients(pl_module, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
         patches.replace(pl_module, "configure_gradient_clipping", configure_gradient_clipping)
+        # On one rank FSDP1 runs NO_SHARD, and its frozen units would leave their weights out of state_dict.
+        strategy = trainer.strategy
+        patches.run_before(
+            strategy, "lightning_module_state_dict", lambda *_: sharding.restore_unsharded_params(strategy.model), purpose="fsdp1_no_shard"
+        )
     sharded_adapter = adapter_keys is not None and kind in ("fsdp", "fsdp2")
     if sharded_adapter or check_file is not None:
         _wrap_load_checkpoint(trainer.strategy, adapter_keys if sharded_adapter else None, check_file)
