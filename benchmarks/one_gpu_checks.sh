@@ -3,6 +3,7 @@
 # Every multi-rank part runs N processes sharing cuda:0 through gloo (each rank its own "node").
 # Usage (on the GPU machine, from the repository root, OUT = a folder for results):
 #   benchmarks/one_gpu_checks.sh shared   OUT   # every multi-rank scenario at 2 ranks (+ 4-rank writers, 4->2 resumes), GPU tests
+#   benchmarks/one_gpu_checks.sh fsdp     OUT   # only the FSDP1 / FSDP2 scenarios of `shared` (1, 2, 4 ranks, resumes across), GPU tests
 #   benchmarks/one_gpu_checks.sh 70b      OUT   # the 70B shape, 2 ranks, FSDP2, each rank builds its shard; resume, PEFT export
 #   benchmarks/one_gpu_checks.sh scale    OUT   # rank 0 of 2..64 (70B) and 8..64 (405B) under the fake process group
 #   benchmarks/one_gpu_checks.sh loading  OUT   # sharded loading: per-rank memory and packed bytes, GPU tests
@@ -22,6 +23,16 @@ case "$part" in
     LL_MULTI_GPU_RESULTS="$out/multi_gpu.json" timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_gpu.py > "$out/pytest.log" 2>&1
     tail -5 "$out/pytest.log"
     python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(r['table']); print(json.dumps(r['summary']))" "$out/multi_gpu.json"
+    ;;
+  fsdp)
+    python3 benchmarks/multi_gpu.py --shared-gpu --only single fsdp@1 fsdp_sharded@1 fsdp2@1 fsdp@2 fsdp_sharded@2 fsdp2@2 \
+      fsdp2_resume@2 fsdp2_allbf16@2 fsdp2_allbf16_unchecked@2 fsdp2_rankbuild@2 fsdp2_rankbuild_resume@2 \
+      'fsdp_resume@2->1' 'fsdp_sharded_resume@2->1' 'fsdp2_resume@2->1' 'fsdp_resume@1->2' 'fsdp_sharded_resume@1->2' 'fsdp2_resume@1->2' \
+      fsdp2@4 fsdp2_allbf16@4 'fsdp2_resume@4->2' \
+      --work /tmp/mg --out "$out" --timeout 120 --deadline 230 > "$out/multi_gpu.log" 2>&1
+    python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(r['table']); print(json.dumps(r['summary']))" "$out/multi_gpu.json"
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_gpu.py tests/gpu/test_gpu_breadth.py > "$out/pytest.log" 2>&1
+    tail -8 "$out/pytest.log"
     ;;
   70b)
     python3 benchmarks/multi_gpu.py --shared-gpu --suite 70b --work /tmp/mg70 --out "$out" --timeout 330 > "$out/multi_gpu.log" 2>&1
