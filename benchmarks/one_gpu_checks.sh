@@ -25,13 +25,13 @@ case "$part" in
     python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(r['table']); print(json.dumps(r['summary']))" "$out/multi_gpu.json"
     ;;
   fsdp)
-    python3 benchmarks/multi_gpu.py --shared-gpu --only single fsdp@1 fsdp_sharded@1 fsdp2@1 fsdp@2 fsdp_sharded@2 fsdp2@2 \
-      fsdp2_resume@2 fsdp2_allbf16@2 fsdp2_allbf16_unchecked@2 fsdp2_rankbuild@2 fsdp2_rankbuild_resume@2 \
+    python3 benchmarks/multi_gpu.py --shared-gpu --only single fsdp@1 fsdp_sharded@1 fsdp2@1 ddp@2 fsdp@2 fsdp_sharded@2 fsdp2@2 \
+      ddp_resume@2 fsdp_resume@2 fsdp_sharded_resume@2 ddp_2node fsdp2_resume@2 fsdp2_allbf16@2 fsdp2_allbf16_unchecked@2 fsdp2_rankbuild@2 fsdp2_rankbuild_resume@2 \
       'fsdp_resume@2->1' 'fsdp_sharded_resume@2->1' 'fsdp2_resume@2->1' 'fsdp_resume@1->2' 'fsdp_sharded_resume@1->2' 'fsdp2_resume@1->2' \
       fsdp2@4 fsdp2_allbf16@4 'fsdp2_resume@4->2' \
-      --work /tmp/mg --out "$out" --timeout 120 --deadline 230 > "$out/multi_gpu.log" 2>&1
+      --work /tmp/mg --out "$out" --timeout 120 --deadline 260 > "$out/multi_gpu.log" 2>&1
     python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(r['table']); print(json.dumps(r['summary']))" "$out/multi_gpu.json"
-    timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_gpu.py tests/gpu/test_gpu_breadth.py > "$out/pytest.log" 2>&1
+    LL_MULTI_GPU_RESULTS="$out/multi_gpu.json" timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_gpu.py tests/gpu/test_gpu_breadth.py > "$out/pytest.log" 2>&1
     tail -8 "$out/pytest.log"
     ;;
   70b)
