@@ -65,11 +65,17 @@ def _full_optimizer_state(trainer) -> dict[str, Any]:
     """The optimizer state with full tensors on CPU, keyed by parameter name (a collective under FSDP)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    state = get_optimizer_state_dict(trainer.strategy.model, trainer.optimizers, options=StateDictOptions(full_state_dict=True))
+    from lightning_lora.sharding import gather_full_tensor
+
+    # Local (DTensor) state gathered here: full_state_dict=True gathers through full_tensor(), whose functional
+    # collective crashes gloo ranks sharing one GPU (see sharding.gather_full_tensor).
+    from lightning_lora.lightning.strategies import strategy_kind
+
+    full = strategy_kind(trainer) != "fsdp2"  # FSDP1's local state is flat shards: let torch gather it
+    state = get_optimizer_state_dict(trainer.strategy.model, trainer.optimizers, options=StateDictOptions(full_state_dict=full))
     out = {}
     for name, entry in state["state"].items():
-        out[name] = {k: (v.full_tensor() if type(v).__name__ == "DTensor" else v).detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v
-                     for k, v in entry.items()}
+        out[name] = {k: gather_full_tensor(v).detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
     return out
 
 

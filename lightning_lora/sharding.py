@@ -194,7 +194,7 @@ def packed_4bit_bytes(model: nn.Module) -> dict[str, torch.Tensor]:
         if quantization.is_4bit(module):
             weight = module.weight
             if _is_dtensor(weight):
-                weight = weight.full_tensor()
+                weight = gather_full_tensor(weight)
             out[name] = weight.detach().reshape(-1).contiguous().view(torch.uint8).cpu()
     return out
 
@@ -206,6 +206,37 @@ def is_sharded_param(param: torch.Tensor) -> bool:
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:
     return type(tensor).__name__ == "DTensor"
+
+
+def gather_full_tensor(value: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 DTensor (a collective: every rank of its mesh calls it); other tensors as they are.
+
+    FSDP2's layout (one mesh dimension, rows split in ``torch.chunk`` pieces, or replicated) is gathered with
+    ``all_gather_into_tensor`` of the process group; any other layout goes through ``full_tensor()``. The
+    process-group call is the one that gloo runs correctly on CUDA tensors: ``full_tensor()``'s functional
+    collective crashed gloo ranks sharing one GPU (segmentation fault in ``wait_tensor``, torch 2.11, H200).
+    """
+    if not _is_dtensor(value):
+        return value
+    import torch.distributed as dist
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh, placements = value.device_mesh, value.placements
+    if mesh.ndim != 1 or len(placements) != 1:
+        return value.full_tensor()
+    local = value.to_local()
+    if isinstance(placements[0], Replicate):
+        return local
+    if not isinstance(placements[0], Shard) or placements[0].dim != 0 or value.dim() == 0:
+        return value.full_tensor()
+    group = mesh.get_group(0)
+    world, rows = dist.get_world_size(group), value.shape[0]
+    piece = -(-rows // world)  # torch.chunk's size: ranks hold rows [r * piece, (r + 1) * piece), the last ones fewer or none
+    padded = local.new_zeros((piece, *value.shape[1:]))
+    padded[: local.shape[0]].copy_(local)
+    gathered = local.new_empty((piece * world, *value.shape[1:]))
+    dist.all_gather_into_tensor(gathered, padded.contiguous(), group=group)
+    return gathered[:rows]
 
 
 def full_adapter_state_dict(module: nn.Module, fsdp1_root: nn.Module | None = None) -> dict[str, torch.Tensor]:
@@ -227,7 +258,7 @@ def full_adapter_state_dict(module: nn.Module, fsdp1_root: nn.Module | None = No
     out = {}
     for key, value in adapter_state_dict(module).items():
         if _is_dtensor(value):
-            value = value.full_tensor()
+            value = gather_full_tensor(value)
         out[key] = value.detach().to("cpu", copy=True)
     return out
 
@@ -247,7 +278,11 @@ def restore_unsharded_params(fsdp1_root: nn.Module) -> int:
     restored = 0
     for unit in FSDP.fsdp_modules(fsdp1_root):
         handle = getattr(unit, "_handle", None)
-        if handle is None or not handle._use_orig_params or unit.sharding_strategy != ShardingStrategy.NO_SHARD:
+        if handle is None or not handle._use_orig_params:
+            continue
+        # One rank turns any strategy into NO_SHARD inside the handle; the unit may still report the one asked for.
+        unsharded = getattr(handle, "uses_sharded_strategy", True) is False or unit.sharding_strategy == ShardingStrategy.NO_SHARD
+        if not unsharded:
             continue
         handle._use_unsharded_views(as_params=True)
         restored += 1

@@ -39,6 +39,7 @@ from lightning.pytorch.strategies import (
 from torch import nn
 
 from lightning_lora import quantization, sharding
+from lightning_lora._matching import unwrapped_name
 from lightning_lora.config import QuantizationConfig, _dtype_name
 from lightning_lora.lightning import patches
 from lightning_lora.sharding import full_adapter_state_dict
@@ -161,8 +162,8 @@ def install(
 ) -> None:
     """What the strategy needs patched, once per module and strategy (see ``patches``).
 
-    FSDP1: ``configure_gradient_clipping`` clips by norm through the FSDP root; ``lightning_module_state_dict``
-    first registers the frozen weights of unsharded units again (``sharding.restore_unsharded_params``). FSDP1 and FSDP2 with
+    FSDP1: ``configure_gradient_clipping`` clips by norm through the FSDP root; on one rank (NO_SHARD)
+    ``lightning_module_state_dict`` works around FSDP's missing frozen weights (``_one_rank_fsdp1_state_dict``). FSDP1 and FSDP2 with
     ``adapter_keys`` (adapter-only checkpoints): ``strategy.load_checkpoint`` resumes sharded checkpoints
     that hold only the adapter. With ``check_file`` (strategies that read checkpoints without the
     checked reader, e.g. FSDP's unrestricted unpickler): ``strategy.load_checkpoint`` calls it on the
@@ -176,11 +177,7 @@ def install(
             _clip_gradients(pl_module, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
         patches.replace(pl_module, "configure_gradient_clipping", configure_gradient_clipping)
-        # On one rank FSDP1 runs NO_SHARD, and its frozen units would leave their weights out of state_dict.
-        strategy = trainer.strategy
-        patches.run_before(
-            strategy, "lightning_module_state_dict", lambda *_: sharding.restore_unsharded_params(strategy.model), purpose="fsdp1_no_shard"
-        )
+        _one_rank_fsdp1_state_dict(trainer.strategy, pl_module, adapter_keys)
     sharded_adapter = adapter_keys is not None and kind in ("fsdp", "fsdp2")
     if sharded_adapter or check_file is not None:
         _wrap_load_checkpoint(trainer.strategy, adapter_keys if sharded_adapter else None, check_file)
@@ -189,6 +186,38 @@ def install(
         patches.run_before(
             pl_module, "configure_optimizers", lambda *_: sharding.check_fsdp2_keeps_4bit_bytes(pl_module), purpose="fsdp2_4bit_bytes"
         )
+
+
+def _one_rank_fsdp1_state_dict(strategy: Any, pl_module: nn.Module, adapter_keys: Callable[[], set[str]] | None) -> None:
+    """FSDPStrategy on one rank runs NO_SHARD, whose frozen units leave their weights out of ``state_dict`` after a
+    step (FSDP's own hook then fails: "FSDP assumes ... is in the state_dict"). There every tensor is whole on the
+    rank, so an adapter-only checkpoint takes the module's registered tensors directly (the filter keeps the adapter); a full one first registers the
+    frozen weights again (``sharding.restore_unsharded_params``). More ranks: Lightning's state dict, unchanged."""
+    original = strategy.lightning_module_state_dict
+
+    def lightning_module_state_dict(*args: Any, **kwargs: Any) -> Any:
+        if strategy.world_size != 1:
+            return original(*args, **kwargs)
+        if adapter_keys is None:
+            sharding.restore_unsharded_params(strategy.model)
+            return original(*args, **kwargs)
+        # Every registered tensor (the checkpoint filter then drops the backbone's): the adapter's, and whatever
+        # lives outside the backbone. The stuck units' frozen weights are not registered, and not needed.
+        found = {}
+        for path, module in pl_module.named_modules(remove_duplicate=False):
+            prefix = path + "." if path else ""
+            for name, param in module._parameters.items():
+                if param is not None and not getattr(param, "_is_flat_param", False):  # FSDP's flat storage is no tensor of the model
+                    found[unwrapped_name(prefix + name)] = param.detach()
+            for name, buffer in module._buffers.items():
+                if buffer is not None and name not in module._non_persistent_buffers_set:
+                    found[unwrapped_name(prefix + name)] = buffer.detach()
+        missing = sorted(adapter_keys() - set(found))
+        if missing:
+            raise RuntimeError(f"FSDP1 on one rank: the adapter tensors {missing[:3]} are not parameters of the module; cannot checkpoint them.")
+        return found
+
+    patches.replace(strategy, "lightning_module_state_dict", lightning_module_state_dict, purpose="fsdp1_one_rank")
 
 
 # -- several gloo ranks on one GPU ------------------------------------------------------------------

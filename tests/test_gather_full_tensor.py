@@ -1,0 +1,42 @@
+"""sharding.gather_full_tensor: FSDP2's DTensors gathered through the process group (not full_tensor's functional
+collective, which crashed gloo ranks sharing one GPU), on 3 gloo ranks: uneven rows, fewer rows than ranks, 1-D."""
+
+import subprocess
+import sys
+import textwrap
+
+CODE = textwrap.dedent(
+    """
+    import torch, torch.distributed as dist
+    dist.init_process_group("gloo")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from lightning_lora.sharding import gather_full_tensor
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(0)
+    ok = []
+    for shape in [(7, 3), (2, 5), (1, 4), (8,), (3,), (6, 2, 2)]:
+        full = torch.randn(shape)
+        for placement in (Shard(0), Replicate()):
+            gathered = gather_full_tensor(distribute_tensor(full, mesh, [placement]))
+            ok.append(type(gathered) is torch.Tensor and gathered.shape == full.shape and torch.equal(gathered, full))
+    plain = torch.randn(3)
+    ok.append(gather_full_tensor(plain) is plain)
+    print("RANK", dist.get_rank(), all(ok), ok.count(False))
+    """
+)
+
+
+def test_gather_full_tensor_equals_the_full_tensor_on_three_ranks(tmp_path) -> None:
+    script = tmp_path / "gather.py"
+    script.write_text(CODE)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port", str(port), str(script)]
+    result = subprocess.run(torchrun, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("RANK"))
+    assert lines == [f"RANK {r} True 0" for r in range(3)]
