@@ -1,9 +1,13 @@
 """Adapter tensors and PEFT's on-disk format.
 
 A saved adapter is a directory with ``adapter_config.json`` and ``adapter_model.safetensors``,
-keyed as PEFT keys them (``base_model.model.<path>.lora_A.weight``), so ``PeftModel.from_pretrained``
-reads ours and ``load_adapter`` reads PEFT's. Loading checks every key and shape before it writes
-anything into the model: it loads all of the adapter or none of it.
+keyed as PEFT keys them (``base_model.model.<path>.lora_A.weight``, DoRA's ``.lora_magnitude_vector``),
+so ``PeftModel.from_pretrained`` reads ours and ``load_adapter`` reads PEFT's. Loading checks every key
+and shape before it writes anything into the model: it loads all of the adapter or none of it.
+
+A model with several adapters is saved as PEFT's ``save_pretrained`` saves it: the adapter named
+'default' in the directory itself, every other one in a subfolder of its name; ``load_adapters``
+reads that layout back, ``load_adapter(..., adapter_name=...)`` one adapter of it.
 """
 
 from __future__ import annotations
@@ -22,24 +26,30 @@ from torch import nn
 
 from lightning_lora._version import __version__
 from lightning_lora._io import atomic_write, atomic_write_bytes
+from lightning_lora import inits
 from lightning_lora._matching import matches_suffix, path_under, unwrapped_name
+from lightning_lora.adapters import add_adapter, require_adapter
 from lightning_lora.config import LoRAConfig, peft_fields
 from lightning_lora.inject import backbone_fingerprint, inject_lora, lora_state, plan_injection, require_lora_state
-from lightning_lora.layers import LoRALinear, is_supported_base
+from lightning_lora.layers import DEFAULT_ADAPTER, LoRALinear, check_adapter_name, is_supported_base, to_adapter_key, to_default_key
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 # PEFT features that change the math; an adapter using one cannot be loaded as plain LoRA.
-_UNSUPPORTED_PEFT_FLAGS = ("use_dora", "use_qalora", "lora_bias", "layer_replication", "trainable_token_indices")
+_UNSUPPORTED_PEFT_FLAGS = ("use_qalora", "lora_bias", "layer_replication", "trainable_token_indices")
+# PEFT inits that rewrite the base weight in ways not implemented here: their adapters do not apply to the plain base.
+_UNSUPPORTED_BASE_INITS = ("corda", "loftq")
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors (LoRA A/B, biases and ``modules_to_save`` per config), keyed by module path.
+def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """An adapter's tensors (LoRA A/B, DoRA's magnitude, biases and ``modules_to_save`` per config), keyed by their
+    path in the model; ``adapter_name`` defaults to the active adapter.
 
     Never holds a frozen backbone weight. Tensors are detached but not copied.
     """
-    plan = require_lora_state(model, "adapter_state_dict").plan
+    state = require_lora_state(model, "adapter_state_dict")
+    plan = state.plans[require_adapter(model, adapter_name, "adapter_state_dict")]
     out = {}
     for name, param in model.named_parameters():
         name = unwrapped_name(name)
@@ -64,19 +74,25 @@ def from_peft_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
             continue
         name = re.sub(r"\.lora_A(\.[^.]+)?\.weight$", ".lora_a.weight", name)  # PEFT may keep the adapter name
         name = re.sub(r"\.lora_B(\.[^.]+)?\.weight$", ".lora_b.weight", name)
+        name = re.sub(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$", ".lora_magnitude", name)
         out[name] = value
     return out
 
 
 def _to_peft_name(name: str) -> str:
-    return name.replace(".lora_a.weight", ".lora_A.weight").replace(".lora_b.weight", ".lora_B.weight")
+    name = name.replace(".lora_a.weight", ".lora_A.weight").replace(".lora_b.weight", ".lora_B.weight")
+    return name[: -len(".lora_magnitude")] + ".lora_magnitude_vector" if name.endswith(".lora_magnitude") else name
 
 
-def peft_config_dict(model: nn.Module, base_model_name_or_path: str | None = None) -> dict[str, Any]:
-    """``adapter_config.json`` content for ``model``'s adapter, in PEFT's LoraConfig fields."""
+def peft_config_dict(
+    model: nn.Module, base_model_name_or_path: str | None = None, adapter_name: str | None = None, config: LoRAConfig | None = None
+) -> dict[str, Any]:
+    """``adapter_config.json`` content for one of ``model``'s adapters (default: the active one), in PEFT's LoraConfig
+    fields; ``config`` stands in for the adapter's own (e.g. a converted one) on the same layers."""
     state = require_lora_state(model, "peft_config_dict")
-    config = state.config
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    plan = state.plans[require_adapter(model, adapter_name, "peft_config_dict")]
+    config = plan.config if config is None else config
+    layers = [model.get_submodule(path) for path in plan.targets]
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     out: dict[str, Any] = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path}
@@ -84,13 +100,12 @@ def peft_config_dict(model: nn.Module, base_model_name_or_path: str | None = Non
         out[key] = copy.deepcopy(getattr(config, name))
     out.update(
         # What the config resolved to on this model, so PEFT picks exactly these layers and modules.
-        target_modules=_peft_target_modules(model, state.targets, state.modules_to_save),
+        target_modules=_peft_target_modules(model, plan.targets, plan.modules_to_save),
         exclude_modules=None,
-        modules_to_save=state.modules_to_save or None,
-        init_lora_weights=True if config.init == "kaiming" else "gaussian",
+        modules_to_save=plan.modules_to_save or None,
+        init_lora_weights=True if config.init == "kaiming" else config.init,  # PEFT's names for the others are ours
         fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers),
         inference_mode=True,
-        use_dora=False,
     )
     return out
 
@@ -120,28 +135,60 @@ def save_adapter(
     *,
     state_dict: dict[str, torch.Tensor] | None = None,
     base_model_name_or_path: str | None = None,
+    adapter_names: list[str] | None = None,
+    convert_to_lora: bool = False,
 ) -> Path:
-    """Write ``model``'s adapter to ``directory`` in PEFT's format, each file atomically.
+    """Write ``model``'s adapters to ``directory`` in PEFT's format, each file atomically: 'default' in ``directory``,
+    any other adapter in ``directory/<name>`` (PEFT's layout); ``adapter_names`` picks some (default: all).
 
-    ``state_dict`` overrides the tensors (e.g. gathered from FSDP shards); keys as in ``adapter_state_dict``.
+    ``state_dict`` overrides the tensors of the one adapter saved (default: the active one), e.g. gathered from
+    FSDP shards; keys as in ``adapter_state_dict``. ``convert_to_lora``: write adapters initialised with PiSSA /
+    OLoRA as plain LoRA that applies to the original base weights (``inits.convert_to_lora``: rank 2r, PEFT's
+    ``path_initial_model_for_weight_conversion``) instead of to the residual the init left in the model.
     """
     state = require_lora_state(model, "save_adapter")
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"`directory`={str(directory)!r} is a file; save_adapter needs a directory path.")
-    tensors = adapter_state_dict(model) if state_dict is None else state_dict
+    if adapter_names is None:
+        adapter_names = [state.active] if state_dict is not None else list(state.plans)
+    if not isinstance(adapter_names, (list, tuple)) or not adapter_names:
+        raise TypeError(f"`adapter_names` must be a non-empty list of adapter names or None, got {adapter_names!r}.")
+    names = [require_adapter(model, name, "save_adapter") for name in adapter_names]
+    if state_dict is not None and len(names) != 1:
+        raise ValueError(f"`state_dict` holds the tensors of one adapter, but `adapter_names`={adapter_names!r} names {len(names)}: save one at a time.")
+    if convert_to_lora:
+        lacking = [name for name in names if name not in state.initial]
+        if lacking:
+            raise ValueError(
+                f"`convert_to_lora`=True converts adapters initialised with init='pissa' / 'pissa_niter_K' / 'olora', but "
+                f"{lacking} have init={[state.plans[n].config.init for n in lacking]}: they apply to the original base "
+                "already. Save them without convert_to_lora."
+            )
+    for name in names:
+        tensors = adapter_state_dict(model, name) if state_dict is None else state_dict
+        tensors = {to_default_key(key, name): value for key, value in tensors.items()}
+        config = state.plans[name].config
+        if convert_to_lora:
+            initial = {to_default_key(key, name): value for key, value in state.initial[name].items()}
+            config, tensors = inits.convert_to_lora(config, tensors, initial)
+        _write_adapter(model, directory if name == DEFAULT_ADAPTER else directory / name, tensors,
+                       peft_config_dict(model, base_model_name_or_path, name, config), config)  # fmt: skip
+    return directory
+
+
+def _write_adapter(model: nn.Module, directory: Path, tensors: dict[str, torch.Tensor], peft_config: dict[str, Any], config: LoRAConfig) -> None:
+    state = lora_state(model)
     peft_tensors = {key: value.detach().to("cpu").contiguous() for key, value in to_peft_keys(tensors).items()}
     metadata = {
         "format": "pt",
         "lightning_lora_version": __version__,
         "backbone_fingerprint": backbone_fingerprint(model),
         "quantization": json.dumps(state.quantization.to_dict() if state.quantization else None),
-        "lora_config": json.dumps(state.config.to_dict()),
+        "lora_config": json.dumps(config.to_dict()),
     }
-    config = peft_config_dict(model, base_model_name_or_path)
     atomic_write(directory / ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(peft_tensors, tmp, metadata=metadata))
-    atomic_write_bytes(directory / ADAPTER_CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-    return directory
+    atomic_write_bytes(directory / ADAPTER_CONFIG_NAME, (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
@@ -177,20 +224,32 @@ def lora_config_from_peft(config: dict[str, Any]) -> LoRAConfig:
     for flag in _UNSUPPORTED_PEFT_FLAGS:
         if config.get(flag):
             raise ValueError(f"The adapter uses PEFT's `{flag}`={config[flag]!r}, which lightning_lora does not implement; export it from PEFT without it.")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() in _UNSUPPORTED_BASE_INITS:
+        raise ValueError(
+            f"The adapter was made with PEFT's `init_lora_weights`={init!r}, which rewrites the base weights in a way "
+            "lightning_lora does not implement, so it does not apply to the plain base model. Convert it to plain LoRA in "
+            "PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...)) and load that."
+        )
     # A key the file lacks, or holds as null, means PEFT's default.
     values = {name: default if config.get(key) is None else config[key] for name, (key, default) in peft_fields().items()}
+    # PiSSA / OLoRA must run again: the adapter applies to the residual they leave in the base. The other inits
+    # only set starting values that the loaded tensors replace.
+    base_init = isinstance(init, str) and (init == "olora" or init.startswith("pissa"))
     values.update(
         target_modules=values["target_modules"] or "all-linear",
-        init="gaussian" if config.get("init_lora_weights", True) == "gaussian" else "kaiming",
+        init=init if base_init or init == "gaussian" else "kaiming",
     )
     return LoRAConfig(**values)
 
 
-def expected_adapter_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[int, ...]]:
-    """The keys and shapes ``adapter_state_dict`` would hold after ``inject_lora(model, config)``, without injecting."""
-    if lora_state(model) is not None:
-        return {key: tuple(value.shape) for key, value in adapter_state_dict(model).items()}
-    return plan_injection(model, config).adapter_shapes(model)
+def expected_adapter_shapes(model: nn.Module, config: LoRAConfig, adapter_name: str | None = None) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes ``adapter_state_dict(model, adapter_name)`` holds, or would hold once ``config`` makes the
+    adapter (``inject_lora`` or ``add_adapter``), without changing the model. ``adapter_name``: default the active one."""
+    state = lora_state(model)
+    if state is not None and (adapter_name is None or adapter_name in state.plans):
+        return {key: tuple(value.shape) for key, value in adapter_state_dict(model, adapter_name).items()}
+    return plan_injection(model, config, None, adapter_name or DEFAULT_ADAPTER).adapter_shapes(model)
 
 
 def check_adapter_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -217,30 +276,60 @@ def check_adapter_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[st
 
 
 @torch.no_grad()
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
     """Load a saved adapter (ours or PEFT's) into ``model``, all or nothing.
 
-    A model without LoRA gets it injected from the adapter's config first. Every key and shape is
-    checked before anything is written.
+    ``adapter_name``: the adapter it becomes. A model without LoRA gets it injected from the adapter's config
+    first; a model with LoRA gets it added (``adapters.add_adapter``, frozen until made active) unless it has an
+    adapter of that name already, whose tensors are then replaced in place (no new parameters: a compiled model
+    runs on without recompiling). Default: into the active adapter, or 'default' on a model without LoRA. Every
+    key and shape is checked before anything is written.
 
     Example::
 
         model = load_adapter(AutoModelForCausalLM.from_pretrained(path), "adapters/run1")
+        load_adapter(model, "adapters/run2", adapter_name="run2")
     """
     peft_config, tensors, _ = read_adapter(directory)
     state = lora_state(model)
-    config = lora_config_from_peft(peft_config) if state is None else state.config
-    check_adapter_tensors(expected_adapter_shapes(model, config), tensors, source=repr(str(directory)))
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
+    name = adapter_name if adapter_name is not None else (state.active if state is not None else DEFAULT_ADAPTER)
+    exists = state is not None and name in state.plans
+    config = state.plans[name].config if exists else lora_config_from_peft(peft_config)
+    tensors = {to_adapter_key(key, name): value for key, value in tensors.items()}
+    source = repr(str(directory))
+    check_adapter_tensors(expected_adapter_shapes(model, config, name), tensors, source=source)
     if state is None:
-        inject_lora(model, config)
-    load_adapter_state_dict(model, tensors, source=repr(str(directory)))
+        inject_lora(model, config, adapter_name=name)
+    elif not exists:
+        add_adapter(model, name, config)
+    load_adapter_state_dict(model, tensors, source=source, adapter_name=name)
+    return model
+
+
+def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load every adapter of a directory in PEFT's layout (what ``save_adapter`` / ``save_pretrained`` write for a
+    model with several adapters): the one in ``directory`` itself as 'default', each subfolder holding an adapter
+    under its folder's name. The first one loaded into a model without LoRA becomes the active adapter."""
+    directory = Path(directory)
+    found = [(DEFAULT_ADAPTER, directory)] if (directory / ADAPTER_CONFIG_NAME).is_file() else []
+    if directory.is_dir():
+        found += [(sub.name, sub) for sub in sorted(directory.iterdir()) if sub.is_dir() and (sub / ADAPTER_CONFIG_NAME).is_file()]
+    if not found:
+        raise FileNotFoundError(
+            f"`directory`={str(directory)!r} holds no adapter: neither it nor a subfolder has {ADAPTER_CONFIG_NAME} "
+            "(as written by save_adapter or PEFT's save_pretrained)."
+        )
+    for name, path in found:
+        load_adapter(model, path, adapter_name=name)
     return model
 
 
 @torch.no_grad()
-def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "the state dict") -> None:
+def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "the state dict", adapter_name: str | None = None) -> None:
     """Copy adapter tensors (keys as in ``adapter_state_dict``) into ``model``, after checking all of them."""
-    params = adapter_state_dict(model)
+    params = adapter_state_dict(model, adapter_name)
     check_adapter_tensors({key: tuple(value.shape) for key, value in params.items()}, tensors, source)
     for key, param in params.items():
         param.copy_(tensors[key].to(device=param.device, dtype=param.dtype))

@@ -13,11 +13,13 @@ from typing import Any, Literal
 import torch
 
 BiasMode = Literal["none", "all", "lora_only"]
-InitMode = Literal["kaiming", "gaussian"]
+InitMode = str
+"""'kaiming', 'gaussian', 'pissa', 'pissa_niter_<K>' or 'olora' (a string: the PiSSA form carries a number)."""
 QuantMode = Literal["nf4", "fp4", "int8"]
 
 _BIAS_MODES = ("none", "all", "lora_only")
-_INIT_MODES = ("kaiming", "gaussian")
+_INIT_MODES = ("kaiming", "gaussian", "pissa", "olora")  # and 'pissa_niter_<K>'
+_PISSA_NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
 _QUANT_MODES = ("nf4", "fp4", "int8")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -64,13 +66,17 @@ class LoRAConfig:
     modules_to_save: list[str] | None = field(default=None, metadata={"peft": "modules_to_save", "adapter": True})
     """Modules trained in full and saved with the adapter, e.g. a classifier head (dotted-path suffixes)."""
     init: InitMode = field(default="kaiming", metadata={"peft": "init_lora_weights"})
-    """Init of A: 'kaiming' (uniform, a=sqrt(5), as nn.Linear) or 'gaussian' (std 1/r). B starts at zero."""
+    """Init of A and B: 'kaiming' (A uniform, a=sqrt(5), as nn.Linear) or 'gaussian' (A with std 1/r), B at zero;
+    or from the base weight, which then holds the residual: 'pissa' (its top-r singular vectors), 'pissa_niter_K'
+    (the same by a randomized SVD with K subspace iterations) or 'olora' (its QR decomposition)."""
     use_rslora: bool = field(default=False, metadata={"peft": "use_rslora", "adapter": True})
     """Scale by alpha / sqrt(r) (rank-stabilized LoRA) instead of alpha / r."""
     rank_pattern: dict[str, int] = field(default_factory=dict, metadata={"peft": "rank_pattern", "adapter": True})
     """Per-module rank overrides: regex (matched as a path suffix) -> r."""
     alpha_pattern: dict[str, float] = field(default_factory=dict, metadata={"peft": "alpha_pattern", "adapter": True})
     """Per-module alpha overrides: regex (matched as a path suffix) -> alpha."""
+    use_dora: bool = field(default=False, metadata={"peft": "use_dora", "adapter": True})
+    """DoRA (weight-decomposed LoRA): a trained magnitude per output row rescales the adapted weight ``W + scale * B @ A``."""
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -81,8 +87,10 @@ class LoRAConfig:
             raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}. Use 0.0 to disable it.")
         if self.bias not in _BIAS_MODES:
             raise ValueError(f"`bias` must be one of {_BIAS_MODES}, got {self.bias!r}.")
-        if self.init not in _INIT_MODES:
-            raise ValueError(f"`init` must be one of {_INIT_MODES}, got {self.init!r}.")
+        if not isinstance(self.init, str) or not (self.init in _INIT_MODES or _PISSA_NITER.fullmatch(self.init)):
+            raise ValueError(f"`init` must be one of {(*_INIT_MODES, 'pissa_niter_<K>')}, got {self.init!r}. K is a positive integer, e.g. 'pissa_niter_4'.")
+        if not isinstance(self.use_dora, bool):
+            raise TypeError(f"`use_dora` must be True or False, got {self.use_dora!r}.")
         if isinstance(self.target_modules, (list, tuple)) and len(self.target_modules) == 0:
             raise ValueError(f"`target_modules` is empty (got {self.target_modules!r}): name at least one module, e.g. ['q_proj', 'v_proj'], or use 'all-linear'.")
         if self.target_modules != "all-linear":
@@ -104,6 +112,17 @@ class LoRAConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def init_changes_base(init: str) -> bool:
+    """Whether ``init`` rewrites the base weight into a residual (PiSSA, OLoRA): a resume must then use the same init."""
+    return init == "olora" or init.startswith("pissa")
+
+
+def pissa_niter(init: str) -> int | None:
+    """K of 'pissa_niter_K' (a randomized SVD with K subspace iterations); None for the exact SVD or other inits."""
+    match = _PISSA_NITER.fullmatch(init)
+    return int(match.group(1)) if match else None
 
 
 ADAPTER_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(LoRAConfig) if f.metadata.get("adapter"))

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lightning_lora import quantization
+from lightning_lora import inits, quantization
 from lightning_lora._matching import matches_any, output_head_names, parent_of, path_under, pattern_value, unwrapped_name
-from lightning_lora.config import LoRAConfig, QuantizationConfig
-from lightning_lora.layers import LoRALinear, base_features, is_supported_base, lora_layers
+from lightning_lora.config import LoRAConfig, QuantizationConfig, init_changes_base
+from lightning_lora.layers import DEFAULT_ADAPTER, LoRALinear, base_features, check_adapter_name, is_supported_base, lora_layers
 
 _STATE_ATTR = "_lightning_lora"
 
@@ -46,10 +46,12 @@ class InjectionPlan:
     """Paths of the modules trained in full and saved with the adapter."""
     quantize: list[str] = field(default_factory=list)
     """Paths of the linears replaced by bitsandbytes layers before wrapping."""
+    adapter_name: str = DEFAULT_ADAPTER
+    """The adapter this plan makes ('default' unless several adapters share the model: see ``adapters``)."""
     _layer_tensors: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        names = LoRALinear.adapter_names(self.config.bias)
+        names = LoRALinear.adapter_names(self.config.bias, self.config.use_dora, self.adapter_name)
         self._layer_tensors = frozenset(f"{path}.{name}" for path in self.layers for name in names)
 
     @property
@@ -71,7 +73,7 @@ class InjectionPlan:
         """The keys and shapes ``adapter_state_dict`` will hold once ``model`` (not injected yet) follows this plan."""
         shapes: dict[str, tuple[int, ...]] = {}
         for path, layer in self.layers.items():
-            for name, shape in LoRALinear.adapter_shapes(layer.in_features, layer.out_features, layer.r).items():
+            for name, shape in LoRALinear.adapter_shapes(layer.in_features, layer.out_features, layer.r, self.config.use_dora, self.adapter_name).items():
                 shapes[f"{path}.{name}"] = shape
         for name, param in model.named_parameters():
             injected = self.injected_name(unwrapped_name(name))
@@ -82,12 +84,23 @@ class InjectionPlan:
 
 @dataclass
 class LoRAState:
-    """What ``inject_lora`` did to a model; kept on the model for saving, merging and checks."""
+    """What ``inject_lora`` (and ``adapters.add_adapter``) did to a model; kept on the model for saving, merging and checks.
 
-    plan: InjectionPlan
+    ``plan`` and ``config`` are those of the active adapter: the one that computes, trains and is saved by default.
+    """
+
+    plans: dict[str, InjectionPlan]
+    """Every adapter of the model by name, in the order they were added."""
     quantization: QuantizationConfig | None
     fingerprint: str = ""
     """``backbone_fingerprint`` taken at injection, before any strategy wrapped the model."""
+    active: str = DEFAULT_ADAPTER
+    initial: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    """Per adapter with a PiSSA / OLoRA init: its A and B right after the init (CPU copies), for ``convert_to_lora``."""
+
+    @property
+    def plan(self) -> InjectionPlan:
+        return self.plans[self.active]
 
     @property
     def config(self) -> LoRAConfig:
@@ -103,7 +116,7 @@ class LoRAState:
 
     @property
     def quantized(self) -> list[str]:
-        return self.plan.quantize
+        return next(iter(self.plans.values())).quantize  # the first adapter's injection quantized the model
 
 
 def lora_state(model: nn.Module) -> LoRAState | None:
@@ -122,19 +135,45 @@ def is_adapter_param(model: nn.Module, name: str) -> bool:
     return require_lora_state(model, "is_adapter_param").plan.is_adapter_param(unwrapped_name(name))
 
 
-def plan_injection(model: nn.Module, config: LoRAConfig, quantization_config: QuantizationConfig | None = None) -> InjectionPlan:
-    """The ``InjectionPlan`` for ``model``; validates the config against the model (raises with the candidates)."""
+def plan_injection(
+    model: nn.Module, config: LoRAConfig, quantization_config: QuantizationConfig | None = None, adapter_name: str = DEFAULT_ADAPTER
+) -> InjectionPlan:
+    """The ``InjectionPlan`` for ``model``; validates the config against the model (raises with the candidates).
+
+    On a model that has LoRA already (``adapters.add_adapter``), targets are matched against its base layers,
+    as if the LoRA layers were not there.
+    """
     to_save = find_modules_to_save(model, config)
     layers = {}
     for path in find_targets(model, config, skip=to_save):
-        in_features, out_features = base_features(model.get_submodule(path))
+        in_features, out_features = base_features(_base_of(model.get_submodule(path)))
         r = int(pattern_value(path, config.rank_pattern, config.r))
         layers[path] = LayerPlan(r, float(pattern_value(path, config.alpha_pattern, config.alpha)), in_features, out_features)
     quantize = []
     if quantization_config is not None:
         skip = output_head_names(model) | {name for name, _ in model.named_modules() if path_under(name, to_save)}
         quantize = quantization.quantization_targets(model, quantization_config, skip=skip)
-    return InjectionPlan(config, layers, to_save, quantize)
+    for path, layer in layers.items():
+        base = _base_of(model.get_submodule(path))
+        inits.check_init(config.init, path, base, layer.r, (layer.in_features, layer.out_features), will_quantize=path in quantize)
+    return InjectionPlan(config, layers, to_save, quantize, adapter_name)
+
+
+def _base_of(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, LoRALinear) else module
+
+
+def _named_base_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()`` as if no LoRA layer were there: a LoRA layer stands for its base, nothing inside it shows."""
+    out, inside = [], ()
+    for name, module in model.named_modules():
+        if inside and name.startswith(inside):
+            continue
+        if isinstance(module, LoRALinear):
+            inside = (f"{name}.",) if name else ("",)
+            module = module.base_layer
+        out.append((name, module))
+    return out
 
 
 def find_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str]:
@@ -156,14 +195,15 @@ def find_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str]:
 def find_targets(model: nn.Module, config: LoRAConfig, skip: list[str] = ()) -> list[str]:
     """Paths of the layers ``config`` adapts, validated: raises with the candidates when nothing fits."""
     heads = output_head_names(model)
-    candidates = [name for name, module in model.named_modules() if name and is_supported_base(module)]
+    modules = dict(_named_base_modules(model))
+    candidates = [name for name, module in modules.items() if name and is_supported_base(module)]
     if config.target_modules == "all-linear":
         matched = [name for name in candidates if name not in heads]
     else:
-        matched = [name for name, _ in model.named_modules() if name and matches_any(name, config.target_modules)]
-        unsupported = [name for name in matched if not is_supported_base(model.get_submodule(name))]
+        matched = [name for name in modules if name and matches_any(name, config.target_modules)]
+        unsupported = [name for name in matched if not is_supported_base(modules[name])]
         if unsupported:
-            kinds = {name: type(model.get_submodule(name)).__name__ for name in unsupported[:3]}
+            kinds = {name: type(modules[name]).__name__ for name in unsupported[:3]}
             raise ValueError(
                 f"`target_modules`={config.target_modules!r} matches modules that are not linear layers: {kinds}. "
                 "LoRA wraps nn.Linear, Conv1D, Linear4bit and Linear8bitLt; narrow the pattern to those."
@@ -176,8 +216,6 @@ def find_targets(model: nn.Module, config: LoRAConfig, skip: list[str] = ()) -> 
             f"linear layer of {type(model).__name__}. Linear layers here are named {suffixes}; "
             "pick from those, or use 'all-linear'."
         )
-    if any(isinstance(model.get_submodule(name), LoRALinear) for name in matched):
-        raise ValueError("The model already has LoRA layers: `inject_lora` was called twice. Inject once, or call it on a fresh model.")
     return matched
 
 
@@ -187,11 +225,13 @@ def inject_lora(
     quantization_config: QuantizationConfig | None = None,
     *,
     device: torch.device | str | None = None,
+    adapter_name: str = DEFAULT_ADAPTER,
 ) -> nn.Module:
     """Wrap the targeted layers of ``model`` in LoRA layers and freeze everything else, in place.
 
     ``device`` is where quantized layers go (default: where each layer is); quantizing straight onto
-    the GPU keeps host memory low, since bitsandbytes packs a weight as it moves.
+    the GPU keeps host memory low, since bitsandbytes packs a weight as it moves. ``adapter_name`` names
+    this first adapter (more are added with ``lightning_lora.adapters.add_adapter``).
 
     With ``quantization_config``, the model's ``nn.Linear`` layers (except the output head and
     ``modules_to_save``) are first replaced by bitsandbytes layers, one at a time.
@@ -205,9 +245,13 @@ def inject_lora(
         raise TypeError(f"`config` must be a LoRAConfig, got {type(config).__name__}: build one with LoRAConfig(r=..., ...).")
     if quantization_config is not None and not isinstance(quantization_config, QuantizationConfig):
         raise TypeError(f"`quantization_config` must be a QuantizationConfig or None, got {type(quantization_config).__name__} {quantization_config!r}; pass e.g. QuantizationConfig(mode='nf4').")
+    check_adapter_name(adapter_name)
     if lora_state(model) is not None or lora_layers(model):
-        raise ValueError("The model already has LoRA layers: `inject_lora` was called twice. Inject once, or call it on a fresh model.")
-    plan = plan_injection(model, config, quantization_config)
+        raise ValueError(
+            "The model already has LoRA layers: `inject_lora` was called twice. Inject once, or call it on a fresh model; "
+            "to add a second adapter, call `lightning_lora.adapters.add_adapter(model, name, config)`."
+        )
+    plan = plan_injection(model, config, quantization_config, adapter_name)
     if quantization_config is not None:
         quantization.require_bitsandbytes("quantization_config", quantization_config)  # fail before anything changes
         quantization.quantize_modules(model, quantization_config, plan.quantize, device=device)
@@ -216,12 +260,27 @@ def inject_lora(
         param.requires_grad_(False)
     for path, layer in plan.layers.items():
         parent, child = parent_of(model, path)
-        setattr(parent, child, LoRALinear.from_config(getattr(parent, child), config, r=layer.r, alpha=layer.alpha))
+        setattr(parent, child, LoRALinear.from_config(getattr(parent, child), config, r=layer.r, alpha=layer.alpha, adapter_name=adapter_name))
     for name, param in model.named_parameters():
         if plan.is_adapter_param(unwrapped_name(name)):
             param.requires_grad_(True)
-    setattr(model, _STATE_ATTR, LoRAState(plan, quantization_config, backbone_fingerprint(model)))
+    state = LoRAState({adapter_name: plan}, quantization_config, backbone_fingerprint(model), active=adapter_name)
+    setattr(model, _STATE_ATTR, state)
+    record_initial_adapter(model, adapter_name)
     return model
+
+
+def record_initial_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Keep a CPU copy of adapter ``adapter_name``'s A and B right after a base-changing init (PiSSA / OLoRA), for
+    ``inits.convert_to_lora``. Other inits need none: their adapters apply to the untouched base."""
+    state = lora_state(model)
+    plan = state.plans[adapter_name]
+    if init_changes_base(plan.config.init):
+        state.initial[adapter_name] = {
+            unwrapped_name(name): param.detach().to("cpu", copy=True)
+            for name, param in model.named_parameters()
+            if plan.is_adapter_param(unwrapped_name(name)) and name.endswith((".lora_a.weight", ".lora_b.weight"))
+        }
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -274,7 +333,10 @@ def backbone_fingerprint(model: nn.Module) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    adapter = {id(m) for layer in lora_layers(model).values() for part in (layer.lora_a, layer.lora_b) for m in part.modules()}
+    adapter = {
+        id(m) for layer in lora_layers(model).values() for _, holder in layer.adapter_items()
+        for part in (holder.lora_a, holder.lora_b, *([] if holder is layer else [holder])) for m in part.modules()
+    }  # fmt: skip
     for module_name, module in model.named_modules():
         if isinstance(module, LoRALinear) or id(module) in adapter:
             continue

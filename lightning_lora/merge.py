@@ -16,7 +16,7 @@ from lightning_lora.layers import lora_layers
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA update into its base weight (idempotent); the forward then costs what the base costs.
+    """Fold every LoRA update (of the active adapter) into its base weight (idempotent); the forward then costs what the base costs.
 
     Quantized bases are dequantized, updated and quantized again, which rounds the update; a warning
     states the measured relative error. ``unmerge_lora`` restores the original quantized weight exactly.
@@ -72,7 +72,7 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
     layers = lora_layers(model)
     quantized = {name: module for name, module in model.named_modules() if quantization.is_quantized(module)}
     if dtype is None:
-        adapter = {id(p) for layer in layers.values() for p in (*layer.lora_a.parameters(), *layer.lora_b.parameters())}
+        adapter = {id(p) for layer in layers.values() for p in layer.parameters() if not any(p is q for q in layer.base_layer.parameters())}
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and id(p) not in adapter), torch.float32)
     out: dict[str, torch.Tensor] = {}
     skip_prefixes = tuple(f"{name}." for name in (*layers, *quantized))
@@ -112,6 +112,9 @@ def cast_adapters(model: nn.Module, dtype: torch.dtype | str) -> nn.Module:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"`dtype` must be a floating torch dtype such as torch.bfloat16, got {dtype!r}.")
     for layer in lora_layers(model).values():
-        layer.lora_a.to(dtype)
-        layer.lora_b.to(dtype)
+        for _, adapter in layer.adapter_items():
+            adapter.lora_a.to(dtype)
+            adapter.lora_b.to(dtype)
+            if adapter.lora_magnitude is not None:
+                adapter.lora_magnitude.data = adapter.lora_magnitude.data.to(dtype)
     return model

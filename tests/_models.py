@@ -120,6 +120,8 @@ def peft_param_name(key: str, modules_to_save: Iterable[str] = ()) -> str:
         if key.startswith(root + "."):
             return f"base_model.model.{root}.modules_to_save.default.{key[len(root) + 1 :]}"
     key = key.replace(".lora_a.weight", ".lora_A.default.weight").replace(".lora_b.weight", ".lora_B.default.weight")
+    if key.endswith(".lora_magnitude"):  # DoRA
+        key += "_vector.default.weight"
     return "base_model.model." + key
 
 

@@ -349,7 +349,9 @@ def test_invalid_values_in_config(tmp_path):
     config = json.loads((directory / ADAPTER_CONFIG_NAME).read_text())
     for key, value, message in (
         ("r", 0, "`r` must be a positive integer, got 0."),
-        ("use_dora", True, "The adapter uses PEFT's `use_dora`=True, which lightning_lora does not implement"),
+        ("lora_bias", True, "The adapter uses PEFT's `lora_bias`=True, which lightning_lora does not implement"),
+        ("init_lora_weights", "corda", "`init_lora_weights`='corda', which rewrites the base weights in a way"),
+        ("use_dora", True, "4 missing keys (first: ['model.layers.0.self_attn.q_proj.lora_magnitude'"),  # DoRA needs its magnitudes
         ("peft_type", "IA3", "describes peft_type='IA3'; only LoRA adapters load here."),
     ):
         (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(config | {key: value}))

@@ -23,7 +23,7 @@ from torch import nn
 from lightning_lora._io import atomic_write
 from lightning_lora._version import __version__
 from lightning_lora.adapter_io import adapter_state_dict
-from lightning_lora.config import ADAPTER_FIELDS
+from lightning_lora.config import ADAPTER_FIELDS, LoRAConfig, init_changes_base
 from lightning_lora.inject import backbone_fingerprint, lora_state
 from lightning_lora.lightning import guards, strategies
 from lightning_lora.sharding import is_sharded_param
@@ -43,6 +43,7 @@ def checkpoint_metadata(module: nn.Module, backbone: str | None, adapter_only: b
         "backbone": backbone,
         "adapter_only": adapter_only,
         "lora_config": state.config.to_dict(),
+        "adapter_name": state.active,
         "quantization": state.quantization.to_dict() if state.quantization else None,
         "fingerprint": state.fingerprint or backbone_fingerprint(module),
     }
@@ -86,13 +87,26 @@ def validate_checkpoint(checkpoint: dict[str, Any], module: nn.Module, pl_module
             f"The checkpoint was written for another backbone (fingerprint {meta['fingerprint']} vs this model's "
             f"{current['fingerprint']}: module names or shapes differ). Resume with the same base model architecture."
         )
+    defaults = LoRAConfig().to_dict()  # a checkpoint older than a field holds its default
     for field in ADAPTER_FIELDS:
-        saved, now = meta["lora_config"].get(field), current["lora_config"].get(field)
+        saved, now = meta["lora_config"].get(field, defaults[field]), current["lora_config"].get(field)
         if saved != now:
             raise ValueError(
                 f"The checkpoint was written with LoRA `{field}`={saved!r}, this run has `{field}`={now!r}. "
                 f"Set `{field}`={saved!r} to resume it, or start a new run without ckpt_path."
             )
+    saved_init, now_init = meta["lora_config"].get("init", defaults["init"]), current["lora_config"]["init"]
+    if saved_init != now_init and (init_changes_base(saved_init) or init_changes_base(now_init)):
+        raise ValueError(
+            f"The checkpoint was written with LoRA `init`={saved_init!r}, this run has `init`={now_init!r}: PiSSA / OLoRA "
+            f"leave a residual in the base weights that the adapter belongs to. Set `init`={saved_init!r} to resume it."
+        )
+    saved_name, now_name = meta.get("adapter_name", "default"), current["adapter_name"]
+    if saved_name != now_name:
+        raise ValueError(
+            f"The checkpoint trained the adapter named {saved_name!r}, this run trains {now_name!r}: "
+            f"set `adapter_name`={saved_name!r} to resume it."
+        )
     saved_q = (meta.get("quantization") or {}).get("mode")
     now_q = (current.get("quantization") or {}).get("mode")
     if saved_q != now_q:

@@ -21,10 +21,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_lora.adapter_io import save_adapter
+from lightning_lora.adapters import add_adapter, set_active_adapter
 from lightning_lora.compiling import compile_blocks
 from lightning_lora.config import LoRAConfig, QuantizationConfig
 from lightning_lora.inject import inject_lora, lora_state, parameter_summary, trainable_parameters
-from lightning_lora.layers import LoRALinear
+from lightning_lora.layers import DEFAULT_ADAPTER, LoRALinear, check_adapter_name
 from lightning_lora.lightning import checkpoints, guards, patches, strategies
 from lightning_lora.quantization import is_quantized
 
@@ -41,7 +42,9 @@ class LoRAController:
         skip_nonfinite: bool = True,
         max_nonfinite_steps: int = 10,
         compile_blocks: bool | list[str] = False,
+        adapter_name: str = DEFAULT_ADAPTER,
     ) -> None:
+        check_adapter_name(adapter_name)
         if not isinstance(compile_blocks, bool) and not (
             isinstance(compile_blocks, (list, tuple)) and compile_blocks and all(isinstance(c, str) for c in compile_blocks)
         ):
@@ -60,6 +63,7 @@ class LoRAController:
         self.skip_nonfinite = skip_nonfinite
         self.max_nonfinite_steps = max_nonfinite_steps
         self.compile_blocks = list(compile_blocks) if isinstance(compile_blocks, (list, tuple)) else compile_blocks
+        self.adapter_name = adapter_name
         self.guard = guards.NonFiniteGuard(skip_nonfinite, max_nonfinite_steps)
 
     # -- Lightning's setup -----------------------------------------------------------------------
@@ -98,7 +102,7 @@ class LoRAController:
 
     def ready_to_inject(self, pl_module: nn.Module) -> bool:
         module = self.backbone_of(pl_module)
-        if module is None or lora_state(module) is not None:
+        if module is None or self._has_adapter(module):
             return False
         params = list(module.parameters())
         return bool(params) and not any(p.is_meta for p in params)
@@ -108,18 +112,32 @@ class LoRAController:
         if self.ready_to_inject(pl_module):
             module = self.backbone_of(pl_module)
             quantization = self.quantization_config
+            strategies.check_lora_config(self.lora_config, pl_module)
             if quantization is not None:
                 strategies.check_quantization(quantization, pl_module)
-            # A backbone quantized already (e.g. by lightning_lora.loading) is wrapped as it is.
-            already_quantized = any(is_quantized(m) for m in module.modules())
-            inject_lora(module, self.lora_config, None if already_quantized else quantization, device=device)
-            lora_state(module).quantization = quantization
+            if lora_state(module) is not None:
+                # The backbone has other adapters already (e.g. loaded by the user): this one is added, and trains.
+                add_adapter(module, self.adapter_name, self.lora_config)
+                set_active_adapter(module, self.adapter_name)
+            else:
+                # A backbone quantized already (e.g. by lightning_lora.loading) is wrapped as it is.
+                already_quantized = any(is_quantized(m) for m in module.modules())
+                inject_lora(module, self.lora_config, None if already_quantized else quantization, device=device, adapter_name=self.adapter_name)
+                lora_state(module).quantization = quantization
             if self.compile_blocks:
                 # After injection, before the strategy wraps the model: the compiled blocks hold the LoRA layers.
                 names = compile_blocks(module, None if self.compile_blocks is True else self.compile_blocks)
                 rank_zero_info(f"lightning_lora: compiled {len(names)} blocks ({type(module.get_submodule(names[0])).__name__}).")
         module = self.backbone_of(pl_module)
-        return module is not None and lora_state(module) is not None
+        if module is None or not self._has_adapter(module):
+            return False
+        if lora_state(module).active != self.adapter_name:
+            set_active_adapter(module, self.adapter_name)  # it was loaded by the user: this run trains it
+        return True
+
+    def _has_adapter(self, module: nn.Module) -> bool:
+        state = lora_state(module)
+        return state is not None and self.adapter_name in state.plans
 
     def inject_after_configure_model(self, pl_module: nn.Module, device: torch.device | None) -> None:
         """The last chance before the strategy wraps the model and the optimizer is built."""
@@ -128,7 +146,7 @@ class LoRAController:
 
     def require_injected(self, pl_module: nn.Module) -> nn.Module:
         module = self.backbone_of(pl_module)
-        if module is None or lora_state(module) is None:
+        if module is None or not self._has_adapter(module):
             where = f"`self.{self.backbone}`" if self.backbone else "the LightningModule"
             raise RuntimeError(
                 f"LoRA was never injected: {where} had no materialized weights in setup() or after configure_model(). "
@@ -208,8 +226,11 @@ class LoRAController:
         return self.guard.streak
 
     # -- export --------------------------------------------------------------------------------
-    def export(self, trainer: Any, pl_module: nn.Module, export_dir: str | os.PathLike, merge: bool) -> Path | None:
-        """Write the PEFT-format adapter (and merged weights when asked) from rank zero; every rank gathers."""
+    def export(self, trainer: Any, pl_module: nn.Module, export_dir: str | os.PathLike, merge: bool, convert_init: bool = False) -> Path | None:
+        """Write the PEFT-format adapter (and merged weights when asked) from rank zero; every rank gathers.
+
+        ``convert_init``: also write ``export_dir/adapter_converted``, the PiSSA / OLoRA adapter as plain LoRA on the
+        original base (``save_adapter(..., convert_to_lora=True)``)."""
         module = self.require_injected(pl_module)
         tensors = strategies.gather_adapter_state_dict(trainer, module)
         if not trainer.is_global_zero:
@@ -219,6 +240,8 @@ class LoRAController:
             raise RuntimeError(f"Refusing to export an adapter with non-finite weights (first: {bad!r}); nothing was written.")
         export_dir = Path(export_dir)
         save_adapter(module, export_dir / "adapter", state_dict=tensors)
+        if convert_init:
+            save_adapter(module, export_dir / "adapter_converted", state_dict=tensors, convert_to_lora=True)
         if merge:
             from lightning_lora.export import save_merged
 

@@ -47,6 +47,8 @@ class LoRAMixin:
     skip_nonfinite: bool = True
     max_nonfinite_steps: int = 10
     compile_blocks: bool | list[str] = False
+    lora_adapter_name: str = "default"
+    """The adapter this module injects (or adds to a backbone that has adapters already) and trains."""
 
     @property
     def lora_controller(self) -> LoRAController:
@@ -66,6 +68,7 @@ class LoRAMixin:
                 self.skip_nonfinite,
                 self.max_nonfinite_steps,
                 self.compile_blocks,
+                self.lora_adapter_name,
             )
             self.__dict__["_lora_controller"] = controller
         return controller
@@ -106,20 +109,26 @@ class LoRAMixin:
         """The parameters that train (LoRA, and biases / modules_to_save per config), for the optimizer."""
         return trainable_parameters(self)
 
-    def save_adapter(self, directory: str | os.PathLike) -> Path:
-        """Write the adapter in PEFT's format (gathered across ranks under FSDP; written by rank zero)."""
+    def save_adapter(self, directory: str | os.PathLike, convert_to_lora: bool = False) -> Path:
+        """Write the trained adapter in PEFT's format (gathered across ranks under FSDP; written by rank zero).
+
+        ``convert_to_lora``: a PiSSA / OLoRA adapter as plain LoRA on the original base (``save_adapter``'s option).
+        """
         trainer = getattr(self, "_trainer", None)
         tensors = strategies.gather_adapter_state_dict(trainer, self.lora_model)
         if trainer is not None and not trainer.is_global_zero:
             return Path(directory)
-        return save_adapter(self.lora_model, directory, state_dict=tensors)
+        return save_adapter(self.lora_model, directory, state_dict=tensors, convert_to_lora=convert_to_lora)
 
-    def load_adapter(self, directory: str | os.PathLike) -> nn.Module:
-        """Load a saved adapter (ours or PEFT's) into the backbone, all or nothing; injects LoRA first if needed."""
+    def load_adapter(self, directory: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
+        """Load a saved adapter (ours or PEFT's) into the backbone, all or nothing; injects LoRA first if needed.
+
+        ``adapter_name``: load it as that adapter (added frozen beside the others), see ``adapter_io.load_adapter``.
+        """
         module = self.lora_controller.backbone_of(self)
         if module is None:
             raise RuntimeError(f"`self.{self.lora_backbone}` is not built yet: call load_adapter after the backbone exists.")
-        return load_adapter(module, directory)
+        return load_adapter(module, directory, adapter_name=adapter_name)
 
     def merge_lora(self) -> nn.Module:
         return merge_lora(self.lora_model)
