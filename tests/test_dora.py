@@ -230,3 +230,41 @@ def test_compiled_blocks_match_eager():
     assert grads.keys() == eager.keys()
     for name, grad in eager.items():
         assert_close_scaled(grads[name], grad, 1e-4, name)
+
+
+@pytest.mark.slow
+def test_ddp_and_fsdp2_train_dora_like_one_process(tmp_path):
+    # Two gloo ranks with 2 sequences each per step vs one process with those 4: the same 3 AdamW steps. Under
+    # FSDP2 (ModelParallelStrategy + fully_shard_lora) each rank holds half of every magnitude vector.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_distributed_cpu import _free_port
+
+    script = Path(__file__).parent / "scripts" / "dora_distributed.py"
+    results = {}
+    for kind in ("ddp", "fsdp2"):
+        env = {**os.environ, "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        env.pop("LOCAL_RANK", None)
+        result = subprocess.run([sys.executable, str(script), str(tmp_path), kind], env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+        results[kind] = torch.load(tmp_path / f"{kind}.pt", weights_only=True)
+    assert results["fsdp2"]["layout"] == ("DTensor", (32,), "(Shard(dim=0),)")
+    model = inject_lora(tiny_llama(), LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True), QuantizationConfig(mode="nf4"))
+    with torch.no_grad():
+        for key, tensor in adapter_state_dict(model).items():
+            tensor.copy_(results["ddp"]["initial"][key])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for (ids,) in token_loader(n=12, seq=16, batch_size=4):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    expected = adapter_state_dict(model)
+    for kind, result in results.items():
+        assert result["initial"].keys() == expected.keys() and len(expected) == 12
+        for key, value in expected.items():
+            assert torch.equal(result["initial"][key], results["ddp"]["initial"][key]), (kind, key)
+            assert not torch.equal(value, result["initial"][key]), (kind, key)  # it trained (B and m too)
+            torch.testing.assert_close(result["adapter"][key], value, rtol=1e-4, atol=1e-4 * value.abs().max().item(), msg=lambda m, k=key: f"{kind} {k}: {m}")
