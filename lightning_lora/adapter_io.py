@@ -92,7 +92,7 @@ def peft_config_dict(
     state = require_lora_state(model, "peft_config_dict")
     plan = state.plans[require_adapter(model, adapter_name, "peft_config_dict")]
     config = plan.config if config is None else config
-    layers = [model.get_submodule(path) for path in plan.targets]
+    layers = [m for name, m in model.named_modules() if isinstance(m, LoRALinear) and unwrapped_name(name) in plan.layers]
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     out: dict[str, Any] = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path}

@@ -7,7 +7,8 @@ loaded by name with ``adapter_io.load_adapter(model, directory, adapter_name=...
 
 Adapters that share a model may train only their own tensors: ``bias`` other than 'none' and
 ``modules_to_save`` change tensors of the base model that every adapter computes with, so they are
-refused once a model holds more than one adapter.
+refused once a model holds more than one adapter; and an adapter initialised with PiSSA / OLoRA owns the residual
+its init left in the base, so it shares no layer with another adapter.
 
 Example::
 
@@ -26,8 +27,8 @@ from contextlib import contextmanager
 from torch import nn
 
 from lightning_lora._matching import parent_of, unwrapped_name
-from lightning_lora.config import LoRAConfig
-from lightning_lora.inject import LoRAState, plan_injection, record_initial_adapter, require_lora_state
+from lightning_lora.config import LoRAConfig, init_changes_base
+from lightning_lora.inject import InjectionPlan, LoRAState, plan_injection, record_initial_adapter, require_lora_state
 from lightning_lora.layers import BASE_ONLY, LoRALinear, check_adapter_name, lora_layers
 
 
@@ -55,6 +56,7 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoRAConfig) -> nn.M
     _check_shareable(state, adapter_name, config)
     _require_unmerged(model, "add_adapter")
     plan = plan_injection(model, config, None, adapter_name)
+    _check_base_inits(state, adapter_name, plan)
     for path, layer_plan in plan.layers.items():
         module = model.get_submodule(path)
         if isinstance(module, LoRALinear):
@@ -144,6 +146,21 @@ def _check_shareable(state: LoRAState, new_name: str, new_config: LoRAConfig) ->
                 f"Adapter {name!r} has `bias`={config.bias!r} / `modules_to_save`={config.modules_to_save!r}: those train "
                 "tensors of the base model itself, which every adapter of the model computes with, so several adapters "
                 "cannot share one model with them. Use bias='none' and no modules_to_save for every adapter, or one model per adapter."
+            )
+
+
+def _check_base_inits(state: LoRAState, new_name: str, new_plan: InjectionPlan) -> None:
+    """PiSSA / OLoRA rewrite the base weight into a residual that belongs to their adapter: such an adapter cannot
+    share a layer with another one (the other would then compute on the residual)."""
+    for name, plan in state.plans.items():
+        shared = sorted(set(plan.layers) & set(new_plan.layers))
+        changer = next((n for n, p in ((new_name, new_plan), (name, plan)) if init_changes_base(p.config.init)), None)
+        if shared and changer is not None:
+            raise ValueError(
+                f"Adapter {changer!r} was initialised with init={state.plans.get(changer, new_plan).config.init!r}, which leaves a "
+                f"residual of the base weights that belongs to it, and adapters {name!r} and {new_name!r} share layers "
+                f"(first: {shared[0]!r}). Give the new adapter other target_modules, or convert the PiSSA / OLoRA adapter "
+                "to plain LoRA (save_adapter(..., convert_to_lora=True)) and load that on the original base."
             )
 
 

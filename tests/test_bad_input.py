@@ -222,6 +222,7 @@ CASES = [
     Case("adapter-name", lambda tmp: (lambda m: ((lambda: inject_lora(m, LoRAConfig(target_modules=QV), adapter_name="a.b")), m, None))(tiny_llama()), ValueError, ["`adapter_name`", "'a.b'", "Name adapters"]),
     Case("add-adapter-duplicate", lambda tmp: (lambda m: ((lambda: add_adapter(m, "default", LoRAConfig(target_modules=QV))), m, None))(_injected()), ValueError, ["'default'", "['default']", "pick another name"]),
     Case("add-adapter-modules-to-save", lambda tmp: (lambda m: ((lambda: add_adapter(m, "b", LoRAConfig(target_modules=QV, modules_to_save=["lm_head"]))), m, None))(_injected()), ValueError, ["'b'", "`modules_to_save`=['lm_head']", "Use bias='none'"]),
+    Case("add-adapter-over-pissa", lambda tmp: (lambda m: ((lambda: add_adapter(m, "b", LoRAConfig(target_modules=["q_proj"]))), m, None))(_injected(init="pissa")), ValueError, ["init='pissa'", "'model.layers.0.self_attn.q_proj'", "convert the PiSSA / OLoRA adapter"]),
     Case("set-active-unknown", lambda tmp: (lambda m: ((lambda: set_active_adapter(m, "sql")), m, None))(_injected()), ValueError, ["`adapter_name`", "'sql'", "it has ['default']"]),
     Case("delete-active", lambda tmp: (lambda m: ((lambda: delete_adapter(m, "default")), m, None))(_injected()), ValueError, ["`adapter_name`", "'default'", "only adapter"]),
     Case("per-sample-unknown", lambda tmp: (lambda m: ((lambda: per_sample_adapters(m, ["default", "sql"]).__enter__()), m, None))(_injected()), ValueError, ["`names`", "['sql']", "use ['default'] or '__base__'"]),

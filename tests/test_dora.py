@@ -268,3 +268,16 @@ def test_ddp_and_fsdp2_train_dora_like_one_process(tmp_path):
             assert torch.equal(result["initial"][key], results["ddp"]["initial"][key]), (kind, key)
             assert not torch.equal(value, result["initial"][key]), (kind, key)  # it trained (B and m too)
             torch.testing.assert_close(result["adapter"][key], value, rtol=1e-4, atol=1e-4 * value.abs().max().item(), msg=lambda m, k=key: f"{kind} {k}: {m}")
+
+
+def test_dora_is_refused_under_fsdp1_before_injection():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lightning_lora.lightning.strategies import check_lora_config
+
+    module = SimpleNamespace(_trainer=SimpleNamespace(strategy=FSDPStrategy()))
+    with pytest.raises(ValueError, match=r"`use_dora`=True is not supported under FSDPStrategy \(FSDP1\).*Use ModelParallelStrategy"):
+        check_lora_config(LoRAConfig(use_dora=True), module)
+    check_lora_config(LoRAConfig(), module)  # plain LoRA is fine there
