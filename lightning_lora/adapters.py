@@ -75,8 +75,7 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoRAConfig) -> nn.M
 def set_active_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     """Make ``adapter_name`` the adapter that computes and trains; every other adapter is frozen."""
     state = require_lora_state(model, "set_active_adapter")
-    if adapter_name not in state.plans:
-        raise ValueError(f"`adapter_name`={adapter_name!r} is not an adapter of this model; it has {list(state.plans)}.")
+    require_adapter(model, adapter_name, "set_active_adapter", default_active=False)
     _require_unmerged(model, "set_active_adapter")
     for layer in lora_layers(model).values():
         layer.active_adapter = adapter_name
@@ -88,8 +87,7 @@ def set_active_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
 def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     """Remove adapter ``adapter_name`` and its tensors. The active adapter and a model's last adapter stay."""
     state = require_lora_state(model, "delete_adapter")
-    if adapter_name not in state.plans:
-        raise ValueError(f"`adapter_name`={adapter_name!r} is not an adapter of this model; it has {list(state.plans)}.")
+    require_adapter(model, adapter_name, "delete_adapter", default_active=False)
     if adapter_name == state.active:
         others = [name for name in state.plans if name != adapter_name]
         fix = f"make another one active first (set_active_adapter(model, {others[0]!r}))" if others else "it is the model's only adapter"
@@ -169,10 +167,11 @@ def _require_unmerged(model: nn.Module, caller: str) -> None:
         raise ValueError(f"`{caller}` needs unmerged LoRA layers: call `unmerge_lora(model)` first.")
 
 
-def require_adapter(model: nn.Module, adapter_name: str | None, caller: str) -> str:
-    """``adapter_name``, or the active adapter when None; a ValueError naming the model's adapters if it has no such one."""
+def require_adapter(model: nn.Module, adapter_name: str | None, caller: str, default_active: bool = True) -> str:
+    """``adapter_name``, or the active adapter when None (and ``default_active``); a ValueError naming the model's
+    adapters if it has no such one."""
     state = require_lora_state(model, caller)
-    if adapter_name is None:
+    if adapter_name is None and default_active:
         return state.active
     if adapter_name not in state.plans:
         raise ValueError(f"`{caller}` got `adapter_name`={adapter_name!r}, which is not an adapter of this model; it has {list(state.plans)}.")
