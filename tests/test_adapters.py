@@ -215,3 +215,20 @@ def test_swapping_adapter_weights_into_a_compiled_model_does_not_recompile(tmp_p
     assert len(compiles) == count  # no recompilation
     assert_close_scaled(second, _logits(two, x))
     assert not torch.allclose(first, second)
+
+
+def test_checkpoint_written_before_dora_and_named_adapters_still_resumes(tmp_path):
+    # Checkpoints of earlier versions lack `use_dora` in their LoRA config and the adapter's name: they mean the
+    # defaults (False, 'default'), and the keys of single-adapter runs are unchanged.
+    callback = lambda: LoRACallback(r=4, target_modules=["q_proj", "v_proj"], backbone="model")  # noqa: E731
+    module = LlamaLM(build_in="init")
+    t = trainer(1, [callback()])
+    t.fit(module, token_loader(n=8))
+    t.save_checkpoint(tmp_path / "old.ckpt")
+    checkpoint = torch.load(tmp_path / "old.ckpt", weights_only=True)
+    assert set(checkpoint["state_dict"]) == {f"model.model.layers.{i}.self_attn.{n}.lora_{ab}.weight" for i in range(2) for n in ("q_proj", "v_proj") for ab in "ab"}
+    del checkpoint["lightning_lora"]["lora_config"]["use_dora"], checkpoint["lightning_lora"]["adapter_name"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    resumed = LlamaLM(build_in="init")
+    trainer(2, [callback()]).fit(resumed, token_loader(n=8), ckpt_path=str(tmp_path / "old.ckpt"))
+    assert active_adapter(resumed.model) == "default"
