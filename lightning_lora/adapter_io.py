@@ -197,9 +197,11 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str
     config_path, weights_path = directory / ADAPTER_CONFIG_NAME, directory / ADAPTER_WEIGHTS_NAME
     for path in (config_path, weights_path):
         if not path.is_file():
+            named = sorted(sub.name for sub in directory.iterdir() if (sub / ADAPTER_CONFIG_NAME).is_file()) if directory.is_dir() else []
+            hint = f" Its subfolders {named} hold named adapters: load them with load_adapters(model, directory)." if named else ""
             raise FileNotFoundError(
                 f"`directory`={str(directory)!r} has no {path.name}: an adapter directory holds "
-                f"{ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME} (as written by save_adapter or PEFT's save_pretrained)."
+                f"{ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME} (as written by save_adapter or PEFT's save_pretrained).{hint}"
             )
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))

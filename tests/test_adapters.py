@@ -113,6 +113,8 @@ def test_our_multi_adapter_layout_loads_in_peft_and_peft_layout_loads_here(tmp_p
             if "lora_" in name:
                 param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(i)) * 0.1)
     peft.save_pretrained(tmp_path / "peft")
+    with pytest.raises(FileNotFoundError, match=r"Its subfolders \['chat'\] hold named adapters: load them with load_adapters"):
+        load_adapter(tiny_llama(), _only_named(tmp_path))
     ours = load_adapters(tiny_llama(), tmp_path / "peft").eval()
     assert adapter_names(ours) == ["default", "chat"] and lora_state(ours).plans["chat"].config.use_dora
     peft.eval()
@@ -232,3 +234,11 @@ def test_checkpoint_written_before_dora_and_named_adapters_still_resumes(tmp_pat
     resumed = LlamaLM(build_in="init")
     trainer(2, [callback()]).fit(resumed, token_loader(n=8), ckpt_path=str(tmp_path / "old.ckpt"))
     assert active_adapter(resumed.model) == "default"
+
+
+def _only_named(tmp_path):
+    """A directory in PEFT's layout with no 'default' adapter: only the subfolder 'chat'."""
+    import shutil
+
+    shutil.copytree(tmp_path / "peft" / "chat", tmp_path / "named" / "chat")
+    return tmp_path / "named"
