@@ -22,19 +22,24 @@ _EXPORTS = {
     "ParamLoRA": "lightning_lora.param_lora",
     "QuantizationConfig": "lightning_lora.config",
     "TrainableTokens": "lightning_lora.tokens",
+    "add_adapter": "lightning_lora.adapters",
     "adapter_state_dict": "lightning_lora.adapter_io",
     "backbone_fingerprint": "lightning_lora.inject",
     "cast_adapters": "lightning_lora.merge",
+    "delete_adapter": "lightning_lora.adapters",
     "disable_lora": "lightning_lora.merge",
     "inject_lora": "lightning_lora.inject",
     "load_adapter": "lightning_lora.adapter_io",
+    "load_adapters": "lightning_lora.adapter_io",
     "lora_plus_param_groups": "lightning_lora.lora_plus",
     "merge_lora": "lightning_lora.merge",
     "merged_state_dict": "lightning_lora.merge",
     "parameter_summary": "lightning_lora.inject",
+    "per_sample_adapters": "lightning_lora.adapters",
     "quantize_model": "lightning_lora.quantization",
     "save_adapter": "lightning_lora.adapter_io",
     "serving_issues": "lightning_lora.serving",
+    "set_active_adapter": "lightning_lora.adapters",
     "trainable_parameters": "lightning_lora.inject",
     "unmerge_lora": "lightning_lora.merge",
 }
@@ -56,7 +61,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
-    from lightning_lora.adapter_io import adapter_state_dict, load_adapter, save_adapter
+    from lightning_lora.adapter_io import adapter_state_dict, load_adapter, load_adapters, save_adapter
+    from lightning_lora.adapters import add_adapter, delete_adapter, per_sample_adapters, set_active_adapter
     from lightning_lora.config import LoRAConfig, QuantizationConfig
     from lightning_lora.inject import backbone_fingerprint, inject_lora, parameter_summary, trainable_parameters
     from lightning_lora.layers import LoRALinear

@@ -10,7 +10,9 @@ three faster ways to compute the same thing, each for one situation:
   (dequantized) weight when that is cheaper.
 
 Nothing here imports the layer module: the routes take the layer and read its attributes
-(``base_layer``, ``in_features``, ``out_features``, ``r``, ``scale``, ``dropout``, ``fan_in_fan_out``, ``fused``).
+(``base_layer``, ``in_features``, ``out_features``, ``fan_in_fan_out``, ``fused``) and the adapter's that runs
+(``r``, ``scale``, ``dropout``, ``use_dora``: the layer itself for its default adapter, else a ``LoRAAdapter``).
+DoRA adapters take none of these routes (``fusable`` says no): they run ``dora.output``.
 """
 
 from __future__ import annotations
@@ -25,17 +27,22 @@ from torch.nn.modules import module as module_mod  # the global module hooks liv
 from lightning_lora import quantization
 
 LoRALinear = nn.Module  # for annotations: the routes take a ``layers.LoRALinear`` (not imported: it imports this module)
+Adapter = nn.Module  # the module holding one adapter's A, B, scale and dropout (``layers.LoRAAdapter``, or the layer)
 
 
 # -- guards --------------------------------------------------------------------------------------
-def fusable(layer: LoRALinear) -> bool:
-    """Whether ``_FusedLoRA`` (and the weight route) can stand in for base + LoRA.
+def fusable(layer: LoRALinear, adapter: Adapter | None = None) -> bool:
+    """Whether ``_FusedLoRA`` (and the weight route) can stand in for base + LoRA (``adapter``, default the active one).
 
     It needs a frozen float or 4-bit base (bias frozen too) with its class's stock forward,
     no forward or backward hooks on the base layer (it computes the base output without calling the
-    base module), and no torch.func transform (the node defines no vmap rule).
+    base module), no torch.func transform (the node defines no vmap rule), and an additive adapter:
+    DoRA rescales the base output too, which the node does not compute.
     """
     base = layer.base_layer
+    adapter = layer.get_adapter(layer.active_adapter) if adapter is None else adapter
+    if adapter is None or adapter.use_dora:
+        return False
     if not layer.fused or quantization.is_8bit(base) or base.weight.requires_grad:
         return False
     if getattr(base, "bias", None) is not None and base.bias.requires_grad:
@@ -90,23 +97,23 @@ def _frozen_weight(base: nn.Module, dtype: torch.dtype, transposed: bool = False
 
 
 # -- the routes ------------------------------------------------------------------------------------
-def fused_training(layer: LoRALinear, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    x_lora = None if isinstance(layer.dropout, nn.Identity) else layer.dropout(x)
-    return _FusedLoRA.apply(x, x_lora, a, b, layer)
+def fused_training(layer: LoRALinear, adapter: Adapter, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    x_lora = None if isinstance(adapter.dropout, nn.Identity) else adapter.dropout(x)
+    return _FusedLoRA.apply(x, x_lora, a, b, layer, adapter.scale)
 
 
-def unfused_training(layer: LoRALinear, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def unfused_training(layer: LoRALinear, adapter: Adapter, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     out = layer.base_layer(x)
     if a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
         a, b = a.to(x.dtype), b.to(x.dtype)  # cast the small adapter, not the activation
-    h = F.linear(layer.dropout(x), a)  # (..., r)
+    h = F.linear(adapter.dropout(x), a)  # (..., r)
     if out.dtype == h.dtype and out.dim() >= 2:
         # One kernel: out + scale * h @ B^T, written into the base output's shape.
-        return torch.addmm(out.reshape(-1, layer.out_features), h.reshape(-1, layer.r), b.t(), alpha=layer.scale).view(out.shape)
-    return out + (F.linear(h, b) * layer.scale).to(out.dtype)
+        return torch.addmm(out.reshape(-1, layer.out_features), h.reshape(-1, adapter.r), b.t(), alpha=adapter.scale).view(out.shape)
+    return out + (F.linear(h, b) * adapter.scale).to(out.dtype)
 
 
-def no_grad(layer: LoRALinear, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def no_grad(layer: LoRALinear, adapter: Adapter, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Without autograd (inference, or a reentrant-checkpoint forward): the update added into the base output in place.
 
     With many tokens, adding the update to the output costs a read and a write of the whole
@@ -117,28 +124,28 @@ def no_grad(layer: LoRALinear, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     """
     base = layer.base_layer
     four_bit = quantization.is_4bit(base)
-    dropout_active = layer.training and not isinstance(layer.dropout, nn.Identity)
+    dropout_active = layer.training and not isinstance(adapter.dropout, nn.Identity)
     tokens = x.numel() // layer.in_features
     fold_cost = (2 if four_bit else 3) * layer.in_features * layer.out_features
-    if not dropout_active and tokens * (layer.in_features + 2 * layer.out_features) > fold_cost and fusable(layer):
+    if not dropout_active and tokens * (layer.in_features + 2 * layer.out_features) > fold_cost and fusable(layer, adapter):
         dtype = _compute_dtype(x, _base_compute_dtype(base, x))
         weight = _frozen_weight(base, dtype, layer.fan_in_fan_out)
         a, b = a.to(dtype), b.to(dtype)
         # A dequantized weight is a fresh tensor: add in place. A float weight is the parameter itself.
-        weight = weight.addmm_(b, a, alpha=layer.scale) if four_bit else torch.addmm(weight, b, a, alpha=layer.scale)
+        weight = weight.addmm_(b, a, alpha=adapter.scale) if four_bit else torch.addmm(weight, b, a, alpha=adapter.scale)
         bias = getattr(base, "bias", None)
         out = F.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
         return out.to(x.dtype) if four_bit else out
     out = base(x)
     dtype = _compute_dtype(x, out.dtype)
     a, b = a.to(dtype), b.to(dtype)
-    x_lora = layer.dropout(x) if dropout_active else x
+    x_lora = adapter.dropout(x) if dropout_active else x
     h = torch.mm(x_lora.reshape(-1, layer.in_features).to(dtype), a.t())
     # In place only when nothing else can hold the base output (a forward hook may have kept it).
     if out.dtype == dtype and out.is_contiguous() and not out.requires_grad and _unhooked(base):
-        out.view(-1, layer.out_features).addmm_(h, b.t(), alpha=layer.scale)
+        out.view(-1, layer.out_features).addmm_(h, b.t(), alpha=adapter.scale)
         return out
-    return out + (torch.mm(h, b.t()) * layer.scale).view(out.shape).to(out.dtype)
+    return out + (torch.mm(h, b.t()) * adapter.scale).view(out.shape).to(out.dtype)
 
 
 class _FusedLoRA(torch.autograd.Function):
@@ -153,7 +160,7 @@ class _FusedLoRA(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, x_lora: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, layer: LoRALinear) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, x_lora: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, layer: LoRALinear, scale: float) -> torch.Tensor:
         base = layer.base_layer
         bias = getattr(base, "bias", None)
         dtype = _compute_dtype(x, _base_compute_dtype(base, x))
@@ -166,8 +173,8 @@ class _FusedLoRA(torch.autograd.Function):
             out = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias.to(dtype), x2, weight.t())
         a_c, b_c = a.to(dtype), b.to(dtype)
         h = torch.mm(xl2, a_c.t())
-        out.addmm_(h, b_c.t(), alpha=layer.scale)
-        ctx.layer, ctx.dtype, ctx.x_dtype, ctx.dropout, ctx.scale = layer, dtype, x.dtype, x_lora is not None, layer.scale
+        out.addmm_(h, b_c.t(), alpha=scale)
+        ctx.layer, ctx.dtype, ctx.x_dtype, ctx.dropout, ctx.scale = layer, dtype, x.dtype, x_lora is not None, scale
         ctx.a_dtype, ctx.b_dtype = a.dtype, b.dtype
         ctx.save_for_backward(xl2, h, a_c, b_c)
         # Like the base layers themselves: bitsandbytes returns the input dtype, torch's linear the compute dtype.
@@ -178,7 +185,7 @@ class _FusedLoRA(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         xl2, h, a_c, b_c = ctx.saved_tensors
         layer = ctx.layer
-        needs_x, needs_x_lora, needs_a, needs_b, _ = ctx.needs_input_grad
+        needs_x, needs_x_lora, needs_a, needs_b, _, _ = ctx.needs_input_grad
         g = grad.reshape(-1, layer.out_features).to(ctx.dtype)
         grad_h = torch.mm(g, b_c).mul_(ctx.scale)  # (tokens, r)
         grad_a = torch.mm(grad_h.t(), xl2).to(ctx.a_dtype) if needs_a else None
@@ -191,4 +198,4 @@ class _FusedLoRA(torch.autograd.Function):
             grad_x = grad_x.view(*grad.shape[:-1], layer.in_features).to(ctx.x_dtype)
         if ctx.dropout and needs_x_lora:
             grad_x_lora = torch.mm(grad_h, a_c).view(*grad.shape[:-1], layer.in_features).to(ctx.x_dtype)
-        return grad_x, grad_x_lora, grad_a, grad_b, None
+        return grad_x, grad_x_lora, grad_a, grad_b, None, None

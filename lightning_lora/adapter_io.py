@@ -1,9 +1,13 @@
 """Adapter tensors and PEFT's on-disk format.
 
 A saved adapter is a directory with ``adapter_config.json`` and ``adapter_model.safetensors``,
-keyed as PEFT keys them (``base_model.model.<path>.lora_A.weight``), so ``PeftModel.from_pretrained``
-reads ours and ``load_adapter`` reads PEFT's. Loading checks every key and shape before it writes
-anything into the model: it loads all of the adapter or none of it.
+keyed as PEFT keys them (``base_model.model.<path>.lora_A.weight``, DoRA's ``.lora_magnitude_vector``),
+so ``PeftModel.from_pretrained`` reads ours and ``load_adapter`` reads PEFT's. Loading checks every key
+and shape before it writes anything into the model: it loads all of the adapter or none of it.
+
+A model with several adapters is saved as PEFT's ``save_pretrained`` saves it: the adapter named
+'default' in the directory itself, every other one in a subfolder of its name; ``load_adapters``
+reads that layout back, ``load_adapter(..., adapter_name=...)`` one adapter of it.
 """
 
 from __future__ import annotations
@@ -25,13 +29,15 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 from torch import nn
 
-from lightning_lora import serving
+from lightning_lora import inits, serving
 from lightning_lora._version import __version__
 from lightning_lora._io import atomic_directory, read_files, require_directory_path
 from lightning_lora._matching import matches_suffix, path_under, pattern_value, unwrapped_name
-from lightning_lora.config import LoRAConfig, peft_fields
+from lightning_lora.adapters import add_adapter, require_adapter
+from lightning_lora.config import LoRAConfig, init_changes_base, peft_fields
 from lightning_lora.inject import backbone_fingerprint, drop_unmatched_names, inject_lora, lora_state, plan_injection, require_lora_state
-from lightning_lora.layers import LoRALinear, is_supported_base, lora_layers, require_unmerged
+from lightning_lora.layers import DEFAULT_ADAPTER, LoRALinear, check_adapter_name, is_supported_base, lora_layers, require_unmerged
+from lightning_lora.layers import to_adapter_key, to_default_key
 from lightning_lora.param_lora import param_lora_layers
 from lightning_lora.tokens import token_layers
 
@@ -40,7 +46,8 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 # Every field of PEFT 0.21's LoraConfig is one of three kinds (tests/test_adapter_io.py checks the list against
 # the installed peft). Implemented: the keys of ``peft_fields()`` (r, lora_alpha, lora_dropout, target_modules,
-# exclude_modules, bias, modules_to_save, init_lora_weights, use_rslora, rank_pattern, alpha_pattern).
+# exclude_modules, bias, modules_to_save, init_lora_weights, use_rslora, rank_pattern, alpha_pattern,
+# target_parameters, trainable_token_indices, use_dora).
 # Metadata, which changes nothing this library computes (fan_in_fan_out follows the layer type here, as PEFT
 # corrects it; megatron_core / qalora_group_size / runtime_config only matter with the refused fields):
 _PEFT_METADATA = frozenset({
@@ -50,21 +57,25 @@ _PEFT_METADATA = frozenset({
 # Features whose math this library does not implement: refused unless at PEFT's default (None, False or empty).
 _PEFT_REFUSED = frozenset({
     "layers_to_transform", "layers_pattern", "megatron_config", "loftq_config", "eva_config",
-    "corda_config", "lora_ga_config", "use_dora", "velora_config", "alora_invocation_tokens", "use_qalora",
+    "corda_config", "lora_ga_config", "velora_config", "alora_invocation_tokens", "use_qalora",
     "monteclora_config", "layer_replication", "lora_bias", "use_bdlora", "arrow_config",
     "kasa_config", "ensure_weight_tying",
 })  # fmt: skip
-# init_lora_weights values that only decide the initial A and B (a loaded adapter overwrites both); the others
-# (pissa, olora, loftq, corda, eva, orthogonal, ...) also rewrite the base weights or are data-dependent.
+# init_lora_weights values that only decide the initial A and B (a loaded adapter overwrites both). PiSSA and
+# OLoRA ('pissa', 'pissa_niter_<K>', 'olora') are implemented too: they run again on load, since the adapter
+# applies to the residual they leave in the base. The others (loftq, corda, eva, orthogonal, ...) rewrite the
+# base weights in ways not implemented here, or are data-dependent.
 _PLAIN_INITS = (True, False, "gaussian")
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors (LoRA A/B, biases and ``modules_to_save`` per config), keyed by module path.
+def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """An adapter's tensors (LoRA A/B, DoRA's magnitude, biases and ``modules_to_save`` per config), keyed by their
+    path in the model; ``adapter_name`` defaults to the active adapter.
 
     Never holds a frozen backbone weight. Tensors are detached but not copied.
     """
-    plan = require_lora_state(model, "adapter_state_dict").plan
+    state = require_lora_state(model, "adapter_state_dict")
+    plan = state.plans[require_adapter(model, adapter_name, "adapter_state_dict")]
     out = {}
     for name, param in model.named_parameters(remove_duplicate=False):  # a tied tensor under every name
         name = unwrapped_name(name)
@@ -90,21 +101,28 @@ def from_peft_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
         name = re.sub(r"\.lora_A(\.[^.]+)?\.weight$", ".lora_a.weight", name)  # PEFT may keep the adapter name
         name = re.sub(r"\.lora_B(\.[^.]+)?\.weight$", ".lora_b.weight", name)
         name = re.sub(r"\.token_adapter\.trainable_tokens_delta(\.[^.]+)?$", ".trainable_tokens_delta", name)
+        name = re.sub(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$", ".lora_magnitude", name)
         out[name] = value
     return out
 
 
 def _to_peft_name(name: str) -> str:
     name = name.replace(".lora_a.weight", ".lora_A.weight").replace(".lora_b.weight", ".lora_B.weight")
+    if name.endswith(".lora_magnitude"):
+        return name[: -len(".lora_magnitude")] + ".lora_magnitude_vector"
     # PEFT keeps trained embedding rows in a `token_adapter` submodule of its wrapper.
     return re.sub(r"\.trainable_tokens_delta$", ".token_adapter.trainable_tokens_delta", name)
 
 
-def peft_config_dict(model: nn.Module, base_model_name_or_path: str | None = None) -> dict[str, Any]:
-    """``adapter_config.json`` content for ``model``'s adapter, in PEFT's LoraConfig fields."""
+def peft_config_dict(
+    model: nn.Module, base_model_name_or_path: str | None = None, adapter_name: str | None = None, config: LoRAConfig | None = None
+) -> dict[str, Any]:
+    """``adapter_config.json`` content for one of ``model``'s adapters (default: the active one), in PEFT's LoraConfig
+    fields; ``config`` stands in for the adapter's own (e.g. a converted one) on the same layers."""
     state = require_lora_state(model, "peft_config_dict")
-    config = state.config
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    plan = state.plans[require_adapter(model, adapter_name, "peft_config_dict")]
+    config = plan.config if config is None else config
+    layers = [m for name, m in model.named_modules() if isinstance(m, LoRALinear) and unwrapped_name(name) in plan.layers]
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     out: dict[str, Any] = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path}
@@ -112,13 +130,12 @@ def peft_config_dict(model: nn.Module, base_model_name_or_path: str | None = Non
         out[key] = copy.deepcopy(getattr(config, name))
     out.update(
         # What the config resolved to on this model, so PEFT picks exactly these layers and modules.
-        target_modules=_peft_target_modules(model, state.targets, state.modules_to_save),
+        target_modules=_peft_target_modules(model, plan.targets, plan.modules_to_save),
         exclude_modules=None,
-        modules_to_save=state.modules_to_save or None,
-        init_lora_weights=True if config.init == "kaiming" else "gaussian",
+        modules_to_save=plan.modules_to_save or None,
+        init_lora_weights=True if config.init == "kaiming" else config.init,  # PEFT's names for the others are ours
         fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers),
         inference_mode=True,
-        use_dora=False,
     )
     return out
 
@@ -127,7 +144,7 @@ def _peft_target_modules(model: nn.Module, targets: list[str], to_save: list[str
     """Target names PEFT will resolve to exactly ``targets``: the short names if they suffice, else one regex."""
     wrapped = set(targets)
     # Inside a wrapper are its base layer and adapter linears, none of which PEFT sees in the original model.
-    inside_lora = tuple(f"{t}." for t in (*targets, *param_lora_layers(model), *token_layers(model)))
+    inside_lora = tuple(f"{t}." for t in (*targets, *lora_layers(model), *param_lora_layers(model), *token_layers(model)))
     candidates = [
         name
         for name, module in model.named_modules()
@@ -152,48 +169,93 @@ def save_adapter(
     serving_targets: list[str] | str | None = None,
     strict_serving: bool = False,
     vllm_max_lora_rank: int = serving.VLLM_DEFAULT_MAX_LORA_RANK,
+    adapter_names: list[str] | None = None,
+    convert_to_lora: bool = False,
 ) -> Path:
-    """Write ``model``'s adapter to ``directory`` in PEFT's format; the directory changes as a whole or not at all.
+    """Write ``model``'s adapters to ``directory`` in PEFT's format; the directory changes as a whole or not at all.
 
-    ``state_dict`` overrides the tensors (e.g. gathered from FSDP shards); keys as in ``adapter_state_dict``.
+    'default' goes in ``directory`` itself, any other adapter in ``directory/<name>`` (PEFT's layout);
+    ``adapter_names`` picks some (default: all). ``state_dict`` overrides the tensors of the one adapter saved
+    (default: the active one), e.g. gathered from FSDP shards; keys as in ``adapter_state_dict``.
     Refuses, before writing anything, an adapter with a non-floating or non-finite tensor. The weights'
     metadata carries the LoRA config and a checksum of the tensors, which ``read_adapter`` checks.
-    ``serving_targets`` (``"vllm"``, ``"llama.cpp"``) says first which of those will refuse or mis-scale the adapter
+    ``serving_targets`` (``"vllm"``, ``"llama.cpp"``) says first which of those will refuse or mis-scale each adapter
     and why (``lightning_lora.serving``): a warning, or with ``strict_serving=True`` a ValueError before any write.
+    ``convert_to_lora``: write adapters initialised with PiSSA / OLoRA as plain LoRA that applies to the original
+    base weights (``inits.convert_to_lora``: rank 2r, PEFT's ``path_initial_model_for_weight_conversion``) instead
+    of to the residual the init left in the model.
     """
     state = require_lora_state(model, "save_adapter")
     targets = serving.check_serving_targets(serving_targets)
-    if not isinstance(strict_serving, bool):
-        raise TypeError(f"`strict_serving` must be True or False, got {strict_serving!r}.")
+    for name, flag in (("strict_serving", strict_serving), ("convert_to_lora", convert_to_lora)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"`{name}` must be True or False, got {flag!r}.")
     directory = require_directory_path(directory, "directory")
-    tensors = adapter_state_dict(model) if state_dict is None else state_dict
-    check_adapter_values(tensors, "the adapter to save", what="Refusing to write it; nothing was written")
-    if targets:
-        shapes = {key: tuple(value.shape) for key, value in to_peft_keys(tensors).items()}
-        issues = serving.serving_issues(peft_config_dict(model, base_model_name_or_path), shapes, targets, vllm_max_lora_rank=vllm_max_lora_rank)
-        serving.report(issues, strict_serving, f"save_adapter({str(directory)!r})")
-    peft_tensors, storages = {}, set()
-    for key, value in to_peft_keys(tensors).items():
+    if adapter_names is None:
+        adapter_names = [state.active] if state_dict is not None else list(state.plans)
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)) or not adapter_names:
+        raise TypeError(f"`adapter_names` must be a non-empty list of adapter names or None, got {adapter_names!r}.")
+    names = [require_adapter(model, name, "save_adapter") for name in adapter_names]
+    if state_dict is not None and len(names) != 1:
+        raise ValueError(f"`state_dict` holds the tensors of one adapter, but `adapter_names`={adapter_names!r} names {len(names)}: save one at a time.")
+    if convert_to_lora:
+        lacking = [name for name in names if name not in state.initial]
+        if lacking:
+            raise ValueError(
+                f"`convert_to_lora`=True converts adapters initialised with init='pissa' / 'pissa_niter_K' / 'olora', but "
+                f"{lacking} have init={[state.plans[n].config.init for n in lacking]}: they apply to the original base "
+                "already. Save them without convert_to_lora."
+            )
+    # Every adapter's files are made (and checked) before the directory changes.
+    files: dict[str, tuple[dict[str, torch.Tensor], dict[str, str], bytes]] = {}
+    for name in names:
+        tensors = adapter_state_dict(model, name) if state_dict is None else state_dict
+        source = "the adapter to save" if name == DEFAULT_ADAPTER else f"adapter {name!r} to save"
+        check_adapter_values(tensors, source, what="Refusing to write it; nothing was written")
+        tensors = {to_default_key(key, name): value for key, value in tensors.items()}
+        config = state.plans[name].config
+        if convert_to_lora:
+            initial = {to_default_key(key, name): value for key, value in state.initial[name].items()}
+            config, tensors = inits.convert_to_lora(config, tensors, initial)
+        peft_config = peft_config_dict(model, base_model_name_or_path, name, config)
+        if targets:
+            shapes = {key: tuple(value.shape) for key, value in to_peft_keys(tensors).items()}
+            issues = serving.serving_issues(peft_config, shapes, targets, vllm_max_lora_rank=vllm_max_lora_rank)
+            where = str(directory if name == DEFAULT_ADAPTER else directory / name)
+            serving.report(issues, strict_serving, f"save_adapter({where!r})")
+        peft_tensors = _cpu_tensors(to_peft_keys(tensors))
+        metadata = {
+            "format": "pt",
+            "lightning_lora_version": __version__,
+            "backbone_fingerprint": backbone_fingerprint(model),
+            "quantization": json.dumps(state.quantization.to_dict() if state.quantization else None),
+            "lora_config": json.dumps(config.to_dict()),
+            _CHECKSUM_KEY: _tensors_digest(peft_tensors),
+        }
+        files[name] = (peft_tensors, metadata, (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode())
+    # This writer owns the files it writes: the default adapter's (an adapter_model.bin of an older save would be
+    # stale next to them: every adapter_model.*) and the folders of the named ones it saves; the rest carries over.
+    owned = [pattern for name in names for pattern in (("adapter_model.*", ADAPTER_CONFIG_NAME) if name == DEFAULT_ADAPTER else (name,))]
+    with atomic_directory(directory, owned=owned) as tmp:
+        for name, (peft_tensors, metadata, config_bytes) in files.items():
+            where = tmp if name == DEFAULT_ADAPTER else tmp / name
+            where.mkdir(exist_ok=True)
+            (where / ADAPTER_CONFIG_NAME).write_bytes(config_bytes)
+            save_file(peft_tensors, str(where / ADAPTER_WEIGHTS_NAME), metadata=metadata)
+            _sort_safetensors_header(str(where / ADAPTER_WEIGHTS_NAME))  # byte-identical files for identical adapters
+    return directory
+
+
+def _cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies for safetensors, a tied tensor (saved under each of its names) cloned: it refuses shared storage."""
+    out, storages = {}, set()
+    for key, value in tensors.items():
         value = value.detach().to("cpu").contiguous()
         if value.untyped_storage().data_ptr() in storages:
-            value = value.clone()  # a tied tensor, saved under each of its names: safetensors refuses shared storage
+            value = value.clone()
         storages.add(value.untyped_storage().data_ptr())
-        peft_tensors[key] = value
-    metadata = {
-        "format": "pt",
-        "lightning_lora_version": __version__,
-        "backbone_fingerprint": backbone_fingerprint(model),
-        "quantization": json.dumps(state.quantization.to_dict() if state.quantization else None),
-        "lora_config": json.dumps(state.config.to_dict()),
-        _CHECKSUM_KEY: _tensors_digest(peft_tensors),
-    }
-    config = (json.dumps(peft_config_dict(model, base_model_name_or_path), indent=2, sort_keys=True) + "\n").encode()
-    # An adapter_model.bin of an older save would be stale next to the new files: this writer owns every adapter_model.*.
-    with atomic_directory(directory, owned=("adapter_model.*", ADAPTER_CONFIG_NAME)) as tmp:
-        (tmp / ADAPTER_CONFIG_NAME).write_bytes(config)
-        save_file(peft_tensors, str(tmp / ADAPTER_WEIGHTS_NAME), metadata=metadata)
-        _sort_safetensors_header(str(tmp / ADAPTER_WEIGHTS_NAME))  # byte-identical files for identical adapters
-    return directory
+        out[key] = value
+    return out
 
 
 def _sort_safetensors_header(path: str) -> None:
@@ -226,10 +288,12 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str
         files = read_files(directory, (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME))
     except (FileNotFoundError, NotADirectoryError) as err:
         missing = Path(err.filename or directory).name if isinstance(err, FileNotFoundError) and err.filename else None
+        named = sorted(sub.name for sub in directory.iterdir() if (sub / ADAPTER_CONFIG_NAME).is_file()) if directory.is_dir() else []
+        hint = f" Its subfolders {named} hold named adapters: load them with load_adapters(model, directory)." if named else ""
         raise FileNotFoundError(
             f"`directory`={str(directory)!r} has no {missing if missing in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME) else 'adapter'}: "
             f"an adapter directory holds {ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME} (as written by save_adapter or "
-            "PEFT's save_pretrained)."
+            f"PEFT's save_pretrained).{hint}"
         ) from None
     try:
         config = json.loads(files[ADAPTER_CONFIG_NAME].decode("utf-8"))
@@ -249,7 +313,7 @@ _CHECKSUM_KEY = "tensors_sha256"
 _OUR_METADATA = frozenset({"lightning_lora_version", "backbone_fingerprint", "quantization", "lora_config", _CHECKSUM_KEY})
 # The fields that fix what the adapter computes, written to both files (target_modules and modules_to_save are
 # resolved to paths in adapter_config.json, and the tensors' keys check them).
-_CROSS_CHECKED = ("r", "alpha", "dropout", "bias", "use_rslora", "rank_pattern", "alpha_pattern")
+_CROSS_CHECKED = ("r", "alpha", "dropout", "bias", "use_rslora", "rank_pattern", "alpha_pattern", "use_dora")
 
 
 def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -323,17 +387,21 @@ def lora_config_from_peft(config: dict[str, Any]) -> LoRAConfig:
             "adapter's math (a newer PEFT?), which lightning_lora does not implement. Remove it if it is only metadata."
         )
     init = config.get("init_lora_weights", True)
-    if not any(init is plain or (isinstance(init, str) and init == plain) for plain in _PLAIN_INITS):
+    # PiSSA / OLoRA run again when the adapter is injected: it applies to the residual they leave in the base.
+    base_init = "olora" if isinstance(init, str) and init.lower() == "olora" else init if isinstance(init, str) and init.startswith("pissa") else None
+    if not any(init is plain or (isinstance(init, str) and init == plain) for plain in _PLAIN_INITS) and base_init is None:
         raise ValueError(
-            f"The adapter uses PEFT's `init_lora_weights`={init!r}, which lightning_lora does not implement (it changes the base "
-            "weights or depends on data); convert it to a plain LoRA in PEFT first, or use one initialized with True/'gaussian'."
+            f"The adapter uses PEFT's `init_lora_weights`={init!r}, which rewrites the base weights in a way lightning_lora does "
+            "not implement (or depends on data), so it does not apply to the plain base model. Convert it to plain LoRA in PEFT "
+            "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) and load that, or use an adapter "
+            "initialized with True / 'gaussian' / 'pissa' / 'pissa_niter_<K>' / 'olora'."
         )
     # A key the file lacks, or holds as null, means PEFT's default.
     values = {name: default if config.get(key) is None else config[key] for name, (key, default) in peft_fields().items()}
     values.update(
         # An empty or null target_modules with target_parameters means "parameters only" (PEFT's convention).
         target_modules=values["target_modules"] or (None if values.get("target_parameters") else "all-linear"),
-        init="gaussian" if init == "gaussian" else "kaiming",
+        init=base_init or ("gaussian" if init == "gaussian" else "kaiming"),
     )
     try:
         return LoRAConfig(**values)
@@ -351,11 +419,13 @@ def _is_default(value: Any) -> bool:
     return value is None or value is False or (isinstance(value, (dict, list, str)) and not value)
 
 
-def expected_adapter_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[int, ...]]:
-    """The keys and shapes ``adapter_state_dict`` would hold after ``inject_lora(model, config)``, without injecting."""
-    if lora_state(model) is not None:
-        return {key: tuple(value.shape) for key, value in adapter_state_dict(model).items()}
-    return plan_injection(model, config).adapter_shapes(model)
+def expected_adapter_shapes(model: nn.Module, config: LoRAConfig, adapter_name: str | None = None) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes ``adapter_state_dict(model, adapter_name)`` holds, or would hold once ``config`` makes the
+    adapter (``inject_lora`` or ``add_adapter``), without changing the model. ``adapter_name``: default the active one."""
+    state = lora_state(model)
+    if state is not None and (adapter_name is None or adapter_name in state.plans):
+        return {key: tuple(value.shape) for key, value in adapter_state_dict(model, adapter_name).items()}
+    return plan_injection(model, config, None, adapter_name or DEFAULT_ADAPTER).adapter_shapes(model)
 
 
 def check_adapter_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -390,60 +460,111 @@ def check_adapter_values(tensors: Mapping[str, torch.Tensor], source: str, what:
 
 
 @torch.no_grad()
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
     """Load a saved adapter (ours or PEFT's) into ``model``, all or nothing.
 
-    A model without LoRA gets it injected from the adapter's config first. Every key and shape is
-    checked before anything is written.
+    ``adapter_name``: the adapter it becomes. A model without LoRA gets it injected from the adapter's config
+    first; a model with LoRA gets it added (``adapters.add_adapter``, frozen until made active) unless it has an
+    adapter of that name already, whose tensors are then replaced in place (no new parameters: a compiled model
+    runs on without recompiling). Default: into the active adapter, or 'default' on a model without LoRA. Every
+    key and shape is checked before anything is written.
 
     Example::
 
         model = load_adapter(AutoModelForCausalLM.from_pretrained(path), "adapters/run1")
+        load_adapter(model, "adapters/run2", adapter_name="run2")
     """
     require_unmerged(model, "load_adapter")
-    return load_read_adapter(model, read_adapter(directory), source=repr(str(directory)))
+    return load_read_adapter(model, read_adapter(directory), source=repr(str(directory)), adapter_name=adapter_name)
 
 
 @torch.no_grad()
-def load_read_adapter(model: nn.Module, read: tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]], source: str) -> nn.Module:
+def load_read_adapter(
+    model: nn.Module, read: tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]], source: str, adapter_name: str | None = None
+) -> nn.Module:
     """``load_adapter`` for what ``read_adapter`` returned: for callers that look at the files first and must load
     exactly what they looked at (a second read could see a newer save)."""
     require_unmerged(model, "load_adapter")
     peft_config, tensors, _ = read
     state = lora_state(model)
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
+    name = adapter_name if adapter_name is not None else (state.active if state is not None else DEFAULT_ADAPTER)
+    exists = state is not None and name in state.plans
     file_config = lora_config_from_peft(peft_config)
-    config = drop_unmatched_names(model, file_config) if state is None else state.config
-    check_adapter_tensors(expected_adapter_shapes(model, config), tensors, source=source)
-    if state is not None:
-        check_adapter_scales(model, file_config, source)
+    config = state.plans[name].config if exists else drop_unmatched_names(model, file_config)
+    tensors = {to_adapter_key(key, name): value for key, value in tensors.items()}
+    check_adapter_tensors(expected_adapter_shapes(model, config, name), tensors, source=source)
+    if exists:
+        check_adapter_scales(model, file_config, source, name)
     if state is None:
-        inject_lora(model, config)
-    load_adapter_state_dict(model, tensors, source=source)
+        inject_lora(model, config, adapter_name=name)
+    elif not exists:
+        add_adapter(model, name, config)
+    load_adapter_state_dict(model, tensors, source=source, adapter_name=name)
     return model
 
 
-def check_adapter_scales(model: nn.Module, config: LoRAConfig, source: str) -> None:
-    """Raise if an adapter saved with ``config`` would run at another scale in ``model``'s LoRA layers than it was
-    trained at (``lora_alpha``, ``use_rslora`` or ``alpha_pattern`` differ): shapes alone do not show that."""
+def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load every adapter of a directory in PEFT's layout (what ``save_adapter`` / ``save_pretrained`` write for a
+    model with several adapters): the one in ``directory`` itself as 'default', each subfolder holding an adapter
+    under its folder's name. The first one loaded into a model without LoRA becomes the active adapter."""
+    directory = Path(directory)
+    found = [(DEFAULT_ADAPTER, directory)] if (directory / ADAPTER_CONFIG_NAME).is_file() else []
+    if directory.is_dir():
+        found += [(sub.name, sub) for sub in sorted(directory.iterdir()) if sub.is_dir() and (sub / ADAPTER_CONFIG_NAME).is_file()]
+    if not found:
+        raise FileNotFoundError(
+            f"`directory`={str(directory)!r} holds no adapter: neither it nor a subfolder has {ADAPTER_CONFIG_NAME} "
+            "(as written by save_adapter or PEFT's save_pretrained)."
+        )
+    for name, path in found:
+        load_adapter(model, path, adapter_name=name)
+    return model
+
+
+def check_adapter_scales(model: nn.Module, config: LoRAConfig, source: str, adapter_name: str | None = None) -> None:
+    """Raise if an adapter saved with ``config`` would run at another scale in the layers of ``model``'s adapter
+    ``adapter_name`` (default: the active one) than it was trained at (``lora_alpha``, ``use_rslora`` or
+    ``alpha_pattern`` differ), on another base (a PiSSA / OLoRA adapter into one of another init), or without its
+    DoRA magnitudes (``use_dora`` differs: a PEFT file need not hold them): shapes alone do not show that."""
+    name = require_adapter(model, adapter_name, "check_adapter_scales")
+    own = require_lora_state(model, "check_adapter_scales").plans[name].config
+    if config.use_dora != own.use_dora:
+        raise ValueError(
+            f"The adapter in {source} has `use_dora`={config.use_dora}, this model's adapter {name!r} has use_dora={own.use_dora}: "
+            "it would compute another update. Load it into a model without LoRA (it is injected from the adapter's config), "
+            f"or inject LoRA with use_dora={config.use_dora}."
+        )
+    if init_changes_base(config.init) != init_changes_base(own.init):
+        raise ValueError(
+            f"The adapter in {source} was trained with init={config.init!r}, this model's adapter {name!r} has init={own.init!r}: "
+            "a PiSSA / OLoRA adapter applies to the residual its init leaves in the base, any other to the original "
+            "base, so it would compute on the wrong weights. Load it into a model without LoRA (it is injected from the "
+            "adapter's config), or under another adapter_name."
+        )
     for path, layer in lora_layers(model).items():
-        path = unwrapped_name(path)
+        path, adapter = unwrapped_name(path), layer.get_adapter(name)
+        if adapter is None:
+            continue
         r = int(pattern_value(path, config.rank_pattern, config.r))
         alpha = float(pattern_value(path, config.alpha_pattern, config.alpha))
         scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
-        if not math.isclose(scale, layer.scale, rel_tol=1e-6):
+        if not math.isclose(scale, adapter.scale, rel_tol=1e-6):
             raise ValueError(
                 f"The adapter in {source} was trained at scale {scale:g} in {path!r} (lora_alpha={alpha:g}, r={r}, "
-                f"use_rslora={config.use_rslora}), but this model's LoRA layer there has scale {layer.scale:g} (alpha={layer.alpha:g}, "
-                f"r={layer.r}): it would compute another update. Inject LoRA with the adapter's lora_alpha / use_rslora / "
+                f"use_rslora={config.use_rslora}), but this model's LoRA layer there has scale {adapter.scale:g} (alpha={adapter.alpha:g}, "
+                f"r={adapter.r}): it would compute another update. Inject LoRA with the adapter's lora_alpha / use_rslora / "
                 "alpha_pattern, or load it into a model without LoRA (it is injected from the adapter's config)."
             )
 
 
 @torch.no_grad()
-def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "the state dict") -> None:
-    """Copy adapter tensors (keys as in ``adapter_state_dict``) into ``model``, after checking all of them."""
+def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "the state dict", adapter_name: str | None = None) -> None:
+    """Copy adapter tensors (keys as in ``adapter_state_dict``) into ``model``'s adapter ``adapter_name`` (default: the
+    active one), after checking all of them."""
     require_unmerged(model, "load_adapter_state_dict")
-    params = adapter_state_dict(model)
+    params = adapter_state_dict(model, adapter_name)
     check_adapter_tensors({key: tuple(value.shape) for key, value in params.items()}, tensors, source)
     first_name: dict[int, str] = {}
     for key, param in params.items():  # a tied tensor appears under each of its names: they must agree

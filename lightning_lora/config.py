@@ -17,11 +17,13 @@ from lightning_lora import _regex
 from lightning_lora._matching import suffix_regex
 
 BiasMode = Literal["none", "all", "lora_only"]
-InitMode = Literal["kaiming", "gaussian"]
+InitMode = str
+"""'kaiming', 'gaussian', 'pissa', 'pissa_niter_<K>' or 'olora' (a string: the PiSSA form carries a number)."""
 QuantMode = Literal["nf4", "fp4", "int8"]
 
 _BIAS_MODES = ("none", "all", "lora_only")
-_INIT_MODES = ("kaiming", "gaussian")
+_INIT_MODES = ("kaiming", "gaussian", "pissa", "olora")  # and 'pissa_niter_<K>'
+_PISSA_NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
 _QUANT_MODES = ("nf4", "fp4", "int8")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -79,7 +81,9 @@ class LoRAConfig:
     modules_to_save: list[str] | None = field(default=None, metadata={"peft": "modules_to_save", "adapter": True})
     """Modules trained in full and saved with the adapter, e.g. a classifier head (dotted-path suffixes)."""
     init: InitMode = field(default="kaiming", metadata={"peft": "init_lora_weights"})
-    """Init of A: 'kaiming' (uniform, a=sqrt(5), as nn.Linear) or 'gaussian' (std 1/r). B starts at zero."""
+    """Init of A and B: 'kaiming' (A uniform, a=sqrt(5), as nn.Linear) or 'gaussian' (A with std 1/r), B at zero;
+    or from the base weight, which then holds the residual: 'pissa' (its top-r singular vectors), 'pissa_niter_K'
+    (the same by a randomized SVD with K subspace iterations) or 'olora' (its QR decomposition)."""
     use_rslora: bool = field(default=False, metadata={"peft": "use_rslora", "adapter": True})
     """Scale by alpha / sqrt(r) (rank-stabilized LoRA) instead of alpha / r."""
     rank_pattern: dict[str, int] = field(default_factory=dict, metadata={"peft": "rank_pattern", "adapter": True})
@@ -94,6 +98,8 @@ class LoRAConfig:
     )
     """Embedding rows to train (e.g. new tokens): a list of token ids for the input embedding, or
     ``{module suffix: ids}``; only those rows train and are saved (PEFT's ``trainable_token_indices``)."""
+    use_dora: bool = field(default=False, metadata={"peft": "use_dora", "adapter": True})
+    """DoRA (weight-decomposed LoRA): a trained magnitude per output row rescales the adapted weight ``W + scale * B @ A``."""
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -104,11 +110,13 @@ class LoRAConfig:
             raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}. Use 0.0 to disable it.")
         if self.bias not in _BIAS_MODES:
             raise ValueError(f"`bias` must be one of {_BIAS_MODES}, got {self.bias!r}.")
-        if self.init not in _INIT_MODES:
-            raise ValueError(f"`init` must be one of {_INIT_MODES}, got {self.init!r}.")
+        if not isinstance(self.init, str) or not (self.init in _INIT_MODES or _PISSA_NITER.fullmatch(self.init)):
+            raise ValueError(f"`init` must be one of {(*_INIT_MODES, 'pissa_niter_<K>')}, got {self.init!r}. K is a positive integer, e.g. 'pissa_niter_4'.")
         if not isinstance(self.use_rslora, bool):  # "false" is truthy: a string must not switch rsLoRA on
             raise TypeError(f"`use_rslora` must be True or False, got {self.use_rslora!r}.")
-        self.target_parameters = _check_target_parameters(self.target_parameters, self.dropout)
+        if not isinstance(self.use_dora, bool):
+            raise TypeError(f"`use_dora` must be True or False, got {self.use_dora!r}.")
+        self.target_parameters = _check_target_parameters(self.target_parameters, self.dropout, self.use_dora, self.init)
         self.trainable_token_indices = _check_token_indices(self.trainable_token_indices)
         if self.target_modules is None or (isinstance(self.target_modules, (list, tuple)) and len(self.target_modules) == 0):
             if not self.target_parameters:
@@ -146,7 +154,7 @@ class LoRAConfig:
         return (_rebuild_config, ("LoRAConfig", self.to_dict()))
 
 
-def _check_target_parameters(value: Any, dropout: float) -> list[str] | None:
+def _check_target_parameters(value: Any, dropout: float, use_dora: bool, init: str) -> list[str] | None:
     if value is None:
         return None
     if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
@@ -159,6 +167,15 @@ def _check_target_parameters(value: Any, dropout: float) -> list[str] | None:
     if dropout:
         # The update of a parameter is folded into the weight, so there is no LoRA input to drop (PEFT refuses this too).
         raise ValueError(f"`dropout`={dropout!r} cannot be used with `target_parameters`: set `dropout`=0.0.")
+    if use_dora:
+        # DoRA's magnitude is a per-row norm of a 2-D layer weight; PEFT's ParamWrapper refuses it as well.
+        raise ValueError(f"`use_dora`=True cannot be used with `target_parameters`={list(value)!r}: set `use_dora`=False, or drop target_parameters.")
+    if init_changes_base(init):
+        # PiSSA / OLoRA factor a layer's 2-D weight and leave a residual in it; a ParamLoRA has no such init.
+        raise ValueError(
+            f"`init`={init!r} cannot be used with `target_parameters`={list(value)!r}: PiSSA / OLoRA factor the weight of "
+            "a linear layer, not a raw (expert) parameter. Use init='kaiming' or 'gaussian', or drop target_parameters."
+        )
     return list(value)
 
 
@@ -183,6 +200,17 @@ def _check_token_indices(value: Any) -> list[int] | dict[str, list[int]] | None:
             raise TypeError(f"`trainable_token_indices` as a dict must map module names to token ids, got {value!r}. {example}")
         return {key: ids(f"trainable_token_indices[{key!r}]", items) for key, items in value.items()}
     return ids("trainable_token_indices", value)
+
+
+def init_changes_base(init: str) -> bool:
+    """Whether ``init`` rewrites the base weight into a residual (PiSSA, OLoRA): a resume must then use the same init."""
+    return init == "olora" or init.startswith("pissa")
+
+
+def pissa_niter(init: str) -> int | None:
+    """K of 'pissa_niter_K' (a randomized SVD with K subspace iterations); None for the exact SVD or other inits."""
+    match = _PISSA_NITER.fullmatch(init)
+    return int(match.group(1)) if match else None
 
 
 ADAPTER_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(LoRAConfig) if f.metadata.get("adapter"))

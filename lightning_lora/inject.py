@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lightning_lora import quantization
+from lightning_lora import inits, quantization
 from lightning_lora._matching import matches_any, matches_suffix, output_head_names, path_under, pattern_value, replace_modules, unwrapped_name
-from lightning_lora.config import LoRAConfig, QuantizationConfig
-from lightning_lora.layers import LoRALinear, base_features, is_supported_base, lora_layers
+from lightning_lora.config import LoRAConfig, QuantizationConfig, init_changes_base
+from lightning_lora.layers import DEFAULT_ADAPTER, LoRALinear, base_features, check_adapter_name, is_supported_base, lora_layers
 from lightning_lora.param_lora import ParamLoRA, ParamPlan, find_parameter_targets, plan_parameters
 from lightning_lora.tokens import TokenPlan, TrainableTokens, plan_tokens
 
@@ -53,11 +53,13 @@ class InjectionPlan:
     """Targeted parameter path (``target_parameters``) -> its ``ParamLoRA``."""
     tokens: dict[str, TokenPlan] = field(default_factory=dict)
     """Embedding / head path (``trainable_token_indices``) -> the rows its ``TrainableTokens`` trains."""
+    adapter_name: str = DEFAULT_ADAPTER
+    """The adapter this plan makes ('default' unless several adapters share the model: see ``adapters``)."""
     _layer_tensors: frozenset[str] = field(init=False, repr=False, compare=False)
     _owners: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        names = LoRALinear.adapter_names(self.config.bias)
+        names = LoRALinear.adapter_names(self.config.bias, self.config.use_dora, self.adapter_name)
         tensors = {f"{path}.{name}" for path in self.layers for name in names}
         tensors |= {f"{p.wrapper}.{name}" for p in self.parameters.values() for name in ParamLoRA.adapter_names()}
         tensors |= {f"{path}.trainable_tokens_delta" for path, t in self.tokens.items() if t.tied_to is None}
@@ -88,7 +90,7 @@ class InjectionPlan:
         """The keys and shapes ``adapter_state_dict`` will hold once ``model`` (not injected yet) follows this plan."""
         shapes: dict[str, tuple[int, ...]] = {}
         for path, layer in self.layers.items():
-            for name, shape in LoRALinear.adapter_shapes(layer.in_features, layer.out_features, layer.r).items():
+            for name, shape in LoRALinear.adapter_shapes(layer.in_features, layer.out_features, layer.r, self.config.use_dora, self.adapter_name).items():
                 shapes[f"{path}.{name}"] = shape
         for p in self.parameters.values():
             for name, shape in ParamLoRA.adapter_shapes(p.num_experts, p.in_features, p.out_features, p.r).items():
@@ -105,12 +107,23 @@ class InjectionPlan:
 
 @dataclass
 class LoRAState:
-    """What ``inject_lora`` did to a model; kept on the model for saving, merging and checks."""
+    """What ``inject_lora`` (and ``adapters.add_adapter``) did to a model; kept on the model for saving, merging and checks.
 
-    plan: InjectionPlan
+    ``plan`` and ``config`` are those of the active adapter: the one that computes, trains and is saved by default.
+    """
+
+    plans: dict[str, InjectionPlan]
+    """Every adapter of the model by name, in the order they were added."""
     quantization: QuantizationConfig | None
     fingerprint: str = ""
     """``backbone_fingerprint`` taken at injection, before any strategy wrapped the model."""
+    active: str = DEFAULT_ADAPTER
+    initial: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    """Per adapter with a PiSSA / OLoRA init: its A and B right after the init (CPU copies), for ``convert_to_lora``."""
+
+    @property
+    def plan(self) -> InjectionPlan:
+        return self.plans[self.active]
 
     @property
     def config(self) -> LoRAConfig:
@@ -126,7 +139,13 @@ class LoRAState:
 
     @property
     def quantized(self) -> list[str]:
-        return self.plan.quantize
+        return self.plan.quantize  # every adapter's plan lists the layers the first injection quantized
+
+    def is_adapter_param(self, name: str, adapter_name: str | None = None) -> bool:
+        """Whether ``name`` (a parameter path, wrappers removed) is a tensor of adapter ``adapter_name``, or of any
+        adapter of the model when None (A, B, DoRA's magnitude, trained biases, modules_to_save, ...)."""
+        plans = self.plans.values() if adapter_name is None else [self.plans[adapter_name]]
+        return any(plan.is_adapter_param(name) for plan in plans)
 
 
 def lora_state(model: nn.Module) -> LoRAState | None:
@@ -141,17 +160,25 @@ def require_lora_state(model: nn.Module, caller: str) -> LoRAState:
 
 
 def is_adapter_param(model: nn.Module, name: str) -> bool:
-    """Whether ``model``'s parameter ``name`` is part of its adapter (it trains, and ``save_adapter`` writes it)."""
-    return require_lora_state(model, "is_adapter_param").plan.is_adapter_param(unwrapped_name(name))
+    """Whether ``model``'s parameter ``name`` is part of its active adapter (it trains, and ``save_adapter`` writes it).
+    ``lora_state(model).is_adapter_param(name)`` asks about every adapter of the model."""
+    state = require_lora_state(model, "is_adapter_param")
+    return state.is_adapter_param(unwrapped_name(name), state.active)
 
 
-def plan_injection(model: nn.Module, config: LoRAConfig, quantization_config: QuantizationConfig | None = None) -> InjectionPlan:
-    """The ``InjectionPlan`` for ``model``; validates the config against the model (raises with the candidates)."""
+def plan_injection(
+    model: nn.Module, config: LoRAConfig, quantization_config: QuantizationConfig | None = None, adapter_name: str = DEFAULT_ADAPTER
+) -> InjectionPlan:
+    """The ``InjectionPlan`` for ``model``; validates the config against the model (raises with the candidates).
+
+    On a model that has LoRA already (``adapters.add_adapter``), targets are matched against its base layers,
+    as if the LoRA layers were not there.
+    """
     to_save = find_modules_to_save(model, config)
     _check_tied(model, to_save)
     layers = {}
     for path in find_targets(model, config, skip=to_save):
-        in_features, out_features = base_features(model.get_submodule(path))
+        in_features, out_features = base_features(_base_of(model.get_submodule(path)))
         r = int(pattern_value(path, config.rank_pattern, config.r))
         layers[path] = LayerPlan(r, float(pattern_value(path, config.alpha_pattern, config.alpha)), in_features, out_features)
     forbidden = {**dict.fromkeys(layers, "the LoRA layer"), **dict.fromkeys(to_save, "modules_to_save")}
@@ -162,7 +189,17 @@ def plan_injection(model: nn.Module, config: LoRAConfig, quantization_config: Qu
     if quantization_config is not None:
         skip = output_head_names(model) | {name for name, _ in model.named_modules() if path_under(name, [*to_save, *tokens, *(p.owner for p in parameters.values())])}
         quantize = quantization.quantization_targets(model, quantization_config, skip=skip)
-    return InjectionPlan(config, layers, to_save, quantize, parameters, tokens)
+    for path, layer in layers.items():
+        base = _base_of(model.get_submodule(path))
+        inits.check_init(config.init, path, base, layer.r, (layer.in_features, layer.out_features), will_quantize=path in quantize)
+    if adapter_name != DEFAULT_ADAPTER and (parameters or tokens):
+        # ParamLoRA and TrainableTokens hold one adapter without a name (PEFT's multi-adapter layout is not implemented for them).
+        raise ValueError(
+            f"`adapter_name`={adapter_name!r} cannot be used with `target_parameters` / `trainable_token_indices`: "
+            "their layers hold a single, unnamed adapter. Use adapter_name='default' and one adapter in the model, "
+            "or adapt these parameters / tokens in a model of their own."
+        )
+    return InjectionPlan(config, layers, to_save, quantize, parameters, tokens, adapter_name)
 
 
 def _check_tied(model: nn.Module, to_save: list[str]) -> None:
@@ -184,6 +221,23 @@ def _check_tied(model: nn.Module, to_save: list[str]) -> None:
                 "modules_to_save as well (both are then trained and saved), or untie the weights first "
                 "(e.g. `model.config.tie_word_embeddings = False` and give the head its own copy)."
             )
+
+
+def _base_of(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, LoRALinear) else module
+
+
+def _named_base_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()`` as if no LoRA layer were there: a LoRA layer stands for its base, nothing inside it shows."""
+    out, inside = [], ()
+    for name, module in model.named_modules():
+        if inside and name.startswith(inside):
+            continue
+        if isinstance(module, LoRALinear):
+            inside = (f"{name}.",) if name else ("",)
+            module = module.base_layer
+        out.append((name, module))
+    return out
 
 
 def find_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str]:
@@ -209,7 +263,7 @@ def _require_every_name_matches(model: nn.Module, target_modules: list[str] | st
         return  # one regex: "matches nothing" is checked by the caller
     import difflib
 
-    paths = [name for name, _ in model.named_modules() if name]
+    paths = [name for name, _ in _named_base_modules(model) if name]
     unmatched = [t for t in target_modules if not any(matches_suffix(path, t) for path in paths)]
     if not unmatched or len(unmatched) == len(target_modules):
         return  # all match; or none does, and the caller's "matches no linear layer" error lists the real names
@@ -233,7 +287,7 @@ def drop_unmatched_names(model: nn.Module, config: LoRAConfig) -> LoRAConfig:
     loads it anyway). Configs a user writes go through the strict check of ``find_targets`` instead."""
     if config.target_modules is None or isinstance(config.target_modules, str):
         return config  # experts only (target_parameters) or a pattern: nothing to drop
-    paths = [name for name, _ in model.named_modules() if name]
+    paths = [name for name, _ in _named_base_modules(model) if name]
     kept = [t for t in config.target_modules if any(matches_suffix(path, t) for path in paths)]
     if not kept or len(kept) == len(config.target_modules):
         return config  # nothing to drop, or nothing left: find_targets reports it
@@ -245,15 +299,16 @@ def find_targets(model: nn.Module, config: LoRAConfig, skip: list[str] = ()) -> 
     if config.target_modules is None:
         return []  # only target_parameters
     heads = output_head_names(model)
-    candidates = [name for name, module in model.named_modules() if name and is_supported_base(module)]
+    modules = dict(_named_base_modules(model))
+    candidates = [name for name, module in modules.items() if name and is_supported_base(module)]
     if config.target_modules == "all-linear":
         matched = [name for name in candidates if name not in heads]
     else:
         _require_every_name_matches(model, config.target_modules, candidates)
-        matched = [name for name, _ in model.named_modules() if name and matches_any(name, config.target_modules)]
-        unsupported = [name for name in matched if not is_supported_base(model.get_submodule(name))]
+        matched = [name for name in modules if name and matches_any(name, config.target_modules)]
+        unsupported = [name for name in matched if not is_supported_base(modules[name])]
         if unsupported:
-            kinds = {name: type(model.get_submodule(name)).__name__ for name in unsupported[:3]}
+            kinds = {name: type(modules[name]).__name__ for name in unsupported[:3]}
             raise ValueError(
                 f"`target_modules`={config.target_modules!r} matches modules that are not linear layers: {kinds}. "
                 "LoRA wraps nn.Linear, Conv1D, Linear4bit and Linear8bitLt; narrow the pattern to those."
@@ -266,8 +321,6 @@ def find_targets(model: nn.Module, config: LoRAConfig, skip: list[str] = ()) -> 
             f"linear layer of {type(model).__name__}. Linear layers here are named {suffixes}; "
             "pick from those, or use 'all-linear'."
         )
-    if any(isinstance(model.get_submodule(name), LoRALinear) for name in matched):
-        raise ValueError("The model already has LoRA layers: `inject_lora` was called twice. Inject once, or call it on a fresh model.")
     return matched
 
 
@@ -277,11 +330,13 @@ def inject_lora(
     quantization_config: QuantizationConfig | None = None,
     *,
     device: torch.device | str | None = None,
+    adapter_name: str = DEFAULT_ADAPTER,
 ) -> nn.Module:
     """Wrap the targeted layers of ``model`` in LoRA layers and freeze everything else, in place.
 
     ``device`` is where quantized layers go (default: where each layer is); quantizing straight onto
-    the GPU keeps host memory low, since bitsandbytes packs a weight as it moves.
+    the GPU keeps host memory low, since bitsandbytes packs a weight as it moves. ``adapter_name`` names
+    this first adapter (more are added with ``lightning_lora.adapters.add_adapter``).
 
     With ``quantization_config``, the model's ``nn.Linear`` layers (except the output head and
     ``modules_to_save``) are first replaced by bitsandbytes layers, one at a time.
@@ -295,20 +350,29 @@ def inject_lora(
         raise TypeError(f"`config` must be a LoRAConfig, got {type(config).__name__}: build one with LoRAConfig(r=..., ...).")
     if quantization_config is not None and not isinstance(quantization_config, QuantizationConfig):
         raise TypeError(f"`quantization_config` must be a QuantizationConfig or None, got {type(quantization_config).__name__} {quantization_config!r}; pass e.g. QuantizationConfig(mode='nf4').")
+    check_adapter_name(adapter_name)
     if lora_state(model) is not None or lora_layers(model):
-        raise ValueError("The model already has LoRA layers: `inject_lora` was called twice. Inject once, or call it on a fresh model.")
+        raise ValueError(
+            "The model already has LoRA layers: `inject_lora` was called twice. Inject once, or call it on a fresh model; "
+            "to add a second adapter, call `lightning_lora.adapters.add_adapter(model, name, config)`."
+        )
     refuse_peft_model(model, "inject_lora")
-    plan = plan_injection(model, config, quantization_config)
+    plan = plan_injection(model, config, quantization_config, adapter_name)
     # All or nothing: every new module (quantized copies, LoRA layers) is built before the model changes;
-    # what follows the builds is attribute sets and requires_grad flags, which cannot fail.
+    # what follows the builds is attribute sets, requires_grad flags and the residuals PiSSA / OLoRA leave
+    # in their layers' bases (worked out while building, written after: see ``LoRALinear.apply_pending_init``).
     bases: dict[str, nn.Module] = {}
     if quantization_config is not None:
         quantization.require_bitsandbytes("quantization_config", quantization_config)
         bases = quantization.quantized_copies(model, quantization_config, plan.quantize, device=device)
-    wrapped: dict[str, nn.Module] = {
-        path: LoRALinear.from_config(bases[path] if path in bases else model.get_submodule(path), config, r=layer.r, alpha=layer.alpha)
+    layers = {
+        path: LoRALinear.from_config(
+            bases[path] if path in bases else model.get_submodule(path), config, r=layer.r, alpha=layer.alpha,
+            adapter_name=adapter_name, defer_residual=True,
+        )
         for path, layer in plan.layers.items()
-    }
+    }  # fmt: skip
+    wrapped: dict[str, nn.Module] = dict(layers)
     for key, target in plan.parameters.items():  # in each owner's registration order: the first one is innermost
         inner = wrapped.get(target.owner) or model.get_submodule(target.owner)
         wrapped[target.owner] = ParamLoRA.from_config(inner, key.rpartition(".")[2], config, r=target.r, alpha=target.alpha)
@@ -316,11 +380,15 @@ def inject_lora(
         source = None if tokens.tied_to is None else wrapped[tokens.tied_to]
         wrapped[path] = TrainableTokens(model.get_submodule(path), tokens.indices, source=source)
     replace_modules(model, {**bases, **wrapped})  # a quantized target goes in inside its LoRA layer
+    for layer in layers.values():
+        layer.apply_pending_init()
     if quantization_config is not None:
         quantization.mark_quantized(model, quantization_config, bool(bases))
     for name, param in model.named_parameters():
         param.requires_grad_(plan.is_adapter_param(unwrapped_name(name)))
-    setattr(model, _STATE_ATTR, LoRAState(plan, quantization_config, backbone_fingerprint(model)))
+    state = LoRAState({adapter_name: plan}, quantization_config, backbone_fingerprint(model), active=adapter_name)
+    setattr(model, _STATE_ATTR, state)
+    record_initial_adapter(model, adapter_name)
     return model
 
 
@@ -339,6 +407,19 @@ def refuse_peft_model(model: nn.Module, caller: str) -> None:
 def adapter_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Every adapter layer of ``model`` by path: ``LoRALinear``, ``ParamLoRA`` and ``TrainableTokens`` (merge, disable)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, (LoRALinear, ParamLoRA, TrainableTokens))}
+
+
+def record_initial_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Keep a CPU copy of adapter ``adapter_name``'s A and B right after a base-changing init (PiSSA / OLoRA), for
+    ``inits.convert_to_lora``. Other inits need none: their adapters apply to the untouched base."""
+    state = lora_state(model)
+    plan = state.plans[adapter_name]
+    if init_changes_base(plan.config.init):
+        state.initial[adapter_name] = {
+            unwrapped_name(name): param.detach().to("cpu", copy=True)
+            for name, param in model.named_parameters()
+            if plan.is_adapter_param(unwrapped_name(name)) and name.endswith((".lora_a.weight", ".lora_b.weight"))
+        }
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -392,7 +473,9 @@ def backbone_fingerprint(model: nn.Module) -> str:
 
     digest = hashlib.sha256()
     wrappers = (LoRALinear, ParamLoRA, TrainableTokens)  # they own only adapter tensors (and their base layer)
-    adapter = {id(m) for w in model.modules() if isinstance(w, (LoRALinear, ParamLoRA)) for part in (w.lora_a, w.lora_b) for m in part.modules()}
+    parts = [(w.lora_a, w.lora_b) for w in model.modules() if isinstance(w, ParamLoRA)]
+    parts += [(h.lora_a, h.lora_b, *([] if h is layer else [h])) for layer in lora_layers(model).values() for _, h in layer.adapter_items()]
+    adapter = {id(m) for group in parts for part in group for m in part.modules()}
     for module_name, module in model.named_modules():
         if isinstance(module, wrappers) or id(module) in adapter:
             continue

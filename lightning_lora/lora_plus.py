@@ -5,7 +5,7 @@ learning rate, B learns too slowly for wide models; the paper sets lr_B = 16 * l
 PEFT's ``create_loraplus_optimizer`` (PEFT 0.21), so the same run gets the same per-parameter learning rates:
 
     at ``lr``:               A matrices and every other trained matrix (modules_to_save weights, trained token rows)
-    at ``lr * lr_ratio``:    B matrices and every trained 1-D tensor (biases, norm weights)
+    at ``lr * lr_ratio``:    B matrices and every trained 1-D tensor (biases, norm weights, DoRA's magnitude)
     weight decay:            ``weight_decay`` everywhere except biases and ``nn.LayerNorm`` weights (no decay)
 
 Two ways in: ``lora_plus_param_groups(model, lr, lr_ratio)`` builds the groups for ``configure_optimizers``;
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_lora.layers import LoRALinear
+from lightning_lora.layers import LoRAAdapter, LoRALinear
 from lightning_lora.param_lora import ParamLoRA
 
 RATIO_KEY = "lora_plus_ratio"
@@ -42,9 +42,11 @@ def check_lr_ratio(lr_ratio: Any) -> float:
 
 
 def b_side_parameters(model: nn.Module) -> set[int]:
-    """ids of the trainable tensors LoRA+ speeds up: every LoRA B matrix, and every trainable 1-D tensor."""
+    """ids of the trainable tensors LoRA+ speeds up: every LoRA B matrix (of every named adapter), and every trainable
+    1-D tensor (DoRA's magnitude too, as in PEFT)."""
     trainable = _trainable(model)
-    ids = {id(m.lora_b.weight) for m in model.modules() if isinstance(m, (LoRALinear, ParamLoRA))}
+    holders = (LoRALinear, LoRAAdapter, ParamLoRA)
+    ids = {id(m.lora_b.weight) for m in model.modules() if isinstance(m, holders) and m.lora_b is not None}
     ids |= {id(p) for p in trainable if p.dim() == 1}
     return ids & {id(p) for p in trainable}
 

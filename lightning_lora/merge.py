@@ -19,7 +19,7 @@ from lightning_lora.tokens import TrainableTokens
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA update into its base weight (idempotent); the forward then costs what the base costs.
+    """Fold every LoRA update (of the active adapter) into its base weight (idempotent); the forward then costs what the base costs.
 
     Quantized bases are dequantized, updated and quantized again, which rounds the update; a warning
     states the measured relative error. ``unmerge_lora`` restores the original quantized weight exactly.
@@ -71,7 +71,7 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
     the dequantized weight, so no second rounding happens. ``dtype`` casts floating tensors (default:
     the dtype of the model's first floating parameter that is not a LoRA or quantized weight).
     """
-    plan = require_lora_state(model, "merged_state_dict").plan
+    is_adapter = require_lora_state(model, "merged_state_dict").is_adapter_param  # any adapter's tensor
     layers = lora_layers(model)
     quantized = {name: module for name, module in model.named_modules() if quantization.is_quantized(module)}
     # ParamLoRA (outermost per owner) and TrainableTokens give their module's merged state themselves.
@@ -82,7 +82,7 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
     }
     if dtype is None:
         dtype = next(
-            (p.dtype for n, p in model.named_parameters() if p.is_floating_point() and not plan.is_adapter_param(unwrapped_name(n))),
+            (p.dtype for n, p in model.named_parameters() if p.is_floating_point() and not is_adapter(unwrapped_name(n))),
             torch.float32,
         )
     out: dict[str, torch.Tensor] = {}
@@ -127,7 +127,13 @@ def cast_adapters(model: nn.Module, dtype: torch.dtype | str) -> nn.Module:
         dtype = _DTYPES.get(_dtype_name(dtype), dtype)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"`dtype` must be a floating torch dtype such as torch.bfloat16, got {dtype!r}.")
-    for layer in (*lora_layers(model).values(), *(m for m in adapter_modules(model).values() if isinstance(m, ParamLoRA))):
+    for layer in lora_layers(model).values():
+        for _, adapter in layer.adapter_items():
+            adapter.lora_a.to(dtype)
+            adapter.lora_b.to(dtype)
+            if adapter.lora_magnitude is not None:
+                adapter.lora_magnitude.data = adapter.lora_magnitude.data.to(dtype)
+    for layer in (m for m in adapter_modules(model).values() if isinstance(m, ParamLoRA)):
         layer.lora_a.to(dtype)
         layer.lora_b.to(dtype)
     return model

@@ -45,7 +45,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_lora import quantization
+from lightning_lora import dora, quantization
 from lightning_lora._matching import output_head_names
 from lightning_lora._parts import (
     CheckpointReader,
@@ -63,7 +63,7 @@ from lightning_lora._parts import (
     under,
     will_quantize,
 )
-from lightning_lora.config import LoRAConfig, QuantizationConfig
+from lightning_lora.config import LoRAConfig, QuantizationConfig, init_changes_base
 from lightning_lora.inject import inject_lora, lora_state
 from lightning_lora.layers import LoRALinear
 
@@ -123,6 +123,7 @@ def build_lora_model(
         )
     shard, mesh, device = _resolve_sharding(strategy, shard, mesh, device)
     _check_quantization(quantization_config, shard, dtype)
+    _check_lora(lora_config, shard)
     config, checkpoint = resolve_config(config_or_path, checkpoint)
     reader = CheckpointReader(checkpoint) if checkpoint is not None else None
 
@@ -165,6 +166,22 @@ def build_lora_model(
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return model
+
+
+def _check_lora(config: LoRAConfig, shard: Shard | None) -> None:
+    """The adapters this build can make: every rank must get the same one from the seed and the backbone's own bytes."""
+    if init_changes_base(config.init):
+        raise ValueError(
+            f"`lora_config.init`={config.init!r} is not supported by build_lora_model: PiSSA / OLoRA factor each full-precision "
+            "weight and leave a residual in it, which a build that quantizes and shards part by part on meta does not do. "
+            "Use init='kaiming' / 'gaussian' here, or inject_lora(init=...) on a model loaded in full."
+        )
+    if config.use_dora and shard == "fsdp1":
+        raise ValueError(
+            "`lora_config.use_dora`=True is not supported with shard='fsdp1' (FSDPStrategy): DoRA reads A, B and its magnitude "
+            "as whole tensors, which FSDP1 units hold only inside their own forward. Use shard='fsdp2' (ModelParallelStrategy) "
+            "or use_dora=False."
+        )
 
 
 def sharded_param_init_fn(model: nn.Module) -> Callable[[nn.Module], None]:
@@ -278,6 +295,11 @@ class _PartBuilder:
             for linear in (layer.lora_a, layer.lora_b):  # FSDP1 units (wrapped) have been initialized already
                 if type(linear) is nn.Linear:
                     self._init_adapter(linear, name, layer)
+            if layer.use_dora and layer.lora_magnitude.is_meta:
+                # DoRA's magnitude is the row norms of the adapted weight: taken from the real base, the same on every rank.
+                magnitude = layer.lora_magnitude
+                layer.lora_magnitude = nn.Parameter(torch.empty(magnitude.shape, dtype=magnitude.dtype, device=self.device), requires_grad=magnitude.requires_grad)
+                dora.init_magnitude(layer, layer)
 
     def _build_here(self, part: Part) -> None:
         materialize(part.slots, self.device, self.dtype, self.memo)

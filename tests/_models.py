@@ -153,6 +153,8 @@ def peft_param_name(key: str, modules_to_save: Iterable[str] = ()) -> str:
             return f"base_model.model.{root}.modules_to_save.default.{key[len(root) + 1 :]}"
     key = key.replace(".lora_a.weight", ".lora_A.default.weight").replace(".lora_b.weight", ".lora_B.default.weight")
     key = key.replace(".trainable_tokens_delta", ".token_adapter.trainable_tokens_delta.default")
+    if key.endswith(".lora_magnitude"):  # DoRA
+        key += "_vector.default.weight"
     return "base_model.model." + key
 
 

@@ -349,7 +349,9 @@ def test_invalid_values_in_config(tmp_path):
     config = json.loads((directory / ADAPTER_CONFIG_NAME).read_text())
     for key, value, message in (
         ("r", 0, "`r` must be a positive integer, got 0."),
-        ("use_dora", True, "The adapter uses PEFT's `use_dora`=True, which lightning_lora does not implement"),
+        ("lora_bias", True, "The adapter uses PEFT's `lora_bias`=True, which lightning_lora does not implement"),
+        ("init_lora_weights", "corda", "`init_lora_weights`='corda', which rewrites the base weights in a way"),
+        ("use_dora", True, "has `use_dora`=True, but adapter_model.safetensors was saved with use_dora=False"),  # the files disagree
         ("peft_type", "IA3", "describes peft_type='IA3'; only LoRA adapters load here."),
     ):
         (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(config | {key: value}))
@@ -415,7 +417,7 @@ def test_every_field_of_the_installed_peft_lora_config_is_classified():
 
     implemented = {key for key, _ in peft_fields().values()}
     peft = {f.name for f in dataclasses.fields(LoraConfig)}
-    assert implemented == {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias", "modules_to_save", "init_lora_weights", "use_rslora", "rank_pattern", "alpha_pattern", "target_parameters", "trainable_token_indices"}
+    assert implemented == {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias", "modules_to_save", "init_lora_weights", "use_rslora", "rank_pattern", "alpha_pattern", "target_parameters", "trainable_token_indices", "use_dora"}
     assert peft == implemented | _PEFT_METADATA | _PEFT_REFUSED  # a new PEFT field fails here until it is classified
     assert not (implemented & _PEFT_METADATA or implemented & _PEFT_REFUSED or _PEFT_METADATA & _PEFT_REFUSED)
 

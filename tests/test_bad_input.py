@@ -31,8 +31,10 @@ from lightning_lora import (
     inject_lora,
     load_adapter,
     merge_lora,
+    quantize_model,
     save_adapter,
 )
+from lightning_lora.adapters import add_adapter, delete_adapter, per_sample_adapters, set_active_adapter
 from lightning_lora.adapter_io import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from lightning_lora.export import save_merged
 from lightning_lora.layers import LoRALinear
@@ -215,7 +217,23 @@ CASES = [
     Case("dropout-one", _lora(dropout=1.0), ValueError, ["`dropout`", "1.0", "Use"]),
     Case("dropout-negative", _lora(dropout=-0.1), ValueError, ["`dropout`", "-0.1", "Use"]),
     Case("bias-mode", _lora(bias="some"), ValueError, ["`bias`", "'some'", "one of ('none', 'all', 'lora_only')"]),
-    Case("init-mode", _lora(init="xavier"), ValueError, ["`init`", "'xavier'", "one of ('kaiming', 'gaussian')"]),
+    Case("init-mode", _lora(init="xavier"), ValueError, ["`init`", "'xavier'", "one of ('kaiming', 'gaussian', 'pissa', 'olora', 'pissa_niter_<K>')"]),
+    Case("use-dora-not-bool", _lora(use_dora=1), TypeError, ["`use_dora`", "got 1", "True or False"]),
+    Case("init-pissa-on-nf4", _inject(LoRAConfig(init="pissa", target_modules=QV), QuantizationConfig(mode="nf4")), ValueError, ["`init`='pissa'", "quantized", "Initialise on the full-precision model"]),
+    Case("init-pissa-on-prequantized", _inject(LoRAConfig(init="pissa_niter_2", target_modules=QV), build=lambda: quantize_model(tiny_llama(), QuantizationConfig(mode="int8"))), ValueError, ["`init`='pissa_niter_2'", "quantized", "use init='olora'"]),
+    Case("init-olora-conv1d", _inject(LoRAConfig(init="olora", target_modules=["c_attn"]), build=tiny_gpt2), ValueError, ["`init`='olora'", "Conv1D", "Use init='pissa'"]),
+    Case("init-pissa-rank-too-big", _inject(LoRAConfig(r=96, init="pissa", target_modules=QV)), ValueError, ["`init`='pissa'", "r=96", "lower `r`"]),
+    Case("adapter-name", lambda tmp: (lambda m: ((lambda: inject_lora(m, LoRAConfig(target_modules=QV), adapter_name="a.b")), m, None))(tiny_llama()), ValueError, ["`adapter_name`", "'a.b'", "Name adapters"]),
+    Case("add-adapter-duplicate", lambda tmp: (lambda m: ((lambda: add_adapter(m, "default", LoRAConfig(target_modules=QV))), m, None))(_injected()), ValueError, ["'default'", "['default']", "pick another name"]),
+    Case("add-adapter-modules-to-save", lambda tmp: (lambda m: ((lambda: add_adapter(m, "b", LoRAConfig(target_modules=QV, modules_to_save=["lm_head"]))), m, None))(_injected()), ValueError, ["'b'", "`modules_to_save`=['lm_head']", "Use bias='none'"]),
+    Case("add-adapter-over-pissa", lambda tmp: (lambda m: ((lambda: add_adapter(m, "b", LoRAConfig(target_modules=["q_proj"]))), m, None))(_injected(init="pissa")), ValueError, ["init='pissa'", "'model.layers.0.self_attn.q_proj'", "convert the PiSSA / OLoRA adapter"]),
+    Case("set-active-unknown", lambda tmp: (lambda m: ((lambda: set_active_adapter(m, "sql")), m, None))(_injected()), ValueError, ["`adapter_name`", "'sql'", "it has ['default']"]),
+    Case("delete-active", lambda tmp: (lambda m: ((lambda: delete_adapter(m, "default")), m, None))(_injected()), ValueError, ["`adapter_name`", "'default'", "only adapter"]),
+    Case("per-sample-unknown", lambda tmp: (lambda m: ((lambda: per_sample_adapters(m, ["default", "sql"]).__enter__()), m, None))(_injected()), ValueError, ["`names`", "['sql']", "use ['default'] or '__base__'"]),
+    Case("save-convert-without-pissa", lambda tmp: (lambda m: ((lambda: save_adapter(m, tmp / "out", convert_to_lora=True)), m, tmp))(_injected()), ValueError, ["`convert_to_lora`=True", "init=['kaiming']", "Save them without convert_to_lora"]),
+    Case("save-convert-dora", lambda tmp: (lambda m: ((lambda: save_adapter(m, tmp / "out", convert_to_lora=True)), m, tmp))(_injected(init="olora", use_dora=True)), ValueError, ["`use_dora`=True", "magnitude", "Save the adapter as it is"]),
+    Case("callback-convert-without-pissa", _callback(convert_init_on_export=True), ValueError, ["`convert_init_on_export`=True", "`init`='kaiming'", "use init='pissa'"]),
+    Case("callback-adapter-name", _callback(adapter_name=""), ValueError, ["`adapter_name`", "''", "Name adapters"]),
     Case("target-empty", _lora(target_modules=[]), ValueError, ["`target_modules`", "[]", "use"]),
     Case("target-bad-regex", _lora(target_modules="q_proj("), ValueError, ["`target_modules`", "'q_proj('", "Escape"]),
     Case("target-not-str", _lora(target_modules=[3]), TypeError, ["`target_modules`", "[3]", "pass"]),
@@ -248,7 +266,10 @@ CASES = [
     Case("load-garbage-safetensors", _load_case(edit=_garble), ValueError, [ADAPTER_WEIGHTS_NAME, "truncated or corrupted", "Re-export"]),
     Case("load-corrupt-config-json", _load_case(edit=lambda d: (d / ADAPTER_CONFIG_NAME).write_text('{"r": 4,')), ValueError, [ADAPTER_CONFIG_NAME, "not valid JSON", "re-export"]),
     Case("load-not-lora", _load_case(edit=_edit_config(lambda c: c.update(peft_type="IA3"))), ValueError, ["peft_type", "'IA3'", "only LoRA"]),
-    Case("load-dora", _load_case(target=tiny_llama, edit=_edit_config(lambda c: c.update(use_dora=True))), ValueError, ["`use_dora`", "True", "export it"]),
+    # a PEFT-written file (no lightning_lora metadata) that says DoRA but holds no magnitudes
+    Case("load-dora-without-magnitudes", _load_case(target=tiny_llama, edit=lambda d: (_edit_config(lambda c: c.update(use_dora=True))(d), _edit_tensors(lambda t: None)(d))), ValueError, ["missing keys", "q_proj.lora_magnitude", "load it into the model"]),
+    Case("load-dora-config-of-another-save", _load_case(target=tiny_llama, edit=_edit_config(lambda c: c.update(use_dora=True))), ValueError, ["`use_dora`=True", "use_dora=False", "different saves", "Re-save"]),
+    Case("load-corda", _load_case(target=tiny_llama, edit=_edit_config(lambda c: c.update(init_lora_weights="corda"))), ValueError, ["`init_lora_weights`='corda'", "rewrites the base weights", "Convert it to plain LoRA"]),
     Case("load-int-tensor", _load_case(edit=_edit_tensors(lambda t: t.update({k: v.to(torch.int32) for k, v in t.items()}))), ValueError, ["torch.int32", "floating point"]),
     # Lightning: callback, mixin, checkpoints
     Case("callback-r", _callback(r=0), ValueError, ["`r`", "0", "set"]),
@@ -259,6 +280,7 @@ CASES = [
     Case("mixin-no-config", lambda tmp: (lambda m: ((lambda: trainer(1).fit(m, token_loader(n=4))), m.model, None))(_NoConfig()), ValueError, ["lora_config", "None", "Set it"]),
     Case("resume-other-rank", _fit_resume({}, {"r": 8}), ValueError, ["`r`=4", "`r`=8", "Set `r`=4"]),
     Case("resume-other-targets", _fit_resume({}, {"target_modules": ["q_proj"]}), ValueError, ["`target_modules`", "['q_proj', 'v_proj']", "Set"]),
+    Case("resume-other-init", _fit_resume({"init": "olora"}, {}), ValueError, ["`init`='olora'", "`init`='kaiming'", "Set `init`='olora'"]),
     Case("resume-other-base-model", _fit_resume({}, {}, resume_model=lambda: _BiggerLM()), ValueError, ["another backbone", "fingerprint", "same base model"]),
     Case("resume-truncated-checkpoint", _fit_resume({}, {}, corrupt=True), RuntimeError, ["last.ckpt", "truncated or corrupted", "Resume from"]),
     # CLI / YAML
@@ -497,7 +519,11 @@ CASES += [
     Case("cast-merged", lambda tmp: (lambda m: ((lambda: cast_adapters(m, torch.bfloat16)), m, None))(_merged()), ValueError, ["`cast_adapters`", "merged", "Call `unmerge_lora(model)` first"]),
     Case("peft-layers-to-transform", _peft_field("layers_to_transform", [0]), ValueError, ["`layers_to_transform`", "[0]", "export it"]),
     Case("peft-loftq", _peft_field("loftq_config", {"loftq_bits": 4}), ValueError, ["`loftq_config`", "{'loftq_bits': 4}", "export it"]),
-    Case("peft-init-pissa", _peft_field("init_lora_weights", "pissa"), ValueError, ["`init_lora_weights`", "'pissa'", "convert it"]),
+    # PiSSA / OLoRA are implemented (they run again on load); other base-rewriting inits stay refused, and a PiSSA
+    # adapter does not load into LoRA injected with another init (it applies to the residual base).
+    Case("peft-init-loftq", _peft_field("init_lora_weights", "loftq"), ValueError, ["`init_lora_weights`", "'loftq'", "Convert it to plain LoRA"]),
+    Case("peft-init-pissa-niter-bad", _peft_field("init_lora_weights", "pissa_niter_x"), ValueError, ["`init_lora_weights`='pissa_niter_x'", "K is a positive integer"]),
+    Case("peft-init-pissa-into-injected", _peft_field("init_lora_weights", "pissa", target=lambda: _injected()), ValueError, ["init='pissa'", "init='kaiming'", "Load it into a model without LoRA"]),
     Case("peft-target-parameters", _peft_field("target_parameters", ["mlp.experts.gate_up_proj"]), ValueError, ["`target_parameters`", "gate_up_proj", "matches no parameter"]),
     Case("peft-alora", _peft_field("alora_invocation_tokens", [1, 2]), ValueError, ["`alora_invocation_tokens`", "[1, 2]", "export it"]),
     Case("peft-weight-tying", _peft_field("ensure_weight_tying", True), ValueError, ["`ensure_weight_tying`", "True", "export it"]),
@@ -506,7 +532,8 @@ CASES += [
     Case("peft-layer-replication", _peft_field("layer_replication", [[0, 1]]), ValueError, ["`layer_replication`", "[[0, 1]]", "export it"]),
     Case("peft-qalora", _peft_field("use_qalora", True), ValueError, ["`use_qalora`", "True", "export it"]),
     Case("peft-unknown-field", _peft_field("future_scaling", 2.0), ValueError, ["`future_scaling`", "2.0", "Remove it"]),
-    Case("peft-dora-into-injected", _peft_field("use_dora", True, target=lambda: _injected()), ValueError, ["`use_dora`", "True", "export it"]),
+    # use_dora is implemented: a PEFT file (no metadata) that says DoRA does not load into LoRA injected without it
+    Case("peft-dora-into-injected", _load_case(edit=lambda d: (_edit_config(lambda c: c.update(use_dora=True))(d), _edit_tensors(lambda t: None)(d))), ValueError, ["`use_dora`=True", "use_dora=False", "Load it into a model without LoRA"]),
     Case("load-config-weights-mismatch", _load_case(edit=_edit_config(lambda c: c.update(lora_alpha=32))), ValueError, ["`lora_alpha`=32", "lora_alpha=16", "different saves", "Re-save"]),
     Case("load-config-dropout-mismatch", _load_case(edit=_edit_config(lambda c: c.update(lora_dropout=0.3))), ValueError, ["`lora_dropout`=0.3", "different saves", "Re-save"]),
     Case("load-config-r-deleted", _load_case(edit=_edit_config(lambda c: c.pop("r"))), ValueError, ["`r`=None", "r=4", "Re-save"]),

@@ -314,3 +314,20 @@ def test_cpu_threads_are_shared_between_the_processes_of_a_node(monkeypatch, env
     assert set_cpu_threads(SimpleNamespace(accelerator=CPUAccelerator())) == expected
     assert calls == ([] if expected is None else [expected])
     assert set_cpu_threads(SimpleNamespace(accelerator=object())) is None  # GPUs: untouched
+
+
+def test_yaml_reaches_dora_named_adapters_and_inits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_lora import LoRACallback
+
+    source = yaml.safe_load((Path(__file__).parents[1] / "configs" / "tiny-llama-cpu.yaml").read_text())
+    new = {"use_dora": True, "init": "pissa_niter_4", "adapter_name": "sentiment", "convert_init_on_export": True}
+    source["trainer"]["callbacks"][0]["init_args"].update(new)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(source))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", "--config", str(path), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    init_args = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"][0]["init_args"]
+    assert {key: init_args[key] for key in new} == new
+    callback = LoRACallback(**init_args)
+    assert (callback.lora_config.use_dora, callback.lora_config.init, callback.controller.adapter_name) == (True, "pissa_niter_4", "sentiment")

@@ -26,6 +26,7 @@ def test_lora_config_defaults_and_to_dict():
         "alpha_pattern": {},
         "target_parameters": None,
         "trainable_token_indices": None,
+        "use_dora": False,
     }
     assert LoRAConfig(**config.to_dict()) == config
 
@@ -69,13 +70,26 @@ def test_lora_config_accepts_dropout_in_half_open_unit_interval(dropout):
     ("field", "value", "choices"),
     [
         ("bias", "some", "('none', 'all', 'lora_only')"),
-        ("init", "xavier", "('kaiming', 'gaussian')"),
+        ("init", "xavier", "('kaiming', 'gaussian', 'pissa', 'olora', 'pissa_niter_<K>')"),
+        ("init", "pissa_niter_0", "('kaiming', 'gaussian', 'pissa', 'olora', 'pissa_niter_<K>')"),
+        ("init", "pissa_niter_", "('kaiming', 'gaussian', 'pissa', 'olora', 'pissa_niter_<K>')"),
+        ("init", True, "('kaiming', 'gaussian', 'pissa', 'olora', 'pissa_niter_<K>')"),
     ],
 )
 def test_lora_config_rejects_unknown_modes(field, value, choices):
     with pytest.raises(ValueError) as info:
         LoRAConfig(**{field: value})
-    assert str(info.value) == f"`{field}` must be one of {choices}, got {value!r}."
+    assert str(info.value).startswith(f"`{field}` must be one of {choices}, got {value!r}.")
+
+
+@pytest.mark.parametrize("init", ["kaiming", "gaussian", "pissa", "pissa_niter_4", "pissa_niter_16", "olora"])
+def test_lora_config_accepts_every_init(init):
+    assert LoRAConfig(init=init, use_dora=True).init == init
+
+
+def test_lora_config_rejects_a_non_bool_use_dora():
+    with pytest.raises(TypeError, match=re.escape("`use_dora` must be True or False, got 'yes'.")):
+        LoRAConfig(use_dora="yes")
 
 
 def test_lora_config_rejects_empty_and_invalid_patterns():

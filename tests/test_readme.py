@@ -152,12 +152,33 @@ def check_sharded(namespace: dict, tmp: Path) -> None:
     assert len(lora_layers(trainer.lightning_module.model)) == 2 * 7
 
 
+def prelude_adapters(tmp: Path) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    models = {name: LlamaForCausalLM(_llama_config(LlamaConfig, vocab=128)) for name in ("model", "fresh_model", "other_model")}
+    return {**models, "input_ids": torch.randint(0, 128, (3, 8))}
+
+
+def check_adapters(namespace: dict, tmp: Path) -> None:
+    from lightning_lora import adapter_state_dict
+    from lightning_lora.adapters import adapter_names
+
+    assert adapter_names(namespace["model"]) == ["default", "sql"] and namespace["logits"].shape == (3, 8, 128)
+    assert sorted(p.name for p in (tmp / "out" / "all").iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "sql"]
+    saved, loaded = adapter_state_dict(namespace["model"], "sql"), adapter_state_dict(namespace["fresh_model"], "sql")
+    assert saved.keys() == loaded.keys() and len(saved) == 2 * 2 * 2  # A, B of q/v_proj in 2 layers
+    converted = (tmp / "out" / "pissa" / "adapter_config.json").read_text()
+    assert '"r": 32' in converted and '"init_lora_weights": true' in converted  # rank 2r, a plain init
+
+
 PRELUDES: dict[str, tuple[Callable[[Path], dict], Callable[[dict, Path], None]]] = {
     "classifier": (prelude_classifier, check_classifier),
     "causal_lm": (prelude_causal_lm, check_causal_lm),
     "plain": (prelude_plain, check_plain),
     "moe": (prelude_moe, check_moe),
     "sharded": (prelude_sharded, check_sharded),
+    "adapters": (prelude_adapters, check_adapters),
 }
 
 

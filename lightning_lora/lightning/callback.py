@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_lora._io import require_directory_path
-from lightning_lora.config import BiasMode, InitMode, LoRAConfig, QuantizationConfig
+from lightning_lora.config import BiasMode, InitMode, LoRAConfig, QuantizationConfig, init_changes_base
 from lightning_lora.lightning.controller import LoRAController, serving_options
 
 
@@ -45,6 +45,8 @@ class LoRACallback(Callback):
         target_parameters: list[str] | None = None,
         trainable_token_indices: list[int] | dict[str, list[int]] | None = None,
         lora_plus_ratio: float | None = None,
+        use_dora: bool = False,
+        adapter_name: str = "default",
         quantize: Literal["nf4", "fp4", "int8"] | None = None,
         double_quant: bool = True,
         compute_dtype: str | None = None,
@@ -53,6 +55,7 @@ class LoRACallback(Callback):
         adapter_only_checkpoint: bool = True,
         export_dir: str | None = None,
         merge_on_export: bool = False,
+        convert_init_on_export: bool = False,
         skip_nonfinite: bool = True,
         max_nonfinite_steps: int = 10,
         compile_blocks: bool | list[str] = False,
@@ -71,7 +74,8 @@ class LoRACallback(Callback):
             bias: Which biases train and are saved: 'none', 'all' or 'lora_only'.
             modules_to_save: Modules trained in full and saved with the adapter (e.g. ['classifier']).
             use_rslora: Scale by alpha / sqrt(r) (rank-stabilized LoRA).
-            init: Init of A: 'kaiming' or 'gaussian'; B starts at zero.
+            init: Init of A and B: 'kaiming' or 'gaussian' (B at zero), or from the base weight, which keeps the
+                residual: 'pissa', 'pissa_niter_K' (randomized SVD, K iterations) or 'olora'.
             rank_pattern: Per-module rank overrides: regex -> r.
             alpha_pattern: Per-module alpha overrides: regex -> alpha.
             target_parameters: Parameters to adapt as `module.param` suffixes, e.g. ['experts.gate_up_proj',
@@ -80,6 +84,9 @@ class LoRACallback(Callback):
                 {module suffix: ids}.
             lora_plus_ratio: LoRA+: B matrices (and 1-D tensors) train at this multiple of each optimizer group's lr,
                 e.g. 16; the groups of the optimizer built in configure_optimizers are split as it is built.
+            use_dora: DoRA: a trained magnitude per output row rescales the adapted weight.
+            adapter_name: Name of the adapter this callback injects (or adds, if the backbone has adapters already)
+                and trains; the backbone's other adapters stay frozen. Non-default names export to a subfolder.
             quantize: Quantize the frozen backbone with bitsandbytes: 'nf4', 'fp4', 'int8', or None.
             double_quant: Also quantize the 4-bit block scales.
             compute_dtype: Matmul dtype of 4-bit layers ('bfloat16', 'float16', 'float32'); default bf16 on GPU, fp32 on CPU.
@@ -88,6 +95,8 @@ class LoRACallback(Callback):
             adapter_only_checkpoint: Checkpoints hold the adapter, not the frozen backbone.
             export_dir: When fit ends, write the PEFT-format adapter to export_dir/adapter.
             merge_on_export: Also write merged full weights to export_dir/merged.
+            convert_init_on_export: With init 'pissa' / 'pissa_niter_K' / 'olora', also write export_dir/adapter_converted:
+                the adapter as plain LoRA (rank 2r) that applies to the original base weights.
             skip_nonfinite: Skip optimizer steps whose gradients hold NaN/Inf, with a warning.
             max_nonfinite_steps: Stop with an error after this many skipped steps in a row.
             compile_blocks: torch.compile each decoder layer after injection (regional compilation): True for
@@ -114,14 +123,25 @@ class LoRACallback(Callback):
             alpha_pattern=dict(alpha_pattern or {}),
             target_parameters=target_parameters,
             trainable_token_indices=trainable_token_indices,
+            use_dora=use_dora,
         )
+        if not isinstance(convert_init_on_export, bool):
+            raise TypeError(f"`convert_init_on_export` must be True or False, got {convert_init_on_export!r}.")
+        if convert_init_on_export and (from_backbone or not init_changes_base(lora_config.init)):
+            raise ValueError(
+                f"`convert_init_on_export`=True converts PiSSA / OLoRA adapters to plain LoRA, but `init`={init!r} leaves the "
+                "base untouched: its adapter applies to the original base as it is (build_lora_model, which from_backbone "
+                "takes the adapter from, makes no PiSSA / OLoRA adapters). Drop convert_init_on_export, or use "
+                "init='pissa' / 'olora'."
+            )
         if from_backbone:
             lora_config = None
         quantization = None
         if quantize is not None and not from_backbone:
             quantization = QuantizationConfig(mode=quantize, double_quant=double_quant, compute_dtype=compute_dtype, quant_storage=quant_storage)
         self.controller = LoRAController(
-            lora_config, quantization, backbone, adapter_only_checkpoint, skip_nonfinite, max_nonfinite_steps, compile_blocks, lora_plus_ratio=lora_plus_ratio
+            lora_config, quantization, backbone, adapter_only_checkpoint, skip_nonfinite, max_nonfinite_steps, compile_blocks,
+            lora_plus_ratio=lora_plus_ratio, adapter_name=adapter_name,
         )
         if export_dir is not None and (not isinstance(export_dir, (str, os.PathLike)) or not str(export_dir)):
             raise TypeError(f"`export_dir` must be a directory path or None, got {export_dir!r}; pass e.g. 'runs/exp1/export'.")
@@ -130,6 +150,7 @@ class LoRACallback(Callback):
         self.serving_options = serving_options(serving_targets, strict_serving, vllm_max_lora_rank)
         self.export_dir = export_dir
         self.merge_on_export = merge_on_export
+        self.convert_init_on_export = convert_init_on_export
 
     @property
     def lora_config(self) -> LoRAConfig | None:
@@ -138,7 +159,9 @@ class LoRACallback(Callback):
 
     @property
     def state_key(self) -> str:
-        return f"LoRACallback{{backbone={self.controller.backbone!r}}}"
+        name = self.controller.adapter_name
+        # Unchanged for the default adapter, so checkpoints of single-adapter runs keep their callback state.
+        return f"LoRACallback{{backbone={self.controller.backbone!r}}}" if name == "default" else f"LoRACallback{{backbone={self.controller.backbone!r}, adapter={name!r}}}"
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.export_dir is not None and stage == "fit":
@@ -164,7 +187,7 @@ class LoRACallback(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.export_dir is not None:
-            self.controller.export(trainer, pl_module, self.export_dir, self.merge_on_export, self.serving_options)
+            self.controller.export(trainer, pl_module, self.export_dir, self.merge_on_export, self.serving_options, self.convert_init_on_export)
 
     def state_dict(self) -> dict[str, Any]:
         # RNG states make dropout masks after a resume the same as in an uninterrupted run.

@@ -30,7 +30,7 @@ from torch import nn
 from lightning_lora._io import atomic_write
 from lightning_lora._version import __version__
 from lightning_lora.adapter_io import adapter_state_dict, check_adapter_values
-from lightning_lora.config import ADAPTER_FIELDS
+from lightning_lora.config import ADAPTER_FIELDS, LoRAConfig, init_changes_base
 from lightning_lora.inject import backbone_fingerprint, lora_state
 from lightning_lora.lightning import guards, strategies
 from lightning_lora.sharding import is_sharded_param
@@ -51,6 +51,7 @@ def checkpoint_metadata(module: nn.Module, backbone: str | None, adapter_only: b
         "backbone": backbone,
         "adapter_only": adapter_only,
         "lora_config": state.config.to_dict(),
+        "adapter_name": state.active,
         "quantization": state.quantization.to_dict() if state.quantization else None,
         "fingerprint": state.fingerprint or backbone_fingerprint(module),
     }
@@ -109,8 +110,9 @@ def validate_checkpoint(
             f"The checkpoint was written for another backbone (fingerprint {meta['fingerprint']} vs this model's "
             f"{current['fingerprint']}: module names or shapes differ). Resume with the same base model architecture."
         )
+    defaults = LoRAConfig().to_dict()  # a checkpoint older than a field holds its default
     for field in ADAPTER_FIELDS:
-        saved, now = meta["lora_config"].get(field), current["lora_config"].get(field)
+        saved, now = meta["lora_config"].get(field, defaults[field]), current["lora_config"].get(field)
         if saved != now:
             raise ValueError(
                 f"The checkpoint was written with LoRA `{field}`={saved!r}, this run has `{field}`={now!r}. "
@@ -120,6 +122,18 @@ def validate_checkpoint(
         raise ValueError(
             f"The checkpoint was trained with `lora_plus_ratio`={meta.get('lora_plus_ratio')!r}, this run has {lora_plus_ratio!r}: "
             "its optimizer state holds other parameter groups. Set the same lora_plus_ratio to resume it."
+        )
+    saved_init, now_init = meta["lora_config"].get("init", defaults["init"]), current["lora_config"]["init"]
+    if saved_init != now_init and (init_changes_base(saved_init) or init_changes_base(now_init)):
+        raise ValueError(
+            f"The checkpoint was written with LoRA `init`={saved_init!r}, this run has `init`={now_init!r}: PiSSA / OLoRA "
+            f"leave a residual in the base weights that the adapter belongs to. Set `init`={saved_init!r} to resume it."
+        )
+    saved_name, now_name = meta.get("adapter_name", "default"), current["adapter_name"]
+    if saved_name != now_name:
+        raise ValueError(
+            f"The checkpoint trained the adapter named {saved_name!r}, this run trains {now_name!r}: "
+            f"set `adapter_name`={saved_name!r} to resume it."
         )
     saved_q = (meta.get("quantization") or {}).get("mode")
     now_q = (current.get("quantization") or {}).get("mode")
@@ -155,7 +169,10 @@ def validate_checkpoint(
     check_adapter_values(values, "the checkpoint", what="Nothing was loaded")
 
 
-_METADATA_TYPES: dict[str, type | tuple[type, ...]] = {"fingerprint": str, "lora_config": dict, "quantization": (dict, type(None)), "adapter_only": bool}
+_METADATA_TYPES: dict[str, type | tuple[type, ...]] = {
+    "fingerprint": str, "lora_config": dict, "quantization": (dict, type(None)), "adapter_only": bool, "adapter_name": str,
+}  # fmt: skip
+_OPTIONAL_METADATA = ("quantization", "adapter_only", "adapter_name")  # absent from checkpoints of older versions
 
 
 def checked_metadata(meta: Any) -> dict[str, Any]:
@@ -163,7 +180,7 @@ def checked_metadata(meta: Any) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise CheckpointError(f"checkpoint[{CHECKPOINT_KEY!r}] is a {type(meta).__name__}, not a dict: the checkpoint's metadata is damaged. Resume from another checkpoint.")
     for key, kind in _METADATA_TYPES.items():
-        optional = key in ("quantization", "adapter_only")
+        optional = key in _OPTIONAL_METADATA
         if (key not in meta and not optional) or (key in meta and not isinstance(meta[key], kind)):
             raise CheckpointError(
                 f"checkpoint[{CHECKPOINT_KEY!r}][{key!r}] is {'missing' if key not in meta else repr(meta[key])[:80]}: the checkpoint's "
@@ -171,6 +188,8 @@ def checked_metadata(meta: Any) -> dict[str, Any]:
             )
     if meta.get("quantization") is not None and not isinstance(meta["quantization"].get("mode"), (str, type(None))):
         raise CheckpointError(f"checkpoint[{CHECKPOINT_KEY!r}]['quantization'] is {meta['quantization']!r}: the checkpoint's metadata is damaged.")
+    if not isinstance(meta["lora_config"].get("init", "kaiming"), str):
+        raise CheckpointError(f"checkpoint[{CHECKPOINT_KEY!r}]['lora_config']['init'] is {meta['lora_config']['init']!r}: the checkpoint's metadata is damaged.")
     return meta
 
 

@@ -23,10 +23,11 @@ from torch import nn
 from lightning_lora import lora_plus, serving
 from lightning_lora._io import atomic_directory
 from lightning_lora.adapter_io import save_adapter
+from lightning_lora.adapters import add_adapter, set_active_adapter
 from lightning_lora.compiling import compile_blocks
 from lightning_lora.config import LoRAConfig, QuantizationConfig
 from lightning_lora.inject import inject_lora, lora_state, parameter_summary, trainable_parameters
-from lightning_lora.layers import LoRALinear
+from lightning_lora.layers import DEFAULT_ADAPTER, LoRALinear, check_adapter_name
 from lightning_lora.lightning import checkpoints, guards, patches, strategies
 from lightning_lora.quantization import is_quantized
 
@@ -56,7 +57,9 @@ class LoRAController:
         compile_blocks: bool | list[str] = False,
         *,
         lora_plus_ratio: float | None = None,
+        adapter_name: str = DEFAULT_ADAPTER,
     ) -> None:
+        check_adapter_name(adapter_name)
         if not isinstance(compile_blocks, bool) and not (
             isinstance(compile_blocks, (list, tuple)) and compile_blocks and all(isinstance(c, str) for c in compile_blocks)
         ):
@@ -78,6 +81,7 @@ class LoRAController:
         self.skip_nonfinite = skip_nonfinite
         self.max_nonfinite_steps = max_nonfinite_steps
         self.compile_blocks = list(compile_blocks) if isinstance(compile_blocks, (list, tuple)) else compile_blocks
+        self.adapter_name = adapter_name
         self.guard = guards.NonFiniteGuard(skip_nonfinite, max_nonfinite_steps)
         self.lora_plus_ratio = None if lora_plus_ratio is None else lora_plus.check_lr_ratio(lora_plus_ratio)
 
@@ -128,9 +132,15 @@ class LoRAController:
         module = self.backbone_of(pl_module)
         if module is None:
             return False
-        if lora_state(module) is not None:
-            self.adopt_or_check(lora_state(module))
+        state = lora_state(module)
+        if state is not None and self.adapter_name in state.plans:
+            self.adopt_or_check(state)
             return False
+        if state is not None and self.lora_config is None:
+            raise ValueError(
+                f"LoRACallback(from_backbone=True) takes adapter {self.adapter_name!r} from the backbone, which has adapters "
+                f"{list(state.plans)}: set `adapter_name` to one of them."
+            )
         if self.lora_config is None:
             return False  # from_backbone: the backbone must come with LoRA (configure_model may still build it)
         params = list(module.parameters())
@@ -141,29 +151,44 @@ class LoRAController:
         if self.ready_to_inject(pl_module):
             module = self.backbone_of(pl_module)
             quantization = self.quantization_config
+            strategies.check_lora_config(self.lora_config, pl_module)
             if quantization is not None:
                 strategies.check_quantization(quantization, pl_module)
             # A backbone quantized already (e.g. by lightning_lora.loading) is wrapped as it is.
             already_quantized = any(is_quantized(m) for m in module.modules())
             planned = None if already_quantized else quantization
             strategies.check_precision_keeps_4bit_bytes(getattr(pl_module, "_trainer", None), module, planned)
-            inject_lora(module, self.lora_config, planned, device=device)
-            lora_state(module).quantization = quantization
+            if lora_state(module) is not None:
+                # The backbone has other adapters already (e.g. loaded by the user): this one is added, and trains.
+                add_adapter(module, self.adapter_name, self.lora_config)
+                set_active_adapter(module, self.adapter_name)
+            else:
+                inject_lora(module, self.lora_config, planned, device=device, adapter_name=self.adapter_name)
+                lora_state(module).quantization = quantization
             if self.compile_blocks:
                 # After injection, before the strategy wraps the model: the compiled blocks hold the LoRA layers.
                 names = compile_blocks(module, None if self.compile_blocks is True else self.compile_blocks)
                 rank_zero_info(f"lightning_lora: compiled {len(names)} blocks ({type(module.get_submodule(names[0])).__name__}).")
         module = self.backbone_of(pl_module)
-        return module is not None and lora_state(module) is not None
+        if module is None or not self._has_adapter(module):
+            return False
+        if lora_state(module).active != self.adapter_name:
+            set_active_adapter(module, self.adapter_name)  # it was loaded by the user: this run trains it
+        return True
+
+    def _has_adapter(self, module: nn.Module) -> bool:
+        state = lora_state(module)
+        return state is not None and self.adapter_name in state.plans
 
     def adopt_or_check(self, state: Any) -> None:
         """A backbone that came with LoRA (e.g. from ``sharded_loading.build_lora_model``): take its configs (no config
         of our own, i.e. ``from_backbone``) or refuse it when they differ from ours."""
+        config = state.plans[self.adapter_name].config  # the adapter this run trains
         if self.lora_config is None:
-            self.lora_config = state.config
+            self.lora_config = config
             self.quantization_config = self.quantization_config or state.quantization
             return
-        for name, mine, theirs in (("LoRA", self.lora_config, state.config), ("quantization", self.quantization_config, state.quantization)):
+        for name, mine, theirs in (("LoRA", self.lora_config, config), ("quantization", self.quantization_config, state.quantization)):
             if mine is None or theirs is None or mine == theirs:
                 continue
             field = next(f for f in mine.to_dict() if getattr(mine, f) != getattr(theirs, f))
@@ -180,7 +205,7 @@ class LoRAController:
 
     def require_injected(self, pl_module: nn.Module) -> nn.Module:
         module = self.backbone_of(pl_module)
-        if module is None or lora_state(module) is None:
+        if module is None or not self._has_adapter(module):
             where = f"`self.{self.backbone}`" if self.backbone else "the LightningModule"
             if self.lora_config is None:
                 raise RuntimeError(
@@ -299,20 +324,25 @@ class LoRAController:
 
     # -- export --------------------------------------------------------------------------------
     def export(
-        self, trainer: Any, pl_module: nn.Module, export_dir: str | os.PathLike, merge: bool, serving_options: dict[str, Any] | None = None
+        self, trainer: Any, pl_module: nn.Module, export_dir: str | os.PathLike, merge: bool,
+        serving_options: dict[str, Any] | None = None, convert_init: bool = False,
     ) -> Path | None:
         """Write the PEFT-format adapter (and merged weights when asked) from rank zero; every rank gathers.
 
         ``export_dir`` changes as a whole: ``adapter/`` and ``merged/`` come from the same weights, and a
         run that fails or is killed while exporting leaves the previous export as it was.
         ``serving_options``: ``save_adapter``'s serving_targets / strict_serving / vllm_max_lora_rank.
-        """
+        ``convert_init``: also write ``export_dir/adapter_converted``, the PiSSA / OLoRA adapter as plain LoRA on the
+        original base (``save_adapter(..., convert_to_lora=True)``).
+        """  # fmt: skip
         module = self.require_injected(pl_module)
         tensors = strategies.gather_adapter_state_dict(trainer, module)
         if not trainer.is_global_zero:
             return None
-        with atomic_directory(export_dir, owned=("adapter", "merged"), parameter="export_dir") as tmp:
+        with atomic_directory(export_dir, owned=("adapter", "adapter_converted", "merged"), parameter="export_dir") as tmp:
             save_adapter(module, tmp / "adapter", state_dict=tensors, **(serving_options or {}))
+            if convert_init:
+                save_adapter(module, tmp / "adapter_converted", state_dict=tensors, convert_to_lora=True, **(serving_options or {}))
             if merge:
                 from lightning_lora.export import save_merged
 

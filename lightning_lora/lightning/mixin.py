@@ -49,6 +49,8 @@ class LoRAMixin:
     compile_blocks: bool | list[str] = False
     lora_plus_ratio: float | None = None
     """LoRA+: B matrices (and 1-D tensors) train at this multiple of the optimizer group's learning rate (e.g. 16)."""
+    lora_adapter_name: str = "default"
+    """The adapter this module injects (or adds to a backbone that has adapters already) and trains."""
 
     @property
     def lora_controller(self) -> LoRAController:
@@ -69,6 +71,7 @@ class LoRAMixin:
                 self.max_nonfinite_steps,
                 self.compile_blocks,
                 lora_plus_ratio=self.lora_plus_ratio,
+                adapter_name=self.lora_adapter_name,
             )
             self.__dict__["_lora_controller"] = controller
         return controller
@@ -127,24 +130,29 @@ class LoRAMixin:
         serving_targets: list[str] | None = None,
         strict_serving: bool = False,
         vllm_max_lora_rank: int = 16,
+        convert_to_lora: bool = False,
     ) -> Path:
-        """Write the adapter in PEFT's format (gathered across ranks under FSDP; written by rank zero).
+        """Write the trained adapter in PEFT's format (gathered across ranks under FSDP; written by rank zero).
 
         ``serving_targets`` ('vllm', 'llama.cpp'): first say which will refuse or mis-scale it (``strict_serving``: raise).
+        ``convert_to_lora``: a PiSSA / OLoRA adapter as plain LoRA on the original base (``save_adapter``'s option).
         """
         options = serving_options(serving_targets, strict_serving, vllm_max_lora_rank)
         trainer = getattr(self, "_trainer", None)
         tensors = strategies.gather_adapter_state_dict(trainer, self.lora_model)
         if trainer is not None and not trainer.is_global_zero:
             return Path(directory)
-        return save_adapter(self.lora_model, directory, state_dict=tensors, **options)
+        return save_adapter(self.lora_model, directory, state_dict=tensors, convert_to_lora=convert_to_lora, **options)
 
-    def load_adapter(self, directory: str | os.PathLike) -> nn.Module:
-        """Load a saved adapter (ours or PEFT's) into the backbone, all or nothing; injects LoRA first if needed."""
+    def load_adapter(self, directory: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
+        """Load a saved adapter (ours or PEFT's) into the backbone, all or nothing; injects LoRA first if needed.
+
+        ``adapter_name``: load it as that adapter (added frozen beside the others), see ``adapter_io.load_adapter``.
+        """
         module = self.lora_controller.backbone_of(self)
         if module is None:
             raise RuntimeError(f"`self.{self.lora_backbone}` is not built yet: call load_adapter after the backbone exists.")
-        return load_adapter(module, directory)
+        return load_adapter(module, directory, adapter_name=adapter_name)
 
     def merge_lora(self) -> nn.Module:
         return merge_lora(self.lora_model)

@@ -40,7 +40,7 @@ from torch import nn
 
 from lightning_lora import quantization, sharding
 from lightning_lora._matching import unwrapped_name
-from lightning_lora.config import QuantizationConfig, _dtype_name
+from lightning_lora.config import LoRAConfig, QuantizationConfig, _dtype_name
 from lightning_lora.lightning import patches
 from lightning_lora.sharding import full_adapter_state_dict
 
@@ -87,6 +87,17 @@ def check_quantization(quantization: QuantizationConfig, pl_module: nn.Module) -
         raise ValueError(
             "`quantize`='int8' cannot be sharded with FSDP: bitsandbytes keeps int8 scales outside the parameters. "
             "Use 'nf4' with FSDP, or DDP for int8."
+        )
+
+
+def check_lora_config(config: LoRAConfig, pl_module: nn.Module) -> None:
+    """Raise before injection if the module's strategy cannot run ``config``'s adapter."""
+    trainer = getattr(pl_module, "_trainer", None)
+    if trainer is not None and config.use_dora and strategy_kind(trainer) == "fsdp":
+        raise ValueError(
+            "`use_dora`=True is not supported under FSDPStrategy (FSDP1): DoRA reads A, B and its magnitude as whole "
+            "tensors, which FSDP1 units hold only inside their own forward. Use ModelParallelStrategy (FSDP2, with "
+            "lightning_lora.sharding.fully_shard_lora) or DDP, or use_dora=False."
         )
 
 
