@@ -20,6 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: _models,
 CUDA = torch.cuda.is_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the GPU machine: pytest -m gpu tests/gpu)")]
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
+_KWARGS = (
+    {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "target_parameters": EXPERTS},
+    {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "target_parameters": EXPERTS},
+)
 
 
 def _pair(build, kwargs, peft_kwargs, dtype, quantize=False):
@@ -52,17 +56,24 @@ def _outputs_and_grads(model, x):
 def test_expert_lora_matches_peft_on_cuda(kind, dtype, quantize):
     from _models import peft_param_name, tiny_moe, token_batch
 
-    ours, peft = _pair(
-        lambda: tiny_moe(kind),
-        {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "target_parameters": EXPERTS},
-        {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "target_parameters": EXPERTS},
-        dtype,
-        quantize,
-    )
+    ours, peft = _pair(lambda: tiny_moe(kind), *_KWARGS, dtype, quantize)
     x = token_batch(seed=2, batch=4, seq=32).cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype is torch.bfloat16):
         out, grads = _outputs_and_grads(ours, x)
         peft_out, peft_grads = _outputs_and_grads(peft, x)
+    if dtype is torch.bfloat16 and not quantize:
+        # A bf16 MoE routes near-tie tokens by rounding: ours (x W + x A B) and PEFT's (x (W + B A)) round
+        # differently, so a few tokens take other experts in each (on the H200, qwen3_moe: 2% of logits off by
+        # up to 0.18; both are that far from float32). The oracle is then float32: ours may be no further from
+        # it than PEFT is.
+        ref, ref_grads = _outputs_and_grads(_pair(lambda: tiny_moe(kind), *_KWARGS, torch.float32)[0], x)
+        ours_err, peft_err = (out - ref).abs().mean().item(), (peft_out - ref).abs().mean().item()
+        assert ours_err <= 1.25 * peft_err + 1e-4 * ref.abs().max().item(), (ours_err, peft_err)
+        for name, grad in grads.items():
+            expected = ref_grads[name]
+            ours_g, peft_g = (grad - expected).abs().mean().item(), (peft_grads[peft_param_name(name)] - expected).abs().mean().item()
+            assert ours_g <= 1.25 * peft_g + 1e-4 * expected.abs().max().item(), (name, ours_g, peft_g)
+        return
     tol = 1e-5 if dtype is torch.float32 else 2e-2
     torch.testing.assert_close(out, peft_out, rtol=tol, atol=tol * peft_out.abs().max().item())
     for name, grad in grads.items():
