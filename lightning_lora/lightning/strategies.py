@@ -202,8 +202,10 @@ def install(
 def _one_rank_fsdp1_state_dict(strategy: Any, pl_module: nn.Module, adapter_keys: Callable[[], set[str]] | None) -> None:
     """FSDPStrategy on one rank runs NO_SHARD, whose frozen units leave their weights out of ``state_dict`` after a
     step (FSDP's own hook then fails: "FSDP assumes ... is in the state_dict"). There every tensor is whole on the
-    rank, so an adapter-only checkpoint takes the module's registered tensors directly (the filter keeps the adapter); a full one first registers the
-    frozen weights again (``sharding.restore_unsharded_params``). More ranks: Lightning's state dict, unchanged."""
+    rank, so an adapter-only checkpoint takes CPU copies of the module's registered tensors (the filter keeps the
+    adapter); a full one first registers the frozen weights again (``sharding.restore_unsharded_params``; enough
+    on CPU, not on the H200 with torch 2.11, where a full one-rank FSDP1 checkpoint can still fail). More ranks:
+    Lightning's state dict, unchanged."""
     original = strategy.lightning_module_state_dict
 
     def lightning_module_state_dict(*args: Any, **kwargs: Any) -> Any:
@@ -219,10 +221,10 @@ def _one_rank_fsdp1_state_dict(strategy: Any, pl_module: nn.Module, adapter_keys
             prefix = path + "." if path else ""
             for name, param in module._parameters.items():
                 if param is not None and not getattr(param, "_is_flat_param", False):  # FSDP's flat storage is no tensor of the model
-                    found[unwrapped_name(prefix + name)] = param.detach()
+                    found[unwrapped_name(prefix + name)] = param.detach().to("cpu", copy=True)  # as FSDP's offloaded full state dict
             for name, buffer in module._buffers.items():
                 if buffer is not None and name not in module._non_persistent_buffers_set:
-                    found[unwrapped_name(prefix + name)] = buffer.detach()
+                    found[unwrapped_name(prefix + name)] = buffer.detach().to("cpu", copy=True)
         missing = sorted(adapter_keys() - set(found))
         if missing:
             raise RuntimeError(f"FSDP1 on one rank: the adapter tensors {missing[:3]} are not parameters of the module; cannot checkpoint them.")
