@@ -22,7 +22,9 @@ CODE = textwrap.dedent(
             ok.append(type(gathered) is torch.Tensor and gathered.shape == full.shape and torch.equal(gathered, full))
     plain = torch.randn(3)
     ok.append(gather_full_tensor(plain) is plain)
-    print("RANK", dist.get_rank(), all(ok), ok.count(False))
+    import os, sys
+    with open(os.path.join(sys.argv[1], f"rank{dist.get_rank()}.txt"), "w") as f:  # not stdout: the ranks' prints interleave
+        f.write(f"RANK {dist.get_rank()} {all(ok)} {ok.count(False)}")
     """
 )
 
@@ -35,8 +37,8 @@ def test_gather_full_tensor_equals_the_full_tensor_on_three_ranks(tmp_path) -> N
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port", str(port), str(script)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port", str(port), str(script), str(tmp_path)]
     result = subprocess.run(torchrun, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("RANK"))
+    lines = sorted((tmp_path / f"rank{r}.txt").read_text() for r in range(3))
     assert lines == [f"RANK {r} True 0" for r in range(3)]
