@@ -8,6 +8,8 @@
 #   benchmarks/one_gpu_checks.sh scale    OUT   # rank 0 of 2..64 (70B) and 8..64 (405B) under the fake process group
 #   benchmarks/one_gpu_checks.sh loading  OUT   # sharded loading: per-rank memory and packed bytes, GPU tests
 #   benchmarks/one_gpu_checks.sh packing  OUT   # packing GPU tests and the 7B packing benchmark
+#   benchmarks/one_gpu_checks.sh peft     OUT   # 7B QLoRA vs PEFT, training (issue 15: the same figures as 2026-12-01-qlora-compile after the move)
+#   benchmarks/one_gpu_checks.sh adapters OUT   # adapter-breadth GPU tests: DoRA, named adapters, inits, MoE experts, tokens, LoRA+
 set -uo pipefail
 part=${1:?part}; out=${2:?output folder}
 mkdir -p "$out"
@@ -54,6 +56,14 @@ case "$part" in
     tail -5 "$out/pytest.log"
     python3 benchmarks/packing.py --gpu --out "$out" > "$out/packing.log" 2>&1
     tail -20 "$out/packing.log"
+    ;;
+  peft)
+    python3 benchmarks/compare_peft.py --out "$out/compare.json" --steps 6 > "$out/compare_peft.log" 2>&1
+    tail -30 "$out/compare_peft.log"
+    ;;
+  adapters)
+    timeout 400 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_gpu_adapters.py tests/gpu/test_gpu_breadth.py > "$out/pytest.log" 2>&1
+    tail -8 "$out/pytest.log"
     ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac
