@@ -65,13 +65,13 @@ def _full_optimizer_state(trainer) -> dict[str, Any]:
     """The optimizer state with full tensors on CPU, keyed by parameter name (a collective under FSDP)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+    from lightning_lora.lightning.strategies import strategy_kind
     from lightning_lora.sharding import gather_full_tensor
 
-    # Local (DTensor) state gathered here: full_state_dict=True gathers through full_tensor(), whose functional
-    # collective crashes gloo ranks sharing one GPU (see sharding.gather_full_tensor).
-    from lightning_lora.lightning.strategies import strategy_kind
-
-    full = strategy_kind(trainer) != "fsdp2"  # FSDP1's local state is flat shards: let torch gather it
+    # FSDP2: local DTensor state, gathered by gather_full_tensor (full_state_dict=True would go through
+    # full_tensor(), whose functional collective crashes gloo ranks sharing one GPU). FSDP1: its local state is
+    # flat shards, so torch gathers it.
+    full = strategy_kind(trainer) != "fsdp2"
     state = get_optimizer_state_dict(trainer.strategy.model, trainer.optimizers, options=StateDictOptions(full_state_dict=full))
     out = {}
     for name, entry in state["state"].items():

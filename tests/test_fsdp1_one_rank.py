@@ -1,5 +1,6 @@
 """FSDP1 on one rank runs NO_SHARD; after a step its frozen units hold plain tensors instead of parameters, and
-state_dict lacks them (FSDP's hook then fails). sharding.restore_unsharded_params registers them again.
+state_dict lacks them (FSDP's hook then fails). sharding.restore_unsharded_params registers them again (full
+checkpoints); strategies._one_rank_fsdp1_state_dict takes adapter-only checkpoints from the registered tensors.
 Lightning's FSDPStrategy needs CUDA (tests/gpu covers it through Lightning); this runs torch's FSDP1 on CPU."""
 
 import json
@@ -7,7 +8,8 @@ import subprocess
 import sys
 import textwrap
 
-CODE = textwrap.dedent(
+# One gloo rank, and the tiny nf4 Llama with LoRA on every linear that both scripts shard.
+PRELUDE = textwrap.dedent(
     """
     import json, torch, torch.distributed as dist
     dist.init_process_group("gloo", rank=0, world_size=1, init_method="tcp://127.0.0.1:0")
@@ -19,9 +21,16 @@ CODE = textwrap.dedent(
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=2, vocab_size=128)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model = inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"),
-                        QuantizationConfig(mode="nf4", quant_storage="bfloat16", compute_dtype="bfloat16"))
+
+    def lora_llama():
+        return inject_lora(LlamaForCausalLM(config).to(torch.bfloat16), LoRAConfig(r=4, alpha=8, target_modules="all-linear"),
+                           QuantizationConfig(mode="nf4", quant_storage="bfloat16", compute_dtype="bfloat16"))
+    """
+)
+
+CODE = PRELUDE + textwrap.dedent(
+    """
+    model = lora_llama()
     before = sorted(model.state_dict())
     root = FSDP(model, auto_wrap_policy=sharding.lora_fsdp_policy({LlamaDecoderLayer}), use_orig_params=True,
                 device_id=torch.device("cpu"))
@@ -62,28 +71,17 @@ def test_restore_unsharded_params_gives_the_whole_state_dict_after_a_step() -> N
     assert out["restored"] > 0 and out["same_keys"] is True
 
 
-CODE_STRATEGY = textwrap.dedent(
+CODE_STRATEGY = PRELUDE + textwrap.dedent(
     """
-    import json, types, torch, torch.distributed as dist
+    import types
     from torch import nn
-    dist.init_process_group("gloo", rank=0, world_size=1, init_method="tcp://127.0.0.1:0")
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, StateDictType, FullStateDictConfig
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-    from lightning_lora import LoRAConfig, QuantizationConfig, inject_lora, sharding
     from lightning_lora.lightning import checkpoints
     from lightning_lora.lightning.strategies import _one_rank_fsdp1_state_dict
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, vocab_size=128)
 
     class Module(nn.Module):  # a LightningModule's layout: the backbone in .model, a trained head outside it
         def __init__(self):
             super().__init__()
-            backbone = LlamaForCausalLM(config).to(torch.bfloat16)
-            self.model = inject_lora(backbone, LoRAConfig(r=4, alpha=8, target_modules="all-linear"),
-                                     QuantizationConfig(mode="nf4", quant_storage="bfloat16", compute_dtype="bfloat16"))
+            self.model = lora_llama()
             self.head = nn.Linear(128, 2)
 
         def forward(self, x):
