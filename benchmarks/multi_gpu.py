@@ -14,7 +14,7 @@ Scenario names: ``<template>@<ranks>``, ``<template>_resume@<ranks>`` (resume it
 ranks) and ``<template>_resume@<W>-><W'>`` (written by W ranks, resumed on W'). Templates: ``single``, ``ddp``,
 ``fsdp`` (full state dict), ``fsdp_sharded``, ``fsdp2``, ``fsdp2_allbf16`` (bitsandbytes #1945's set-up: refused
 on a GPU), ``fsdp2_allbf16_unchecked`` (the same with the refusal switched off, to measure the bytes it changes),
-``ddp_2node``, ``single_b4``, ``single_70b``, ``fsdp_70b``, ``fsdp2_70b``.
+``fsdp_full`` (FSDP1 with whole-model checkpoints, not adapter-only), ``ddp_2node``, ``single_b4``, ``single_70b``, ``fsdp_70b``, ``fsdp2_70b``.
 
 How ranks are launched: each group of scenarios with the same rank count runs in one process group, one scenario
 after another. With fewer GPUs than ranks (or ``--shared-gpu``, or ``--cpu``) every rank is its own "node": W
@@ -68,6 +68,8 @@ TEMPLATES: dict[str, dict] = {
     "ddp": dict(strategy="ddp", steps=20, ckpt_every=10),
     "fsdp": dict(strategy="fsdp", steps=20, ckpt_every=10, checkpointing=True, export=True),
     "fsdp_sharded": dict(strategy="fsdp", steps=20, ckpt_every=10, checkpointing=True, state_dict_type="sharded", export=True),
+    # Whole-model (not adapter-only) checkpoints: on one rank FSDPStrategy's own state dict misses the frozen weights.
+    "fsdp_full": dict(strategy="fsdp", steps=20, ckpt_every=10, checkpointing=True, adapter_only=False),
     "fsdp2": dict(strategy="fsdp2", steps=20, ckpt_every=10, export=True),
     "fsdp2_allbf16": dict(strategy="fsdp2", steps=5, lora_bf16=True, expect_error_on_gpu="FSDP2 would silently change the packed 4-bit weights"),
     "fsdp2_allbf16_unchecked": dict(strategy="fsdp2", steps=5, lora_bf16=True, unchecked=True),

@@ -176,6 +176,8 @@ def run_scenario(spec: dict, work: Path, ctx: dict) -> None:
                 for n, m in self.model.named_modules():
                     if is_4bit(getattr(m, "base_layer", None)):
                         m.register_forward_pre_hook(lambda layer, args, n=n + ".base_layer": self._record(n, layer.base_layer))
+            if not spec.get("adapter_only", True):  # what a whole-model checkpoint must hold (LoRA is injected by now)
+                self.full_keys = sorted(self.state_dict())
             if kind == "fsdp2":
                 if spec.get("lora_bf16"):
                     self.model.to(torch.bfloat16)  # every tensor of a group bf16 (the bitsandbytes #1945 set-up)
@@ -277,7 +279,10 @@ def run_scenario(spec: dict, work: Path, ctx: dict) -> None:
     lora_callback = (
         LoRACallback(from_backbone=True, backbone="model", export_dir=export)
         if sharded_build
-        else LoRACallback(**LORA, quantize="nf4", quant_storage="bfloat16", compute_dtype="bfloat16", backbone="model", export_dir=export)
+        else LoRACallback(
+            **LORA, quantize="nf4", quant_storage="bfloat16", compute_dtype="bfloat16", backbone="model", export_dir=export,
+            adapter_only_checkpoint=spec.get("adapter_only", True),
+        )
     )
     callbacks: list[Any] = [lora_callback, meter]
     ckpt_dir = work / f"ckpt_{spec['writer_slug'] if spec.get('resume_from') else spec['slug']}"
@@ -351,7 +356,9 @@ def run_scenario(spec: dict, work: Path, ctx: dict) -> None:
         unchecked=bool(unchecked), sharded_build=sharded_build, max_host_rss_gib=[g[2] for g in gathered],
     )
     if spec.get("ckpt_every") and not spec.get("resume_from") and ckpt_dir.exists():
-        result["checkpoints"] = _describe_checkpoints(ckpt_dir)
+        result["checkpoints"] = _describe_checkpoints(ckpt_dir, getattr(module, "full_keys", None))
+        if result["checkpoints"].get("missing_keys") and error is None:
+            error = result["error"] = f"the whole-model checkpoint lacks {result['checkpoints']['missing_keys']}"
     if adapter:
         torch.save(adapter, work / f"adapter_{spec['slug']}.pt")
     if spec.get("export") and adapter:
@@ -360,7 +367,9 @@ def run_scenario(spec: dict, work: Path, ctx: dict) -> None:
     (work / f"{spec['slug']}.json").write_text(json.dumps(result, indent=1))
 
 
-def _describe_checkpoints(ckpt_dir: Path) -> dict[str, Any]:
+def _describe_checkpoints(ckpt_dir: Path, full_keys: list[str] | None = None) -> dict[str, Any]:
+    """Sizes and keys of the checkpoints in ``ckpt_dir``; with ``full_keys`` (whole-model checkpoints), the first
+    few of those the first checkpoint lacks."""
     sizes = {}
     for path in sorted(ckpt_dir.iterdir()):
         sizes[path.name] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
@@ -378,6 +387,9 @@ def _describe_checkpoints(ckpt_dir: Path) -> dict[str, Any]:
         model_keys = [k for k in keys if not k.startswith("optimizer")]
         out["state_dict_keys"] = len(model_keys)
         out["non_adapter_keys"] = [k for k in model_keys if ".lora_" not in k][:5]
+    if full_keys is not None:
+        found = set(keys)
+        out["missing_keys"] = [k for k in full_keys if k not in found and f"state_dict.{k}" not in found and f"model.{k}" not in found][:5]
     return out
 
 

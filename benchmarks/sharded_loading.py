@@ -186,6 +186,7 @@ def _current_rss() -> int:
 def _fingerprints(model: torch.nn.Module, shard: str, world: int) -> dict[str, str]:
     """Each 4-bit layer's packed bytes as FSDP gathers them, one layer (FSDP1: one unit) at a time."""
     from lightning_lora.quantization import is_4bit
+    from lightning_lora.sharding import gather_full_tensor  # not full_tensor(): gloo ranks sharing one GPU crash in it
 
     out = {}
     clean = lambda name: name.replace("_fsdp_wrapped_module.", "").replace(".base_layer", "")  # noqa: E731
@@ -203,7 +204,7 @@ def _fingerprints(model: torch.nn.Module, shard: str, world: int) -> dict[str, s
     for name, module in model.named_modules():
         if is_4bit(module):
             weight = module.weight
-            out[clean(name)] = fingerprint(weight.full_tensor() if hasattr(weight, "full_tensor") else weight)
+            out[clean(name)] = fingerprint(gather_full_tensor(weight))
     return out
 
 

@@ -27,7 +27,9 @@ _EXPORTS = {
     "backbone_fingerprint": "lightning_lora.inject",
     "cast_adapters": "lightning_lora.merge",
     "delete_adapter": "lightning_lora.adapters",
+    "disable_chunked_loss": "lightning_lora.chunked_loss",
     "disable_lora": "lightning_lora.merge",
+    "enable_chunked_loss": "lightning_lora.chunked_loss",
     "inject_lora": "lightning_lora.inject",
     "load_adapter": "lightning_lora.adapter_io",
     "load_adapters": "lightning_lora.adapter_io",
@@ -63,6 +65,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from lightning_lora.adapter_io import adapter_state_dict, load_adapter, load_adapters, save_adapter
     from lightning_lora.adapters import add_adapter, delete_adapter, per_sample_adapters, set_active_adapter
+    from lightning_lora.chunked_loss import disable_chunked_loss, enable_chunked_loss
     from lightning_lora.config import LoRAConfig, QuantizationConfig
     from lightning_lora.inject import backbone_fingerprint, inject_lora, parameter_summary, trainable_parameters
     from lightning_lora.layers import LoRALinear

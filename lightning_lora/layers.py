@@ -79,6 +79,15 @@ def _add_adapter_parts(
     owner.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
 
+def _random_factors(adapter: nn.Module, init: str) -> None:
+    """A random, B zero: ``init`` 'gaussian' (std 1 / r) or Kaiming-uniform (PEFT's default)."""
+    if init == "gaussian":
+        nn.init.normal_(adapter.lora_a.weight, std=1.0 / adapter.r)
+    else:
+        nn.init.kaiming_uniform_(adapter.lora_a.weight, a=math.sqrt(5))
+    nn.init.zeros_(adapter.lora_b.weight)
+
+
 def _clear_adapter_parts(owner: nn.Module) -> None:
     owner.r = owner.alpha = owner.scale = None
     owner.use_dora = False
@@ -220,8 +229,15 @@ class LoRALinear(nn.Module):
         """A new adapter for this layer, initialised from its base but not attached: nothing of the layer changes
         (a PiSSA / OLoRA residual is then always deferred when ``defer_residual``, see ``add_adapter``)."""
         device = self.base_layer.weight.device
-        adapter = LoRAAdapter(self.in_features, self.out_features, r, alpha, dropout, use_rslora, use_dora, device, dtype)
-        adapter.pending_init = self._init_adapter(adapter, init, defer_residual)
+        # Made on the CPU and moved, as PEFT makes its adapters: a seed then gives PEFT's A on any device, and the
+        # device's random stream is left as PEFT leaves it for randomized inits (PiSSA's svd_lowrank draws from it).
+        staged = device.type not in ("cpu", "meta")
+        adapter = LoRAAdapter(self.in_features, self.out_features, r, alpha, dropout, use_rslora, use_dora, "cpu" if staged else device, dtype)
+        if staged:
+            if not init_changes_base(init):
+                _random_factors(adapter, init)
+            adapter.to(device)
+        adapter.pending_init = self._init_adapter(adapter, init, defer_residual, random_done=staged)
         return adapter
 
     def attach_adapter(self, name: str, adapter: LoRAAdapter) -> nn.Module:
@@ -265,20 +281,17 @@ class LoRALinear(nn.Module):
         the residual), then DoRA's magnitude to the row norms of the adapted weight."""
         self._init_adapter(self.get_adapter(adapter_name), init, defer_residual=False)
 
-    def _init_adapter(self, adapter: nn.Module, init: str, defer_residual: bool) -> bool:
+    def _init_adapter(self, adapter: nn.Module, init: str, defer_residual: bool, random_done: bool = False) -> bool:
         """Initialise ``adapter``'s tensors for this layer's base; True if a PiSSA / OLoRA residual was left to write
-        (``defer_residual``), in which case DoRA's magnitude waits for it too."""
+        (``defer_residual``), in which case DoRA's magnitude waits for it too. ``random_done``: A and B already have
+        their random init (``build_adapter`` draws it on the CPU)."""
         if init_changes_base(init):
             inits.init_factors(self, adapter, init)
             if defer_residual:
                 return True
             inits.write_residual(self, adapter)
-        elif init == "gaussian":
-            nn.init.normal_(adapter.lora_a.weight, std=1.0 / adapter.r)
-            nn.init.zeros_(adapter.lora_b.weight)
-        else:
-            nn.init.kaiming_uniform_(adapter.lora_a.weight, a=math.sqrt(5))
-            nn.init.zeros_(adapter.lora_b.weight)
+        elif not random_done:
+            _random_factors(adapter, init)
         if adapter.use_dora:
             dora.init_magnitude(self, adapter)
         return False

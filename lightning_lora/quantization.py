@@ -95,7 +95,9 @@ def quantize_linear(linear: nn.Linear, config: QuantizationConfig, device: torch
     weight = linear.weight.detach()
     if config.mode == "int8":
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False, threshold=6.0, device="meta")
-        layer.weight = bnb.nn.Int8Params(weight.to(torch.float16), requires_grad=False, has_fp16_weights=False)
+        # Int8Params quantizes when it moves off the CPU (or to it), never from one GPU place to another: staged on
+        # the CPU, the final `.to(device)` quantizes wherever the layer lives (a model already on the GPU included).
+        layer.weight = bnb.nn.Int8Params(weight.to("cpu", torch.float16), requires_grad=False, has_fp16_weights=False)
     else:
         compute_dtype = config.resolved_compute_dtype(device)
         layer = bnb.nn.Linear4bit(
@@ -122,7 +124,10 @@ def quantize_linear(linear: nn.Linear, config: QuantizationConfig, device: torch
     keep_standard_layout(layer)
     if config.mode != "int8":
         load_4bit_state(layer)
-    return layer.to(device)  # quantization happens here, one layer at a time
+    layer = layer.to(device)  # quantization happens here, one layer at a time
+    if config.mode == "int8" and (layer.weight.dtype != torch.int8 or getattr(layer.weight, "SCB", None) is None):
+        raise RuntimeError(f"bitsandbytes left the int8 weight of a {linear.in_features}->{linear.out_features} layer unquantized on {device}.")
+    return layer
 
 
 def load_4bit_state(layer: nn.Module) -> None:
@@ -130,8 +135,10 @@ def load_4bit_state(layer: nn.Module) -> None:
 
     bitsandbytes' ``Linear4bit`` saves its quant state beside the packed weight (``weight.absmax``,
     ``weight.quant_map``, ...) but has no loader for it: loading its own state dict fails on those keys, and
-    copying the packed bytes alone would pair them with this layer's scales. The hook rebuilds the weight
-    from the bytes and the saved quant state, so a full checkpoint of a 4-bit model resumes.
+    copying the packed bytes alone would pair them with this layer's scales. The hook copies the saved quant
+    state into the layer's own, in place, and leaves the packed bytes to the default loader (also in place), so
+    the weight stays the parameter FSDP's flat storage and the optimizer hold, and a full checkpoint of a 4-bit
+    model resumes, with or without FSDP. A layer without a quant state yet gets its weight rebuilt from the bytes.
     """
     if not getattr(layer, "_lightning_lora_loads_4bit", False):
         layer.register_load_state_dict_pre_hook(_load_4bit_pre_hook)
@@ -140,13 +147,71 @@ def load_4bit_state(layer: nn.Module) -> None:
 
 def _load_4bit_pre_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     key = prefix + "weight"
-    stats = {name[len(key) + 1 :]: state_dict.pop(name) for name in [n for n in state_dict if n.startswith(key + ".")]}
-    if not stats or key not in state_dict:
-        state_dict.update({f"{key}.{name}": value for name, value in stats.items()})  # nothing to rebuild: report as usual
+    names = [n for n in state_dict if n.startswith(key + ".")]
+    if not names or key not in state_dict:
+        return  # nothing to rebuild: the default loader reports the keys as usual
+    stats = {name[len(key) + 1 :]: _materialized(state_dict.pop(name), name) for name in names}
+    # bitsandbytes' parameter class does not let a lazy placeholder copy itself in: the default loader gets a tensor.
+    data = state_dict[key] = _materialized(state_dict[key], key)
+    bnb = _bnb()
+    current = getattr(module.weight, "quant_state", None) or getattr(module, "quant_state", None)
+    if current is None:
+        # The default loader then copies the same packed bytes into the rebuilt weight.
+        module.weight = bnb.nn.Params4bit.from_prequantized(data, stats, requires_grad=False, device=module.weight.device, module=module)
         return
-    data = state_dict[key]
-    # The default loader then copies the same packed bytes into the rebuilt weight.
-    module.weight = _bnb().nn.Params4bit.from_prequantized(data, stats, requires_grad=False, device=module.weight.device, module=module)
+    saved = bnb.functional.QuantState.from_dict(qs_dict=stats, device=current.absmax.device)
+    _copy_quant_state(current, saved, key)
+
+
+def _materialized(value: Any, key: str) -> torch.Tensor:
+    """``value`` as a tensor: Lightning's lazy checkpoint loader hands out placeholders that load on first use."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if callable(getattr(value, "_load_tensor", None)):
+        return value._load_tensor()
+    raise TypeError(f"Checkpoint entry {key!r} is a {type(value).__name__}, not a tensor: the file is not a state dict of this model.")
+
+
+def _copy_quant_state(current: Any, saved: Any, key: str) -> None:
+    """Copy ``saved`` (a bitsandbytes QuantState read from a checkpoint) into ``current``, refusing another layout."""
+
+    def layout(state: Any) -> tuple:
+        nested = getattr(state, "nested", False)
+        inner = (state.state2.blocksize, tuple(state.state2.absmax.shape), tuple(state.state2.code.shape)) if nested else None
+        return (state.quant_type, state.blocksize, state.dtype, tuple(state.shape), nested, tuple(state.absmax.shape), state.absmax.dtype,
+                tuple(state.code.shape), inner)
+
+    if layout(current) != layout(saved):
+        raise ValueError(
+            f"Checkpoint entry {key!r} holds a 4-bit weight quantized as {layout(saved)} (quant_type, blocksize, dtype, shape, "
+            f"double quant, ...), but this layer is {layout(current)}: the checkpoint was written with another "
+            "quantization config. Load it with the QuantizationConfig it was trained with."
+        )
+    with torch.no_grad():
+        current.absmax.copy_(saved.absmax)
+        current.code.copy_(saved.code)
+        if getattr(current, "nested", False):
+            if isinstance(current.offset, torch.Tensor):
+                current.offset.copy_(saved.offset)
+            else:
+                current.offset = saved.offset
+            current.state2.absmax.copy_(saved.state2.absmax)
+            current.state2.code.copy_(saved.state2.code)
+
+
+def as_4bit_parameter(layer: nn.Module, tensor: torch.Tensor) -> nn.Parameter:
+    """``tensor`` (the packed bytes of ``layer``'s 4-bit weight, e.g. a view FSDP left in place of the parameter) as
+    the layer's weight parameter again, with the layer's quant state; raises if neither holds one."""
+    state = getattr(tensor, "quant_state", None) or getattr(layer, "quant_state", None)
+    if not is_4bit(layer) or state is None:
+        raise RuntimeError(
+            f"The packed weight of this {type(layer).__name__} lost its parameter object and carries no quantization state; it "
+            "cannot be restored."
+        )
+    return _bnb().nn.Params4bit(
+        tensor.detach(), requires_grad=False, quant_state=state, blocksize=state.blocksize, compress_statistics=bool(getattr(state, "nested", False)),
+        quant_type=state.quant_type, quant_storage=tensor.dtype, module=layer, bnb_quantized=True,
+    )
 
 
 def keep_standard_layout(layer: nn.Module) -> None:

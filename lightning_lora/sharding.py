@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lightning_lora import quantization
+from lightning_lora._matching import unwrapped_name
 from lightning_lora.adapter_io import adapter_state_dict
 from lightning_lora.blocks import block_matcher, class_matcher
 from lightning_lora.config import _dtype_name
@@ -215,16 +216,22 @@ def gather_full_tensor(value: torch.Tensor) -> torch.Tensor:
     ``all_gather_into_tensor`` of the process group; any other layout goes through ``full_tensor()``. The
     process-group call is the one that gloo runs correctly on CUDA tensors: ``full_tensor()``'s functional
     collective crashed gloo ranks sharing one GPU (segmentation fault in ``wait_tensor``, torch 2.11, H200).
+    The result is a value, outside autograd (a trainable parameter's too).
     """
     if not _is_dtensor(value):
         return value
+    with torch.no_grad():
+        return _gather_full_tensor(value)
+
+
+def _gather_full_tensor(value: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
     from torch.distributed.tensor import Replicate, Shard
 
     mesh, placements = value.device_mesh, value.placements
     if mesh.ndim != 1 or len(placements) != 1:
         return value.full_tensor()
-    local = value.to_local()
+    local = value.to_local().detach()
     if isinstance(placements[0], Replicate):
         return local
     if not isinstance(placements[0], Shard) or placements[0].dim != 0 or value.dim() == 0:
@@ -263,30 +270,86 @@ def full_adapter_state_dict(module: nn.Module, fsdp1_root: nn.Module | None = No
     return out
 
 
+def _unsharded_units(fsdp1_root: nn.Module) -> list[Any]:
+    """The flat-parameter handles of ``fsdp1_root``'s units that hold whole tensors (``NO_SHARD``, as on one rank)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
+
+    handles = []
+    for unit in FSDP.fsdp_modules(fsdp1_root):
+        handle = getattr(unit, "_handle", None)
+        if handle is None or not handle._use_orig_params:
+            continue
+        # One rank turns any strategy into NO_SHARD inside the handle; the unit may still report the one asked for.
+        if getattr(handle, "uses_sharded_strategy", True) is False or unit.sharding_strategy == ShardingStrategy.NO_SHARD:
+            handles.append(handle)
+    return handles
+
+
 def restore_unsharded_params(fsdp1_root: nn.Module) -> int:
     """Register the parameters of FSDP1's unsharded (``NO_SHARD``) frozen units again; returns how many units.
 
     With ``use_orig_params=True`` a unit's forward swaps its parameters for plain tensor views, and the
     post-backward hook swaps them back; a unit without trainable parameters has no such hook, and under
     ``NO_SHARD`` (FSDPStrategy on one rank) no reshard does it either, so ``state_dict`` afterwards lacks the
-    unit's frozen weights and FSDP's own hook fails ("FSDP assumes ... is in the state_dict"). Call it before
-    any ``state_dict`` of the root; sharded units are left alone.
+    unit's frozen weights and FSDP's own hook fails ("FSDP assumes ... is in the state_dict"). This does the
+    reshard the hook would have done: the full-precision flat parameter again (not a mixed-precision copy), its
+    views registered as parameters (new ones where FSDP's write-back had already kept the plain views in their
+    place). Sharded units are left alone. Call it between steps.
+    """
+    handles = _unsharded_units(fsdp1_root)
+    for handle in handles:
+        flat = handle.flat_param
+        if not hasattr(flat, "_local_shard"):  # FSDP has not run yet (it sets up lazily): the parameters are as wrapped
+            continue
+        # The next forward's write-back check then finds the plain views where the parameters were and keeps them
+        # as "the parameters" (flat_param._params), so a reshard alone would register plain tensors: make them
+        # parameters again first (only frozen units get stuck); a 4-bit weight with its quantization state.
+        for i, (tensor, (_, module, _)) in enumerate(zip(flat._params, flat._param_infos)):
+            if not isinstance(tensor, nn.Parameter):
+                quantized = quantization.is_quantized(module)
+                flat._params[i] = quantization.as_4bit_parameter(module, tensor) if quantized else nn.Parameter(tensor.detach(), requires_grad=False)
+        handle.reshard(False)  # NO_SHARD: point at the full-precision local flat parameter, register the views
+    return len(handles)
+
+
+def unsharded_fsdp1_state_dict(fsdp1_root: nn.Module) -> dict[str, Any]:
+    """The ``state_dict`` of the module inside ``fsdp1_root`` when every unit holds whole tensors (FSDP1 on one rank).
+
+    Keys as the unwrapped module names them, values detached (not copied), as a one-device ``state_dict``. It
+    does not go through FSDP's state-dict hooks, which assume the frozen units' parameters are registered
+    (``restore_unsharded_params`` first registers them; anything still unregistered then raises, naming it, rather
+    than leaving a checkpoint without it). Raises ``ValueError`` if a unit is sharded (several ranks): use
+    FSDP's own state dict there.
     """
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp import ShardingStrategy
 
-    restored = 0
-    for unit in FSDP.fsdp_modules(fsdp1_root):
-        handle = getattr(unit, "_handle", None)
-        if handle is None or not handle._use_orig_params:
-            continue
-        # One rank turns any strategy into NO_SHARD inside the handle; the unit may still report the one asked for.
-        unsharded = getattr(handle, "uses_sharded_strategy", True) is False or unit.sharding_strategy == ShardingStrategy.NO_SHARD
-        if not unsharded:
-            continue
-        handle._use_unsharded_views(as_params=True)
-        restored += 1
-    return restored
+    handles = _unsharded_units(fsdp1_root)
+    units = [u for u in FSDP.fsdp_modules(fsdp1_root) if getattr(u, "_handle", None) is not None]
+    if len(handles) != len(units):
+        raise ValueError("unsharded_fsdp1_state_dict: some FSDP units are sharded; this is for FSDP1 on one rank (NO_SHARD) only.")
+    restore_unsharded_params(fsdp1_root)
+    out: dict[str, Any] = {}
+    for path, module in fsdp1_root.named_modules(remove_duplicate=False):
+        local: dict[str, Any] = {}
+        # A module's own tensors as nn.Module.state_dict saves them (bitsandbytes adds its quantization state here),
+        # without the state-dict hooks; FSDP's flat storage is no tensor of the model.
+        module._save_to_state_dict(local, path + "." if path else "", False)
+        for key, value in local.items():
+            if not getattr(value, "_is_flat_param", False):
+                out.setdefault(unwrapped_name(key), value)
+    expected = {
+        unwrapped_name(f"{path}.{fqn}" if path else fqn)
+        for path, unit in fsdp1_root.named_modules()
+        if getattr(unit, "_handle", None) is not None
+        for fqn in unit._handle.flat_param._fqns
+    }
+    missing = sorted(expected - set(out))
+    if missing:
+        raise RuntimeError(
+            f"FSDP1 on one rank: {len(missing)} parameters are not registered even after a reshard (first: {missing[:3]}); cannot checkpoint them."
+        )
+    return out
 
 
 def _unit_trains(unit: nn.Module) -> bool:

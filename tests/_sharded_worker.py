@@ -123,8 +123,10 @@ def run(shard: str, source: str, device: torch.device) -> dict:
             full = {n: m.weight.detach().clone() for n, m in model.named_modules() if is_4bit(m)}
             adapter = {n.replace("_fsdp_wrapped_module.", ""): p.detach().float().cpu().clone() for n, p in model.named_parameters() if "lora_" in n}
     else:
-        full = {n: m.weight.full_tensor() for n, m in model.named_modules() if is_4bit(m)}
-        adapter = {n: p.full_tensor().float().cpu() for n, p in model.named_parameters() if "lora_" in n}
+        from lightning_lora.sharding import gather_full_tensor  # not full_tensor(): gloo ranks sharing one GPU crash in it
+
+        full = {n: gather_full_tensor(m.weight) for n, m in model.named_modules() if is_4bit(m)}
+        adapter = {n: gather_full_tensor(p).float().cpu() for n, p in model.named_parameters() if "lora_" in n}
     import safetensors
 
     safetensors.safe_open = counter.original

@@ -1,7 +1,9 @@
 """FSDP1 on one rank runs NO_SHARD; after a step its frozen units hold plain tensors instead of parameters, and
-state_dict lacks them (FSDP's hook then fails). sharding.restore_unsharded_params registers them again (full
-checkpoints); strategies._one_rank_fsdp1_state_dict takes adapter-only checkpoints from the registered tensors.
-Lightning's FSDPStrategy needs CUDA (tests/gpu covers it through Lightning); this runs torch's FSDP1 on CPU."""
+state_dict lacks them (FSDP's hook then fails). sharding.restore_unsharded_params reshards them (registers them
+again); sharding.unsharded_fsdp1_state_dict takes the module's state dict without FSDP's hooks, which
+strategies._one_rank_fsdp1_state_dict uses for adapter-only and whole-model checkpoints. Lightning's FSDPStrategy
+needs CUDA (tests/gpu and benchmarks/multi_gpu.py cover it through Lightning); this runs torch's FSDP1 on CPU, also
+as Lightning sets it up on the GPU (bf16 mixed precision, activation checkpointing, optimizer steps)."""
 
 import json
 import subprocess
@@ -129,3 +131,117 @@ def test_one_rank_fsdp1_checkpoints_the_adapter_and_what_lies_outside_the_backbo
     assert out["unpatched"] == "FSDP assumes"
     assert out["kept_is_adapter_and_head"] is True and out["flat"] == [] and out["adapter_keys"] == 2 * 7 * 2
     assert out["same_values"] is True
+
+
+# As FSDPStrategy runs it on the GPU: bf16 mixed precision, non-reentrant activation checkpointing of the decoder
+# layers, AdamW steps; the state dict must hold every tensor the unwrapped model had, frozen ones unchanged.
+CODE_AS_LIGHTNING = PRELUDE + textwrap.dedent(
+    """
+    import functools
+    from torch.distributed.fsdp import MixedPrecision
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)
+
+    model = lora_llama()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    root = FSDP(model, auto_wrap_policy=sharding.lora_fsdp_policy({LlamaDecoderLayer}), use_orig_params=True,
+                device_id=torch.device("cpu"), mixed_precision=MixedPrecision(torch.bfloat16, torch.bfloat16, torch.bfloat16))
+    apply_activation_checkpointing(root, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+                                   check_fn=lambda m: isinstance(m, LlamaDecoderLayer))
+    optimizer = torch.optim.AdamW([p for p in root.parameters() if p.requires_grad], lr=1e-2)
+
+    def step():
+        x = torch.randint(0, 128, (2, 16))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = root(input_ids=x, labels=x).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def fsdp_full():
+        with FSDP.state_dict_type(root, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=False, rank0_only=True)):
+            return root.state_dict()
+
+    def same(a, b):  # bit for bit: packed 4-bit bytes stored as bf16 hold NaN patterns, which torch.equal calls unequal
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+
+    step(); step()
+    try:
+        fsdp_full()
+        unpatched = "ok"
+    except AssertionError as err:
+        unpatched = "FSDP assumes" if "FSDP assumes" in str(err) else str(err)
+    ours = sharding.unsharded_fsdp1_state_dict(root)
+    frozen_same = all(same(ours[k], v) for k, v in before.items() if k not in trainable)
+    trained = sorted(k for k in trainable if "lora_b" in k)
+    moved = all(not same(ours[k], before[k]) for k in trained)
+    theirs = fsdp_full()  # after the reshard FSDP's own works too: the same tensors
+    agree = set(theirs) == set(ours) and all(same(theirs[k], ours[k]) for k in ours)
+    step()
+    again = sharding.unsharded_fsdp1_state_dict(root)
+    print(json.dumps({"unpatched": unpatched, "same_keys": set(ours) == set(before) == set(again), "frozen_same": frozen_same,
+                      "quant_keys": sum(k.endswith(".absmax") for k in ours), "lora_b_moved": moved, "n_lora_b": len(trained),
+                      "agrees_with_fsdp": agree}))
+    """
+)
+
+
+def test_one_rank_state_dict_without_fsdp_hooks_as_lightning_runs_it() -> None:
+    result = subprocess.run([sys.executable, "-c", CODE_AS_LIGHTNING], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["unpatched"] == "FSDP assumes"
+    assert out["same_keys"] is True and out["frozen_same"] is True and out["quant_keys"] == 2 * 7
+    assert out["n_lora_b"] == 2 * 7 and out["lora_b_moved"] is True
+    assert out["agrees_with_fsdp"] is True
+
+
+# A whole-model checkpoint of a trained one-rank FSDP1 model, read back lazily (as FSDPStrategy.load_checkpoint
+# does) into another FSDP1-wrapped model: every packed 4-bit byte and quant-state entry restored, in place.
+CODE_FULL_ROUND_TRIP = PRELUDE + textwrap.dedent(
+    """
+    import sys
+    from lightning.fabric.utilities.load import _lazy_load
+
+    def wrap(module):
+        return FSDP(module, auto_wrap_policy=sharding.lora_fsdp_policy({LlamaDecoderLayer}), use_orig_params=True,
+                    device_id=torch.device("cpu"))
+
+    def raw(t):
+        return t.contiguous().view(-1).view(torch.uint8)
+
+    torch.manual_seed(0)
+    first = wrap(lora_llama())
+    optimizer = torch.optim.AdamW([p for p in first.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        x = torch.randint(0, 128, (2, 16))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            first(input_ids=x, labels=x).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    saved = {k: v.clone() for k, v in sharding.unsharded_fsdp1_state_dict(first).items()}
+    torch.save(saved, sys.argv[1])
+    torch.manual_seed(1)  # another base: every frozen byte must come from the file
+    second = wrap(lora_llama())
+    weights_before = {id(p) for p in second.parameters()}
+    differed = sum(not torch.equal(raw(v), raw(saved[k])) for k, v in sharding.unsharded_fsdp1_state_dict(second).items())
+    with FSDP.state_dict_type(second, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=False, rank0_only=False)):
+        second.load_state_dict(_lazy_load(sys.argv[1]), strict=True)
+    loaded = sharding.unsharded_fsdp1_state_dict(second)
+    x = torch.randint(0, 128, (2, 16))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        same_logits = torch.equal(first(input_ids=x).logits, second(input_ids=x).logits)
+    print(json.dumps({"keys": len(saved), "differed_before": differed,
+                      "differ_after": [k for k in saved if not torch.equal(raw(saved[k]), raw(loaded[k]))][:3],
+                      "same_parameters": weights_before == {id(p) for p in second.parameters()}, "same_logits": same_logits}))
+    """
+)
+
+
+def test_whole_model_checkpoint_of_one_rank_fsdp1_loads_back_into_fsdp1(tmp_path) -> None:
+    result = subprocess.run([sys.executable, "-c", CODE_FULL_ROUND_TRIP, str(tmp_path / "full.pt")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["differed_before"] > 50 and out["differ_after"] == [] and out["keys"] > 100
+    assert out["same_parameters"] is True and out["same_logits"] is True

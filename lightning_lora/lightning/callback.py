@@ -59,6 +59,7 @@ class LoRACallback(Callback):
         skip_nonfinite: bool = True,
         max_nonfinite_steps: int = 10,
         compile_blocks: bool | list[str] = False,
+        chunked_ce: int = 0,
         from_backbone: bool = False,
         serving_targets: list[str] | None = None,
         strict_serving: bool = False,
@@ -101,6 +102,9 @@ class LoRACallback(Callback):
             max_nonfinite_steps: Stop with an error after this many skipped steps in a row.
             compile_blocks: torch.compile each decoder layer after injection (regional compilation): True for
                 transformers models (their ``_no_split_modules``), or a list of block class names.
+            chunked_ce: If > 0, a transformers causal LM in the backbone computes its loss (when called with `labels`
+                during training) over chunks of this many tokens and never forms the full logits (`output.logits` is
+                then None; validation and generation return them as usual). 1024 to 8192 is typical.
             from_backbone: The backbone comes with LoRA in it (``lightning_lora.sharded_loading.build_lora_model``): take
                 its LoRA and quantization configs, so they are written once; the LoRA and quantization arguments above are
                 then unused. Without it, a backbone that comes with LoRA must have been built with this callback's config.
@@ -141,7 +145,7 @@ class LoRACallback(Callback):
             quantization = QuantizationConfig(mode=quantize, double_quant=double_quant, compute_dtype=compute_dtype, quant_storage=quant_storage)
         self.controller = LoRAController(
             lora_config, quantization, backbone, adapter_only_checkpoint, skip_nonfinite, max_nonfinite_steps, compile_blocks,
-            lora_plus_ratio=lora_plus_ratio, adapter_name=adapter_name,
+            lora_plus_ratio=lora_plus_ratio, adapter_name=adapter_name, chunked_ce=chunked_ce,
         )
         if export_dir is not None and (not isinstance(export_dir, (str, os.PathLike)) or not str(export_dir)):
             raise TypeError(f"`export_dir` must be a directory path or None, got {export_dir!r}; pass e.g. 'runs/exp1/export'.")

@@ -24,6 +24,7 @@ from lightning_lora import lora_plus, serving
 from lightning_lora._io import atomic_directory
 from lightning_lora.adapter_io import save_adapter
 from lightning_lora.adapters import add_adapter, set_active_adapter
+from lightning_lora.chunked_loss import check_chunk_size, chunked_loss_size, enable_chunked_loss
 from lightning_lora.compiling import compile_blocks
 from lightning_lora.config import LoRAConfig, QuantizationConfig
 from lightning_lora.inject import inject_lora, lora_state, parameter_summary, trainable_parameters
@@ -58,8 +59,10 @@ class LoRAController:
         *,
         lora_plus_ratio: float | None = None,
         adapter_name: str = DEFAULT_ADAPTER,
+        chunked_ce: int = 0,
     ) -> None:
         check_adapter_name(adapter_name)
+        check_chunk_size(chunked_ce, "chunked_ce", allow_off=True)
         if not isinstance(compile_blocks, bool) and not (
             isinstance(compile_blocks, (list, tuple)) and compile_blocks and all(isinstance(c, str) for c in compile_blocks)
         ):
@@ -82,6 +85,7 @@ class LoRAController:
         self.max_nonfinite_steps = max_nonfinite_steps
         self.compile_blocks = list(compile_blocks) if isinstance(compile_blocks, (list, tuple)) else compile_blocks
         self.adapter_name = adapter_name
+        self.chunked_ce = chunked_ce
         self.guard = guards.NonFiniteGuard(skip_nonfinite, max_nonfinite_steps)
         self.lora_plus_ratio = None if lora_plus_ratio is None else lora_plus.check_lr_ratio(lora_plus_ratio)
 
@@ -174,6 +178,8 @@ class LoRAController:
             return False
         if lora_state(module).active != self.adapter_name:
             set_active_adapter(module, self.adapter_name)  # it was loaded by the user: this run trains it
+        if self.chunked_ce and chunked_loss_size(module) != self.chunked_ce:
+            enable_chunked_loss(module, self.chunked_ce)  # the user's `model(..., labels=...)` never forms the logits
         return True
 
     def _has_adapter(self, module: nn.Module) -> bool:

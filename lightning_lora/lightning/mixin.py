@@ -51,6 +51,9 @@ class LoRAMixin:
     """LoRA+: B matrices (and 1-D tensors) train at this multiple of the optimizer group's learning rate (e.g. 16)."""
     lora_adapter_name: str = "default"
     """The adapter this module injects (or adds to a backbone that has adapters already) and trains."""
+    chunked_ce: int = 0
+    """If > 0, the backbone's causal-LM loss (``model(..., labels=...)`` in training) runs over chunks of this many tokens
+    without forming the full logits (``output.logits`` is then None); see ``lightning_lora.chunked_loss``."""
 
     @property
     def lora_controller(self) -> LoRAController:
@@ -72,6 +75,7 @@ class LoRAMixin:
                 self.compile_blocks,
                 lora_plus_ratio=self.lora_plus_ratio,
                 adapter_name=self.lora_adapter_name,
+                chunked_ce=self.chunked_ce,
             )
             self.__dict__["_lora_controller"] = controller
         return controller

@@ -39,7 +39,6 @@ from lightning.pytorch.strategies import (
 from torch import nn
 
 from lightning_lora import quantization, sharding
-from lightning_lora._matching import unwrapped_name
 from lightning_lora.config import LoRAConfig, QuantizationConfig, _dtype_name
 from lightning_lora.lightning import patches
 from lightning_lora.sharding import full_adapter_state_dict
@@ -202,32 +201,18 @@ def install(
 def _one_rank_fsdp1_state_dict(strategy: Any, pl_module: nn.Module, adapter_keys: Callable[[], set[str]] | None) -> None:
     """FSDPStrategy on one rank runs NO_SHARD, whose frozen units leave their weights out of ``state_dict`` after a
     step (FSDP's own hook then fails: "FSDP assumes ... is in the state_dict"). There every tensor is whole on the
-    rank, so an adapter-only checkpoint takes CPU copies of the module's registered tensors (the filter keeps the
-    adapter); a full one first registers the frozen weights again (``sharding.restore_unsharded_params``; enough
-    on CPU, not on the H200 with torch 2.11, where a full one-rank FSDP1 checkpoint can still fail). More ranks:
-    Lightning's state dict, unchanged."""
+    rank, so the state dict is the module's own, taken without FSDP's hooks after the frozen units are resharded
+    (``sharding.unsharded_fsdp1_state_dict``): whole-model checkpoints get every weight, adapter-only ones the
+    adapter (the checkpoint filter drops the rest). More ranks: Lightning's state dict, unchanged."""
     original = strategy.lightning_module_state_dict
 
     def lightning_module_state_dict(*args: Any, **kwargs: Any) -> Any:
         if strategy.world_size != 1:
             return original(*args, **kwargs)
-        if adapter_keys is None:
-            sharding.restore_unsharded_params(strategy.model)
-            return original(*args, **kwargs)
-        # Every registered tensor (the checkpoint filter then drops the backbone's): the adapter's, and whatever
-        # lives outside the backbone. The stuck units' frozen weights are not registered, and not needed.
-        found = {}
-        for path, module in pl_module.named_modules(remove_duplicate=False):
-            prefix = path + "." if path else ""
-            for name, param in module._parameters.items():
-                if param is not None and not getattr(param, "_is_flat_param", False):  # FSDP's flat storage is no tensor of the model
-                    found[unwrapped_name(prefix + name)] = param.detach().to("cpu", copy=True)  # as FSDP's offloaded full state dict
-            for name, buffer in module._buffers.items():
-                if buffer is not None and name not in module._non_persistent_buffers_set:
-                    found[unwrapped_name(prefix + name)] = buffer.detach().to("cpu", copy=True)
-        missing = sorted(adapter_keys() - set(found))
+        found = sharding.unsharded_fsdp1_state_dict(strategy.model)
+        missing = sorted(adapter_keys() - set(found)) if adapter_keys is not None else []
         if missing:
-            raise RuntimeError(f"FSDP1 on one rank: the adapter tensors {missing[:3]} are not parameters of the module; cannot checkpoint them.")
+            raise RuntimeError(f"FSDP1 on one rank: the adapter tensors {missing[:3]} are not in the module's state dict; cannot checkpoint them.")
         return found
 
     patches.replace(strategy, "lightning_module_state_dict", lightning_module_state_dict, purpose="fsdp1_one_rank")

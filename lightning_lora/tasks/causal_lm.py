@@ -10,9 +10,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from torchmetrics import Metric
 
+from lightning_lora.chunked_loss import check_plain_head, chunked_nll
 from lightning_lora.data.packing import is_packed
 from lightning_lora.tasks._common import (
     LRSchedule,
@@ -25,8 +25,6 @@ from lightning_lora.tasks._common import (
 from lightning_lora.tasks.packed_attention import enable_packed_attention, restore_attention
 
 IGNORE_INDEX = -100
-# Config fields of models whose logits are not plain ``lm_head(hidden)``; chunked_ce would skip that step.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 class TokenPerplexity(Metric):
@@ -203,26 +201,12 @@ class CausalLMModule(L.LightningModule):
         return nll, (targets != IGNORE_INDEX).sum()
 
     def _chunked_token_losses(self, batch: dict[str, Any], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Full logits are (tokens, vocab) in float32: 4 GiB for 8 x 1024 tokens of a 128k vocabulary, often more
-        # than the whole QLoRA model. Here only the scored positions go through the head, `chunked_ce` at a time,
-        # and each chunk runs under activation checkpointing so its logits are freed at once and recomputed in
-        # backward: peak extra memory is one chunk's logits. Per-token losses are summed, as the plain path
-        # does, so the value is the same (up to float summation order).
-        config = self.model.config
-        for name in _LOGIT_TRANSFORMS:
-            if getattr(config, name, None) not in (None, 1, 1.0):
-                raise ValueError(
-                    f"`chunked_ce` needs logits = lm_head(hidden), but this model's config sets {name}="
-                    f"{getattr(config, name)!r}; use chunked_ce=0 for {type(self.model).__name__}."
-                )
+        # Only the scored positions go through the head, `chunked_ce` tokens at a time (lightning_lora.chunked_loss).
+        head = check_plain_head(self.model)
         outputs = self._run_backbone(batch, base_model=True)
         scored = targets != IGNORE_INDEX
         hidden, scored_targets = outputs.last_hidden_state[scored], targets[scored]  # (tokens, hidden), (tokens,)
-        head = self.model.get_output_embeddings()
-        nll = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, scored_targets.numel(), self.hparams.chunked_ce):
-            end = start + self.hparams.chunked_ce
-            nll = nll + checkpoint(_chunk_nll, head, hidden[start:end], scored_targets[start:end], use_reentrant=False)
+        nll = chunked_nll(head, hidden, scored_targets, self.hparams.chunked_ce)
         return nll, scored.sum()
 
     # --- steps ---------------------------------------------------------------------------------
@@ -267,7 +251,3 @@ class CausalLMModule(L.LightningModule):
 
 def _takes_logits_to_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(type(model).forward).parameters
-
-
-def _chunk_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")

@@ -16,7 +16,7 @@ How transformers (5.x) takes packed rows, and why this module exists:
 
 So a packed batch runs through ``packed_attention_forward``, registered in transformers' ``AttentionInterface``
 (``enable_packed_attention`` points the model's config at it, ``restore_attention`` undoes that):
-``varlen_attn`` on CUDA in fp16/bf16 without attention dropout, else one ``scaled_dot_product_attention`` call
+``varlen_attn`` on CUDA in fp16/bf16 (or float32 under fp16/bf16 autocast) without attention dropout, else one ``scaled_dot_product_attention`` call
 per document (exact, memory ~ the sum of squared document lengths; the CPU path). A model whose
 ``attn_implementation`` is ``flex_attention`` keeps it (the BlockMask comes from the restarting position ids;
 CUDA only, for training). Models that cannot pack correctly are refused with an error, never run with
@@ -147,8 +147,9 @@ def packed_attention_forward(
     q = query.transpose(1, 2).reshape(rows * length, heads, dim)  # (tokens, heads, head_dim)
     k = key.transpose(1, 2).reshape(rows * length, kv_heads, dim)
     v = value.transpose(1, 2).reshape(rows * length, kv_heads, dim)
-    if _varlen_attn is not None and q.is_cuda and q.dtype in _HALF and dropout == 0.0:
-        out = _varlen(q, k, v, cu_seq_lens_q, max_length_q, scaling)
+    half = _varlen_dtype(q) if _varlen_attn is not None and dropout == 0.0 else None
+    if half is not None:
+        out = _varlen(q.to(half), k.to(half), v.to(half), cu_seq_lens_q, max_length_q, scaling)
     else:
         out = _per_document(q, k, v, cu_seq_lens_q, scaling, dropout)
     return out.view(rows, length, heads, dim), None
@@ -189,6 +190,22 @@ def _check_call(
     for name in ("softcap", "s_aux", "position_bias"):
         if kwargs.get(name) is not None:
             raise ValueError(f"{where}: the model's attention uses {name}, which packed attention does not implement; turn packing off.")
+
+
+def _varlen_dtype(q: torch.Tensor) -> torch.dtype | None:
+    """The half dtype the varlen kernel can run ``q`` in: its own, or autocast's on CUDA; None: the per-document path.
+
+    A float32 model under bf16 autocast (Lightning's "bf16-mixed") has float32 queries after rotary embeddings
+    (cos / sin come in the residual stream's dtype); SDPA would compute them in bf16 under autocast, and so does
+    this (the kernel itself is not an autocast op).
+    """
+    if not q.is_cuda:
+        return None
+    if q.dtype in _HALF:
+        return q.dtype
+    if q.dtype == torch.float32 and torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in _HALF:
+        return torch.get_autocast_dtype("cuda")
+    return None
 
 
 def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_length: int, scale: float | None) -> torch.Tensor:

@@ -224,3 +224,17 @@ def test_two_node_launch_on_one_host(tmp_path):
     assert result["error"] is None and result["num_nodes"] == 2 and result["world_size"] == 2 and result["devices_per_node"] == 1
     assert result["adapter_same_on_all_ranks"] is True and result["steps_run"] == 10
     assert result["checks"]["loss_first_abs_diff"] < 2e-2
+
+
+@pytest.mark.multigpu
+def test_fsdp1_whole_model_checkpoints_on_one_and_two_ranks(tmp_path):
+    # adapter_only_checkpoint=False: on one rank FSDPStrategy's own state dict lacked the frozen units' weights
+    results = _run_multi_gpu(tmp_path, "single", "fsdp_full@1", "fsdp_full_resume@1", "fsdp_full@2")
+    for name in ("fsdp_full@1", "fsdp_full@2"):
+        result = results[name]
+        _assert_trained_like_one_rank(name, result)
+        ckpt = result["checkpoints"]
+        assert ckpt["missing_keys"] == [] and ckpt["non_adapter_keys"] and ckpt["state_dict_keys"] > 14 * result["layers"], (name, ckpt)
+    checks = results["fsdp_full_resume@1"]["checks"]
+    assert results["fsdp_full_resume@1"]["error"] is None, results["fsdp_full_resume@1"].get("log_tail")
+    assert checks["resume_bit_exact"] is True and checks["resume_state"]["adapter_exact"] and checks["resume_state"]["optimizer_exact"], checks
