@@ -203,6 +203,8 @@ adapter = gather_adapter_state_dict(trainer, module.model)
 if trainer.is_global_zero:
     changed = {k: int((module.seen[k] != v).sum()) for k, v in module.before.items()}
     torch.save({"adapter": adapter, "changed": changed, "step": trainer.global_step}, os.path.join(out, f"{phase}.pt"))
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()  # an orderly shutdown: gloo can abort a process that exits with its group alive
 '''
 
 
