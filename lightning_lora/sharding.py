@@ -305,10 +305,10 @@ def restore_unsharded_params(fsdp1_root: nn.Module) -> int:
         # The next forward's write-back check then finds the plain views where the parameters were and keeps them
         # as "the parameters" (flat_param._params), so a reshard alone would register plain tensors: make them
         # parameters again first (only frozen units get stuck); a 4-bit weight with its quantization state.
-        for i, (tensor, (_, module, _)) in enumerate(zip(flat._params, flat._param_infos)):
+        for i, (tensor, (name, module, _)) in enumerate(zip(flat._params, flat._param_infos)):
             if not isinstance(tensor, nn.Parameter):
-                quantized = quantization.is_quantized(module)
-                flat._params[i] = quantization.as_4bit_parameter(module, tensor) if quantized else nn.Parameter(tensor.detach(), requires_grad=False)
+                packed = name == "weight" and quantization.is_4bit(module)  # a 4-bit layer's bias is a plain tensor
+                flat._params[i] = quantization.as_4bit_parameter(module, tensor) if packed else nn.Parameter(tensor.detach(), requires_grad=False)
         handle.reshard(False)  # NO_SHARD: point at the full-precision local flat parameter, register the views
     return len(handles)
 

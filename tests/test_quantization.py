@@ -270,3 +270,26 @@ def test_eval_forward_then_training_works_on_4bit_cpu():
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     after = merged_state_dict(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_whole_state_dict_loads_into_4bit_layers_in_place_and_refuses_another_layout():
+    # A whole-model checkpoint of a 4-bit model (packed bytes + quant state) loads into the layer's own weight and
+    # quant state, in place (FSDP's flat storage and the optimizer hold those objects); a checkpoint quantized
+    # another way is refused by name instead of pairing its bytes with this layer's scales.
+    from lightning_lora import QuantizationConfig, quantize_model
+
+    def build(seed, quant_type="nf4"):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 32))
+        return quantize_model(model, QuantizationConfig(mode=quant_type, double_quant=True, compute_dtype="float32"), device="cpu")
+
+    source, target = build(0), build(1)
+    weight, state = target[0].weight, target[0].weight.quant_state
+    x = torch.randn(4, 64)
+    target.load_state_dict(source.state_dict())
+    assert target[0].weight is weight and target[0].weight.quant_state is state  # the same objects, new values
+    assert torch.equal(weight.data, source[0].weight.data)
+    torch.testing.assert_close(state.absmax, source[0].weight.quant_state.absmax, rtol=0, atol=0)
+    torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"Checkpoint entry '0\.weight' holds a 4-bit weight quantized as .*fp4.*this layer is .*nf4"):
+        target.load_state_dict(build(2, "fp4").state_dict())
