@@ -1,5 +1,8 @@
 """Host-side cost of one LoRA layer call at small batch: time per call of a CUDA nf4 base alone and with LoRA.
 
+Variants: the base layer; the base through bitsandbytes' op alone (``quantization.linear_4bit_no_grad``, what our
+layer computes its 4-bit base with when no gradient is taken); our LoRA layer, and the same through the base
+layer's own forward (as before that route); the two LoRA launches bare, and several spellings of the second.
 Each variant is called 2,000 times back to back with one synchronize at the end, so when the GPU
 work is small the figure is the host's (Python + dispatch + launch) time per call.
 
@@ -33,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     from torch import nn
 
-    from lightning_lora import LoRALinear, QuantizationConfig
+    from lightning_lora import LoRALinear, QuantizationConfig, quantization
     from lightning_lora.quantization import quantize_linear
 
     torch.manual_seed(0)
@@ -65,6 +68,14 @@ def main() -> None:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                 row[f"base_us{'_autocast' if autocast else ''}"] = per_call(base, x)
                 row[f"lora_us{'_autocast' if autocast else ''}"] = per_call(layer, x)
+                # The base through bitsandbytes' op alone (the layer's own result without its Python), and our layer
+                # as it was before it took that route for its base.
+                row[f"base_direct_op_us{'_autocast' if autocast else ''}"] = per_call(lambda x: quantization.linear_4bit_no_grad(base, x), x)
+                real, quantization.linear_4bit_no_grad = quantization.linear_4bit_no_grad, lambda module, x: None
+                try:
+                    row[f"lora_through_base_forward_us{'_autocast' if autocast else ''}"] = per_call(layer, x)
+                finally:
+                    quantization.linear_4bit_no_grad = real
                 row[f"bare_two_ops_us{'_autocast' if autocast else ''}"] = per_call(bare, x)
                 row[f"mm_only_us{'_autocast' if autocast else ''}"] = per_call(lambda x: torch.mm(x, a.t()), x)
                 for name, op in ops.items():

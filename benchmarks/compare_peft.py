@@ -153,8 +153,10 @@ def train_lightning(layers: int, steps: int, gc_on: bool, compile_blocks: bool =
 
 
 @torch.no_grad()
-def forward_seconds(model: torch.nn.Module, ids: torch.Tensor, repeats: int = 5) -> float:
-    """Seconds per forward under bf16 autocast: 2 warm-up then ``repeats`` timed passes."""
+def forward_seconds(model: torch.nn.Module, ids: torch.Tensor, repeats: int | None = None) -> float:
+    """Seconds per forward under bf16 autocast: 2 warm-up then ``repeats`` timed passes (default 20 for up to 4,096
+    tokens, where the host's timing noise is largest, else 5)."""
+    repeats = repeats or (20 if ids.numel() <= 4096 else 5)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         for _ in range(2):
             model(input_ids=ids)
@@ -168,7 +170,7 @@ def forward_seconds(model: torch.nn.Module, ids: torch.Tensor, repeats: int = 5)
 
 @torch.no_grad()
 def inference_overhead(layers: int) -> dict:
-    from lightning_lora import LoRAConfig, cast_adapters, disable_lora, inject_lora, merge_lora
+    from lightning_lora import LoRAConfig, cast_adapters, disable_lora, inject_lora, merge_lora, quantization
 
     model = inject_lora(quantized_llama(layers), LoRAConfig(r=R, alpha=ALPHA, target_modules=TARGETS)).eval()
     for layer in model.modules():
@@ -200,12 +202,32 @@ def inference_overhead(layers: int) -> dict:
         del graph
         return seconds
 
+    def through_base_forward(ids: torch.Tensor) -> float:
+        """Unmerged, each 4-bit base computed through its layer's own forward (as before linear_4bit_no_grad)."""
+        real, quantization.linear_4bit_no_grad = quantization.linear_4bit_no_grad, lambda module, x: None
+        try:
+            return forward_seconds(model, ids)
+        finally:
+            quantization.linear_4bit_no_grad = real
+
+    def base_seconds(ids: torch.Tensor) -> float:
+        with disable_lora(model):
+            return forward_seconds(model, ids)
+
     out = {}
     for (batch, seq), ids in inputs.items():
-        with disable_lora(model):
-            base = forward_seconds(model, ids)
-        unmerged = forward_seconds(model, ids)
-        entry = out[f"{batch}x{seq}"] = {"base_s": base, "unmerged_s": unmerged, "unmerged_overhead": unmerged / base - 1}
+        # Eager timings follow the host's speed: alternating rounds (7 for small shapes, whose forward is bound by
+        # the host, else 3), the median of each variant, and each round's own overhead (base and unmerged timed
+        # back to back) with its median and range.
+        count = 7 if ids.numel() <= 4096 else 3
+        rounds = [(base_seconds(ids), forward_seconds(model, ids), through_base_forward(ids)) for _ in range(count)]
+        base, unmerged, before = (sorted(column)[count // 2] for column in zip(*rounds))
+        per_round = sorted(u / b - 1 for b, u, _ in rounds)
+        entry = out[f"{batch}x{seq}"] = {"base_s": base, "unmerged_s": unmerged, "unmerged_overhead": unmerged / base - 1,
+                                         "unmerged_through_base_forward_s": before,
+                                         "unmerged_through_base_forward_overhead": before / base - 1, "rounds_s": rounds,
+                                         "round_overhead_median": per_round[count // 2],
+                                         "round_overhead_range": [per_round[0], per_round[-1]]}
         try:  # the same two forwards replayed from CUDA graphs (the small shapes are bound by Python otherwise)
             with disable_lora(model):
                 base_graphed = graphed(ids)

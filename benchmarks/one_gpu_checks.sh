@@ -11,6 +11,8 @@
 #   benchmarks/one_gpu_checks.sh long     OUT   # long context, Llama-3-8B shape, batch 1: longest trained length, ours vs PEFT (issue 17.3)
 #   benchmarks/one_gpu_checks.sh peft     OUT   # 7B QLoRA vs PEFT, training (issue 15: the same figures as 2026-12-01-qlora-compile after the move)
 #   benchmarks/one_gpu_checks.sh adapters OUT   # adapter-breadth GPU tests: DoRA, named adapters, inits, MoE experts, tokens, LoRA+
+#   benchmarks/one_gpu_checks.sh lean     OUT   # issue 17.4: the direct 4-bit route's GPU test, host cost per layer call, 16-layer
+#                                               # inference overhead, then the padded-batch profile (LL_TOKENIZER as for packing)
 set -uo pipefail
 part=${1:?part}; out=${2:?output folder}
 mkdir -p "$out"
@@ -70,6 +72,16 @@ case "$part" in
   adapters)
     timeout 400 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_gpu_adapters.py tests/gpu/test_gpu_breadth.py > "$out/pytest.log" 2>&1
     tail -8 "$out/pytest.log"
+    ;;
+  lean)
+    timeout 45 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_gpu_lean_4bit.py > "$out/pytest.log" 2>&1
+    tail -3 "$out/pytest.log"
+    timeout 25 python3 benchmarks/call_overhead.py --out "$out/call-overhead.json" > "$out/call_overhead.log" 2>&1
+    tail -2 "$out/call_overhead.log"
+    timeout 60 python3 benchmarks/compare_peft.py --only inference --layers 16 --out "$out/inference.json" > "$out/inference.log" 2>&1
+    tail -3 "$out/inference.log"
+    timeout 55 python3 benchmarks/padded_profile.py --layers 8 --steps 3 ${LL_TOKENIZER:+--tokenizer "$LL_TOKENIZER"} --out "$out" > "$out/padded_profile.log" 2>&1
+    tail -45 "$out/padded_profile.log"
     ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac

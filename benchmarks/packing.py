@@ -12,7 +12,8 @@ Same tokens per step: ours gets the library's packed batches (``packing=True``: 
 tokens, each example attending only to itself); PEFT gets a seeded shuffle of the same examples, each step as
 many as fit in the useful tokens of our step (dynamic padding: each batch padded to its longest, as a shuffled
 DataLoader with a padding collator gives). ``ours_padded`` is our LoRA on PEFT's padded batches: the packing
-gain alone. Same base weights (one seed), LoRA r=16, alpha=32 on all linear layers, dropout 0, AdamW; the
+gain alone. Before timing, one forward and backward per distinct padded shape builds the attention kernels' plans
+for all systems (cuDNN's are per shape and shared: otherwise the first system to meet each shape pays for all). Same base weights (one seed), LoRA r=16, alpha=32 on all linear layers, dropout 0, AdamW; the
 systems are timed in alternating rounds so drift in the machine's speed hits all alike. A correctness check
 on the way: at init, ours on a packed batch and PEFT on the same examples padded give the same loss.
 
@@ -261,6 +262,13 @@ def run(kind: str, path: Path, args: argparse.Namespace, systems: dict[str, Syst
         with torch.no_grad():
             check[name] = system.loss_value(packed[0] if system.packed else unpacked(packed[0]))
     check["rel_diff"] = abs(check["ours_packed"] - check["peft_padded"]) / check["peft_padded"]
+    # On the H200 torch runs SDPA with a padding mask through cuDNN, which builds an execution plan for every new
+    # (rows, length) shape and caches it process-wide: the system that meets a shape first pays for it, the
+    # others nothing (benchmarks/results/2026-12-02-lean-4bit-h200). Every padded shape is planned before timing.
+    planner = next(system for system in systems.values() if not system.packed)
+    for batch in {tuple(b["input_ids"].shape): b for b in padded}.values():
+        planner._mean_loss(batch).backward()
+        planner.optimizer.zero_grad(set_to_none=True)
     for system in systems.values():
         for i in range(args.warmup):
             system.step(packed[i] if system.packed else padded[i], timed=False)

@@ -120,14 +120,17 @@ def no_grad(layer: LoRALinear, adapter: Adapter, x: torch.Tensor, a: torch.Tenso
     (tokens, out) output plus a read of the input; adding ``scale * B @ A`` to the weight the base
     computes with (a temporary: dequantized for 4-bit bases) costs a pass over (out, in) instead,
     independent of the number of tokens. The cheaper of the two is taken (not while dropout is
-    active, which acts on the input); the weight route rounds like ``merge_lora`` on a bf16 weight.
+    active, which acts on the input); the weight route rounds like ``merge_lora`` on a bf16 weight. A stock,
+    unhooked 4-bit base is computed by ``quantization.linear_4bit_no_grad`` (its own result, less host time).
     """
     base = layer.base_layer
     four_bit = quantization.is_4bit(base)
     dropout_active = layer.training and not isinstance(adapter.dropout, nn.Identity)
     tokens = x.numel() // layer.in_features
     fold_cost = (2 if four_bit else 3) * layer.in_features * layer.out_features
-    if not dropout_active and tokens * (layer.in_features + 2 * layer.out_features) > fold_cost and fusable(layer, adapter):
+    fold = not dropout_active and tokens * (layer.in_features + 2 * layer.out_features) > fold_cost
+    stock = (fold or four_bit) and fusable(layer, adapter)  # the base computes what its class computes, unhooked
+    if fold and stock:
         dtype = _compute_dtype(x, _base_compute_dtype(base, x))
         weight = _frozen_weight(base, dtype, layer.fan_in_fan_out)
         a, b = a.to(dtype), b.to(dtype)
@@ -136,7 +139,10 @@ def no_grad(layer: LoRALinear, adapter: Adapter, x: torch.Tensor, a: torch.Tenso
         bias = getattr(base, "bias", None)
         out = F.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
         return out.to(x.dtype) if four_bit else out
-    out = base(x)
+    # A stock 4-bit base without its forward's Python around bitsandbytes' op (the same result; None: call it).
+    out = quantization.linear_4bit_no_grad(base, x) if four_bit and stock else None
+    if out is None:
+        out = base(x)
     dtype = _compute_dtype(x, out.dtype)
     a, b = a.to(dtype), b.to(dtype)
     x_lora = adapter.dropout(x) if dropout_active else x

@@ -37,7 +37,12 @@ __all__ = ["chunked_loss_size", "chunked_nll", "disable_chunked_loss", "enable_c
 
 IGNORE_INDEX = -100
 # Config fields of models whose logits are not plain ``lm_head(hidden)``: a chunked loss would skip that step.
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+# A soft cap, tanh(logits / cap) * cap, is applied whenever it is set (Gemma 2-4, RecurrentGemma, xLSTM), 1.0 included;
+# a scale or multiplier (Cohere, Granite, MiniCPM3, HyperCLOVA X, Falcon-H1) only when it is not 1; Inkling cuts the
+# logits to ``unpadded_vocab_size`` columns.
+LOGIT_SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+LOGIT_SCALES = ("logit_scale", "logits_scaling", "output_multiplier_scale", "lm_head_multiplier")
+LOGIT_TRANSFORMS = (*LOGIT_SOFTCAPS, *LOGIT_SCALES, "unpadded_vocab_size")
 
 
 def check_chunk_size(chunk_size: Any, name: str = "chunk_size", allow_off: bool = False) -> int:
@@ -51,11 +56,18 @@ def check_chunk_size(chunk_size: Any, name: str = "chunk_size", allow_off: bool 
 def check_plain_head(model: nn.Module, name: str = "chunked_ce") -> nn.Module:
     """The output embedding (the vocabulary head) of ``model``, if its logits are ``head(hidden)``; else a ValueError."""
     config = getattr(model, "config", None)
-    for field in LOGIT_TRANSFORMS:
-        if getattr(config, field, None) not in (None, 1, 1.0):
+    # A multimodal model keeps these fields in its text config (e.g. Gemma 4's config.text_config).
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else None
+    for where, fields in ((config, "config"), (text_config, "text config")):
+        for field in LOGIT_TRANSFORMS:
+            value = getattr(where, field, None)
+            if value is None or (field in LOGIT_SCALES and value == 1):
+                continue
+            if field == "unpadded_vocab_size" and value == getattr(where, "vocab_size", None):
+                continue
             raise ValueError(
-                f"`{name}` needs logits = lm_head(hidden), but this model's config sets {field}={getattr(config, field)!r}; "
-                f"use {name}=0 for {type(model).__name__}."
+                f"`{name}` needs logits = lm_head(hidden), but this model's {fields} sets {field}={value!r}, which "
+                f"transforms the logits and would be skipped; use {name}=0 for {type(model).__name__}."
             )
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Module):
@@ -71,11 +83,13 @@ def chunked_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, ch
     """Summed NLL (float32) of ``targets`` (tokens,) under ``head(hidden)`` for hidden (tokens, hidden), by chunks.
 
     Every target must be scored (no ignore index): select the scored positions first. With gradients on, each
-    chunk runs under non-reentrant checkpointing, so only one chunk's logits exist at a time.
+    chunk runs under non-reentrant checkpointing, so only one chunk's logits exist at a time. No targets: a zero
+    that still depends on ``head`` and ``hidden`` (as transformers' loss does), so backward runs and gives zero
+    gradients instead of raising, and a DDP rank with nothing to score still reduces gradients like the others.
     """
     nll = hidden.new_zeros((), dtype=torch.float32)
     grad = torch.is_grad_enabled()
-    for start in range(0, targets.numel(), chunk_size):
+    for start in range(0, max(targets.numel(), 1), chunk_size):  # at least one (possibly empty) chunk
         piece = (head, hidden[start : start + chunk_size], targets[start : start + chunk_size])
         nll = nll + (checkpoint(_chunk_nll, *piece, use_reentrant=False) if grad else _chunk_nll(*piece))
     return nll

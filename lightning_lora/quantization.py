@@ -8,6 +8,7 @@ Facts this relies on (bitsandbytes 0.50): a ``Params4bit`` / ``Int8Params`` buil
 from __future__ import annotations
 
 import copy
+import re
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -332,6 +333,64 @@ def matmul_4bit_frozen(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | 
     """
     with torch.no_grad():
         return _bnb().matmul_4bit(x, module.weight, bias=bias, quant_state=_quant_state(module, module.weight))
+
+
+def linear_4bit_no_grad(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """What a stock ``Linear4bit``'s forward returns for ``x`` when no gradient is taken, with less Python; None
+    (call the layer itself) wherever its forward would do more than that one computation.
+
+    ``Linear4bit.forward`` and ``bnb.matmul_4bit`` are, without autograd, casts and checks around one call of the
+    ``bitsandbytes::gemm_4bit`` op, which picks bitsandbytes' fused kernel or dequantize + matmul by shape. At small
+    batch those Python layers are a large part of the layer's host time (``benchmarks/call_overhead.py``). Here the op
+    is called directly with the arguments ``matmul_4bit`` gives it, so the result is the layer's, bit for bit
+    (``tests/test_quantization.py`` compares them). None when: the layer has not run once (it sets its compute
+    dtype then), its weight lost its quant state (FSDP: the layer restores it), the CPU's eval-mode repack applies
+    or has happened, the bias needs the cast the layer writes into it, a gradient would flow to ``x`` or the bias,
+    the weight was quantized transposed, or the scales are nested other than in 256-blocks.
+    """
+    op = _gemm_4bit_op()
+    weight = module.weight
+    state = getattr(weight, "quant_state", None)
+    dtype = module.compute_dtype
+    if op is None or state is None or not module.compute_type_is_set or dtype is None or x.numel() == 0:
+        return None
+    if x.device.type == "cpu" and (not module.training or getattr(state, "packing_format_for_cpu", False)):
+        return None
+    bias = module.bias
+    if bias is not None and bias.dtype != dtype:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
+    shape = state.shape
+    if len(shape) != 2 or x.shape[-1] != shape[1]:
+        return None
+    if state.nested:
+        if state.state2.blocksize != 256:
+            return None
+        nested = dict(absmax_8bit=state.absmax, absmax_code=state.state2.code, absmax_offset=state.offset)
+        absmax = state.state2.absmax
+    else:
+        nested, absmax = {}, state.absmax
+    out = op(
+        x.to(dtype), weight.view(-1, 1), shape, absmax, state.blocksize, state.quant_type, bias=bias, **nested
+    )  # fmt: skip
+    return out.to(x.dtype)
+
+
+_GEMM_4BIT: list[Any] = []  # [the op, or None where bitsandbytes lacks it], once looked up
+
+
+def _gemm_4bit_op() -> Any:
+    """``torch.ops.bitsandbytes.gemm_4bit.default`` with the signature ``matmul_4bit`` of bitsandbytes 0.50 calls it
+    with, or None (older releases: the layer's own forward then)."""
+    if not _GEMM_4BIT:
+        version = tuple(int(p) for p in re.findall(r"\d+", _bnb().__version__)[:2])
+        try:
+            packet = torch.ops.bitsandbytes.gemm_4bit if version >= (0, 50) else None
+        except (AttributeError, RuntimeError):  # torch raises either for an op nobody registered
+            packet = None
+        _GEMM_4BIT.append(None if packet is None else packet.default)
+    return _GEMM_4BIT[0]
 
 
 def _standard_4bit_layout(data: torch.Tensor, quant_state: Any) -> tuple[torch.Tensor, Any]:

@@ -516,3 +516,45 @@ def test_bad_chat(tmp_path: Path, tok: PreTrainedTokenizerFast, messages: Any, e
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": messages}] * 2)
     message = content_error(InstructionDataModule(path, tok, messages_column="messages"))
     assert expected in message and "messages_column='messages'" in message and "line 1" in message
+
+
+# --- pad_to_multiple_of ------------------------------------------------------------------------------
+
+
+def test_pad_to_multiple_of_rounds_the_padded_length_up_but_not_past_max_length(tmp_path: Path, tok: PreTrainedTokenizerFast) -> None:
+    path = write_csv(tmp_path / "d.csv", ["text", "label"], [["w1", "good"], ["w2 w3 w4", "bad"], ["w5 w6 w7 w8 w9", "good"]])
+    dm = TextClassificationDataModule(path, tok, val_fraction=0.0, batch_size=3, pad_to_multiple_of=4, max_length=6)
+    dm.setup("fit")
+    by_first = {example["input_ids"][0]: example for example in dm.train_dataset}
+    collate = dm.train_dataloader().collate_fn
+    batch = collate([by_first[VOCAB["w1"]], by_first[VOCAB["w2"]]])  # longest 3 -> 4
+    torch.testing.assert_close(batch["input_ids"], torch.tensor([[*ids("w1"), PAD, PAD, PAD], [*ids("w2 w3 w4"), PAD]]))
+    torch.testing.assert_close(batch["attention_mask"], torch.tensor([[1, 0, 0, 0], [1, 1, 1, 0]]))
+    assert collate([by_first[VOCAB["w5"]]])["input_ids"].shape == (1, 6)  # 5 -> 8 would pass max_length=6: 6
+
+
+def test_pad_to_multiple_of_on_instruction_batches_keeps_the_labels_masked(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "w1", "response": "w2 w3"}, {"prompt": "w4 w5", "response": "w6"}])
+    plain = InstructionDataModule(path, word_tokenizer(), prompt_template="Q: {prompt} A:", val_fraction=0.0, batch_size=2)
+    rounded = InstructionDataModule(path, word_tokenizer(), prompt_template="Q: {prompt} A:", val_fraction=0.0, batch_size=2, pad_to_multiple_of=8)
+    for dm in (plain, rounded):
+        dm.setup("fit")
+    examples = list(plain.train_dataset)
+    a, b = plain.train_dataloader().collate_fn(examples), rounded.train_dataloader().collate_fn(examples)
+    width = a["input_ids"].shape[1]
+    assert b["input_ids"].shape[1] == 8 > width
+    assert torch.equal(b["input_ids"][:, :width], a["input_ids"]) and (b["input_ids"][:, width:] == PAD).all()
+    assert torch.equal(b["labels"][:, :width], a["labels"]) and (b["labels"][:, width:] == -100).all()
+    assert torch.equal(b["attention_mask"][:, :width], a["attention_mask"]) and (b["attention_mask"][:, width:] == 0).all()
+
+
+@pytest.mark.parametrize("value", [0, -8, 2.5, True, "8"])
+def test_a_bad_pad_to_multiple_of_is_refused_by_name(ten_rows: str, tok: PreTrainedTokenizerFast, value: Any) -> None:
+    with pytest.raises(ValueError, match=r"pad_to_multiple_of must be a positive integer, got"):
+        TextClassificationDataModule(ten_rows, tok, pad_to_multiple_of=value)
+
+
+def test_pad_to_multiple_of_with_packing_is_refused(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "w1", "response": "w2"}])
+    with pytest.raises(ValueError, match=r"pad_to_multiple_of=8 pads batches, but packing=True"):
+        InstructionDataModule(path, word_tokenizer(), packing=True, pad_to_multiple_of=8)

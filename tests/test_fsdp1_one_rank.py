@@ -13,8 +13,9 @@ import textwrap
 # One gloo rank, and the tiny nf4 Llama with LoRA on every linear that both scripts shard.
 PRELUDE = textwrap.dedent(
     """
-    import json, torch, torch.distributed as dist
+    import atexit, json, torch, torch.distributed as dist
     dist.init_process_group("gloo", rank=0, world_size=1, init_method="tcp://127.0.0.1:0")
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())  # gloo can abort at exit otherwise
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, StateDictType, FullStateDictConfig
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer

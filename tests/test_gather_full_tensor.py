@@ -25,6 +25,8 @@ CODE = textwrap.dedent(
     import os, sys
     with open(os.path.join(sys.argv[1], f"rank{dist.get_rank()}.txt"), "w") as f:  # not stdout: the ranks' prints interleave
         f.write(f"RANK {dist.get_rank()} {all(ok)} {ok.count(False)}")
+    dist.barrier()
+    dist.destroy_process_group()  # an orderly shutdown: gloo can abort a process that exits with its group alive
     """
 )
 

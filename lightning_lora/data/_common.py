@@ -63,6 +63,18 @@ def check_positive(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
+def check_pad_multiple(value: int | None, packing: bool = False) -> None:
+    """``pad_to_multiple_of``: None, or a positive integer for padded (not packed) batches."""
+    if value is None:
+        return
+    check_positive("pad_to_multiple_of", value)
+    if packing:
+        raise ValueError(
+            f"pad_to_multiple_of={value!r} pads batches, but packing=True builds rows of max_length tokens that need no "
+            "padding: drop pad_to_multiple_of, or set packing=False."
+        )
+
+
 def check_flag(name: str, value: bool) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}.")
@@ -261,13 +273,23 @@ class PadCollator:
 
     ``pad_values`` maps each sequence key to its pad value; ``attention_mask`` is padded with 0.
     Keys not in ``pad_values`` (scalars such as class labels) are stacked into a LongTensor.
+    ``pad_to_multiple_of``: the padded length is rounded up to a multiple of it (but not beyond ``max_length``,
+    unless the batch is longer already), so that batches come in few shapes: each new shape costs compiled layers
+    a recompile and cuDNN's attention a new plan (``benchmarks/results/2026-12-02-lean-4bit-h200``).
     """
 
-    def __init__(self, pad_values: dict[str, int]) -> None:
+    def __init__(self, pad_values: dict[str, int], pad_to_multiple_of: int | None = None, max_length: int | None = None) -> None:
         self.pad_values = pad_values
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.max_length = max_length
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         longest = max(len(ex["input_ids"]) for ex in examples)
+        multiple = getattr(self, "pad_to_multiple_of", None)
+        if multiple:
+            rounded = -(-longest // multiple) * multiple
+            cap = getattr(self, "max_length", None)
+            longest = rounded if cap is None else max(longest, min(rounded, cap))
         batch: dict[str, torch.Tensor] = {}
         for key in examples[0]:
             if key in self.pad_values:

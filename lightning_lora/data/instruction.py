@@ -15,6 +15,7 @@ from lightning_lora.data._common import (
     PadCollator,
     _TokenizedDataModule,
     check_flag,
+    check_pad_multiple,
     check_positive,
     pad_token_id,
     read_rows,
@@ -67,6 +68,7 @@ class InstructionDataModule(_TokenizedDataModule):
         num_workers: int = 0,
         encoding_errors: EncodingErrors = "strict",
         packing: bool = False,
+        pad_to_multiple_of: int | None = None,
     ) -> None:
         """
         Args:
@@ -85,12 +87,16 @@ class InstructionDataModule(_TokenizedDataModule):
             encoding_errors: How to treat non-UTF-8 bytes: "strict" (error), "replace" (U+FFFD) or "ignore".
             packing: Pack several examples into each row of ``max_length`` tokens, each attending only to itself,
                 instead of padding every example (needs CausalLMModule or a model that honours position_ids restarts).
+            pad_to_multiple_of: Pad each batch to a multiple of this many tokens (at most ``max_length``), so that
+                batches come in few shapes (each new one costs compiled layers a recompile, cuDNN attention a plan);
+                None pads to the batch's longest example. Not with ``packing``.
         """
         super().__init__(
             path, tokenizer, TABLE_EXTENSIONS, batch_size, val_fraction, seed, num_workers, encoding_errors
         )
         check_positive("max_length", max_length)
         check_flag("packing", packing)
+        check_pad_multiple(pad_to_multiple_of, packing)
         if limit is not None:
             check_positive("limit", limit)
         _check_prompt_template(prompt_template)
@@ -102,6 +108,7 @@ class InstructionDataModule(_TokenizedDataModule):
         self.max_length = max_length
         self.limit = limit
         self.packing = packing
+        self.pad_to_multiple_of = pad_to_multiple_of
         self._pairs: list[tuple[str, str]] | None = None
 
     # prepare_data, setup and the loaders come from _TokenizedDataModule.
@@ -193,7 +200,8 @@ class InstructionDataModule(_TokenizedDataModule):
     def _collator(self) -> PadCollator | PackedCollator:
         if self.packing:
             return PackedCollator(self.max_length, pad_token_id(self.tokenizer))
-        return PadCollator({"input_ids": pad_token_id(self.tokenizer), "attention_mask": 0, "labels": IGNORE_INDEX})
+        pads = {"input_ids": pad_token_id(self.tokenizer), "attention_mask": 0, "labels": IGNORE_INDEX}
+        return PadCollator(pads, self.pad_to_multiple_of, self.max_length)
 
 
 def _check_prompt_template(prompt_template: str) -> None:

@@ -115,6 +115,12 @@ class PackedCollator:
             used = 0
             for document, example in enumerate(row):
                 length = len(example["input_ids"])
+                if not 0 < length == len(example["labels"]):
+                    # Unequal lengths would shift every later label onto another token of the row, silently.
+                    raise ValueError(
+                        f"example {document} of a row has {length} input_ids and {len(example['labels'])} labels; every "
+                        "example needs at least one token and one label per token. Build rows with PackedDataset."
+                    )
                 used += length
                 input_ids += example["input_ids"]
                 # The first token has nothing of its own example before it: never a target.

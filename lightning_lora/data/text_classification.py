@@ -17,6 +17,7 @@ from lightning_lora.data._common import (
     PadCollator,
     _TokenizedDataModule,
     check_fraction,
+    check_pad_multiple,
     check_positive,
     pad_token_id,
     read_rows,
@@ -82,6 +83,7 @@ class TextClassificationDataModule(_TokenizedDataModule):
         limit: int | None = None,
         num_workers: int = 0,
         encoding_errors: EncodingErrors = "strict",
+        pad_to_multiple_of: int | None = None,
     ) -> None:
         """
         Args:
@@ -98,6 +100,9 @@ class TextClassificationDataModule(_TokenizedDataModule):
             limit: Keep at most this many training rows (held-out splits are unchanged); None keeps all.
             num_workers: DataLoader worker processes.
             encoding_errors: How to treat non-UTF-8 bytes: "strict" (error), "replace" (U+FFFD) or "ignore".
+            pad_to_multiple_of: Pad each batch to a multiple of this many tokens (at most ``max_length``), so that
+                batches come in few shapes (each new one costs compiled layers a recompile, cuDNN attention a plan);
+                None pads to the batch's longest text.
         """
         super().__init__(
             path, tokenizer, TABLE_EXTENSIONS, batch_size, val_fraction, seed, num_workers, encoding_errors
@@ -109,6 +114,7 @@ class TextClassificationDataModule(_TokenizedDataModule):
                 f"{val_fraction!r} + {test_fraction!r}; lower one of them."
             )
         check_positive("max_length", max_length)
+        check_pad_multiple(pad_to_multiple_of)
         if limit is not None:
             check_positive("limit", limit)
         if labels is not None:
@@ -122,6 +128,7 @@ class TextClassificationDataModule(_TokenizedDataModule):
         self.text_column = text_column
         self.label_column = label_column
         self.max_length = max_length
+        self.pad_to_multiple_of = pad_to_multiple_of
         self.test_fraction = test_fraction
         self.limit = limit
         self._given_labels = labels
@@ -221,7 +228,8 @@ class TextClassificationDataModule(_TokenizedDataModule):
         return ListDataset(examples)
 
     def _collator(self) -> PadCollator:
-        return PadCollator({"input_ids": pad_token_id(self.tokenizer), "attention_mask": 0, "token_type_ids": 0})
+        pads = {"input_ids": pad_token_id(self.tokenizer), "attention_mask": 0, "token_type_ids": 0}
+        return PadCollator(pads, self.pad_to_multiple_of, self.max_length)
 
     def test_dataloader(self) -> DataLoader:
         if self.test_fraction == 0:

@@ -63,6 +63,15 @@ def check_packable(model: nn.Module, training: bool = True) -> None:
             f"packing supports text-only causal LMs; {name} has sub-models {sorted(config.sub_configs)}. "
             "Turn packing off (packing=False on the data module)."
         )
+    counted = next((m for m in model.modules() if hasattr(type(m), "create_position_ids_from_input_ids")), None)
+    if counted is not None:
+        # RoBERTa and its kin (XLM-R, CamemBERT, Data2VecText, X-MOD): unpacked, positions are counted from
+        # padding_idx + 1 and skip pad tokens; packed rows give 0, 1, ... per example, other position embeddings.
+        raise ValueError(
+            f"packing gives every example position ids 0, 1, 2, ..., but {name}'s {type(counted).__name__} counts "
+            "positions from padding_idx + 1, so packed examples would get other position embeddings than unpacked. "
+            "Turn packing off for this model (packing=False on the data module)."
+        )
     other = sorted(set(getattr(config, "layer_types", None) or ()) - _ATTENTION_LAYERS)
     if other:
         raise ValueError(
@@ -170,14 +179,17 @@ def _check_call(
             f"{where} got no cu_seq_lens_q / max_length_q, but the model's attention is switched to packed attention "
             "(by CausalLMModule on a packed batch, or enable_packed_attention). Pass the packed batch's cu_seq_lens "
             "and max_length, or call lightning_lora.tasks.packed_attention.restore_attention(model) (CausalLMModule "
-            "does on its next unpacked batch and at the end of fit) before unpacked calls."
+            "does on its next unpacked batch and at the end of fit) before unpacked calls. If the call did pass them "
+            f"(CausalLMModule does), {type(module).__name__} does not hand the model's keyword arguments to its "
+            "attention, so it cannot pack: turn packing off (packing=False on the data module)."
         )
     if cu_k is not None and cu_k is not cu_q and not torch.equal(cu_k, cu_q):
         raise ValueError(f"{where}: cu_seq_lens_k differs from cu_seq_lens_q; packed self-attention needs one layout.")
     if attention_mask is not None:
         raise ValueError(
             f"{where} received an attention mask of shape {tuple(attention_mask.shape)}; packed batches must not "
-            "carry attention_mask (documents are separated by cu_seq_lens)."
+            "carry attention_mask (documents are separated by cu_seq_lens). If the batch had none, the model built "
+            "this mask itself and cannot pack: turn packing off (packing=False on the data module)."
         )
     if not getattr(module, "is_causal", True):
         raise ValueError(f"{where}: the layer is not causal (is_causal=False); packing is for causal LMs only.")
