@@ -11,6 +11,7 @@
 #   benchmarks/one_gpu_checks.sh long     OUT   # long context, Llama-3-8B shape, batch 1: longest trained length, ours vs PEFT (issue 17.3)
 #   benchmarks/one_gpu_checks.sh peft     OUT   # 7B QLoRA vs PEFT, training (issue 15: the same figures as 2026-12-01-qlora-compile after the move)
 #   benchmarks/one_gpu_checks.sh adapters OUT   # adapter-breadth GPU tests: DoRA, named adapters, inits, MoE experts, tokens, LoRA+
+#   benchmarks/one_gpu_checks.sh step     OUT   # issue 17.2: 16-layer 7B step, ours vs PEFT eager and compiled, profiled by kernel family
 #   benchmarks/one_gpu_checks.sh lean     OUT   # issue 17.4: the direct 4-bit route's GPU test, host cost per layer call, 16-layer
 #                                               # inference overhead, then the padded-batch profile (LL_TOKENIZER as for packing)
 set -uo pipefail
@@ -72,6 +73,10 @@ case "$part" in
   adapters)
     timeout 400 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_gpu_adapters.py tests/gpu/test_gpu_breadth.py > "$out/pytest.log" 2>&1
     tail -8 "$out/pytest.log"
+    ;;
+  step)
+    timeout 540 python3 benchmarks/profile_step.py --layers 16 --skip inference --out "$out/profile.json" > "$out/profile.log" 2>&1
+    tail -12 "$out/profile.log"
     ;;
   lean)
     timeout 45 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_gpu_lean_4bit.py > "$out/pytest.log" 2>&1

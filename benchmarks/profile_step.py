@@ -5,8 +5,9 @@ shape as ``compare_peft.py``), then times in one process:
 
 * ours with the fused LoRA autograd node (the default) and without it (``layers.fused_training(model, False)``),
 * ours and PEFT with every decoder block compiled (``block.compile()``, regional compilation),
-* a ``torch.profiler`` breakdown of our eager step by kernel family (matmul, 4-bit dequantize,
-  attention, the rest), with the top kernels,
+* a ``torch.profiler`` breakdown of our eager and compiled steps, and PEFT's compiled one, by kernel family
+  (matmul, 4-bit dequantize, attention, the rest), with the top kernels (GPU ms per step against the step's
+  wall time shows how long the GPU waits for the host),
 * forward-only inference: quantized base vs our unmerged LoRA, eager and compiled.
 
     python benchmarks/profile_step.py --layers 16 --out profile.json
@@ -206,6 +207,8 @@ def main() -> None:
         if "compile" not in args.skip:
             compile_blocks(peft)
             record("peft_no_upcast_compiled", lambda: timed_steps(peft, args.steps, warmup=3))
+            if "profile" not in args.skip:  # the same breakdown as ours compiled: where the two steps differ
+                record("profile_peft_compiled", lambda: profile_step(peft, top=15))
     import bitsandbytes
     import transformers
 

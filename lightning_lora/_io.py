@@ -131,11 +131,32 @@ def atomic_directory(path: str | os.PathLike, *, owned: Iterable[str] = (), para
             if path.is_dir():
                 shutil.copymode(path, tmp)
             _fsync_tree(tmp)
+            cwd = _cwd_under(path)
             _swap_in(tmp, path)
+            if cwd is not None:
+                _follow_cwd(path, cwd)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # after the swap this is the old version
     finally:
         _release_lock(lock, lock_path)
+
+
+def _cwd_under(path: Path) -> Path | None:
+    """The process's working directory relative to ``path`` if it is ``path`` or inside it, else None."""
+    try:
+        cwd = Path(os.path.realpath(os.getcwd()))
+    except OSError:
+        return None
+    return cwd.relative_to(path) if cwd == path or path in cwd.parents else None
+
+
+def _follow_cwd(path: Path, relative: Path) -> None:
+    """After the swap the old version, which the working directory still is, gets removed: move the process into
+    the same place in the new version (or ``path`` itself where the new version lacks it), so relative paths
+    (``save_adapter(model, ".")`` then ``load_adapter(model, ".")``) keep working."""
+    target = path / relative
+    with contextlib.suppress(OSError):
+        os.chdir(target if target.is_dir() else path)
 
 
 def _umask_modes(directory: Path) -> None:

@@ -208,6 +208,8 @@ def save_adapter(
             )
     # Every adapter's files are made (and checked) before the directory changes.
     files: dict[str, tuple[dict[str, torch.Tensor], dict[str, str], bytes]] = {}
+    if state_dict is not None:
+        _check_state_dict_keys(state_dict, adapter_state_dict(model, names[0]), state.plans[names[0]].is_adapter_param, names[0])
     for name in names:
         tensors = adapter_state_dict(model, name) if state_dict is None else state_dict
         source = "the adapter to save" if name == DEFAULT_ADAPTER else f"adapter {name!r} to save"
@@ -244,6 +246,23 @@ def save_adapter(
             save_file(peft_tensors, str(where / ADAPTER_WEIGHTS_NAME), metadata=metadata)
             _sort_safetensors_header(str(where / ADAPTER_WEIGHTS_NAME))  # byte-identical files for identical adapters
     return directory
+
+
+def _check_state_dict_keys(state_dict: Any, own: dict[str, torch.Tensor], is_adapter: Any, adapter_name: str) -> None:
+    """Refuse a ``save_adapter(state_dict=...)`` that is not keyed as ``adapter_state_dict``: its file would name
+    modules PEFT does not find (it would load the base model alone) or lack some of the adapter. A key is judged by
+    the adapter's rule (``is_adapter``), not only by ``own``: under FSDP1 without ``use_orig_params`` the model's own
+    parameters are flat and name none of the adapter's tensors."""
+    if not isinstance(state_dict, Mapping) or not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
+        raise TypeError(f"`state_dict` must map adapter keys to tensors (as `adapter_state_dict(model)` does), got {type(state_dict).__name__}.")
+    missing = [key for key in own if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in own and not (isinstance(key, str) and is_adapter(key))]
+    if missing or unexpected:
+        raise ValueError(
+            f"`state_dict` is not adapter {adapter_name!r} of this model: {len(missing)} missing keys (first: {missing[:3]}) and "
+            f"{len(unexpected)} unexpected keys (first: {unexpected[:3]}); nothing was written. Pass it keyed as "
+            "`adapter_state_dict(model)` keys it (module paths without wrapper prefixes such as `_orig_mod.`)."
+        )
 
 
 def _cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -290,6 +309,11 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str
         missing = Path(err.filename or directory).name if isinstance(err, FileNotFoundError) and err.filename else None
         named = sorted(sub.name for sub in directory.iterdir() if (sub / ADAPTER_CONFIG_NAME).is_file()) if directory.is_dir() else []
         hint = f" Its subfolders {named} hold named adapters: load them with load_adapters(model, directory)." if named else ""
+        if missing == ADAPTER_WEIGHTS_NAME and (directory / "adapter_model.bin").is_file():
+            hint = (
+                " It holds adapter_model.bin, a pickle, which lightning_lora does not read (unpickling can run code): "
+                "re-save the adapter with PEFT's save_pretrained(..., safe_serialization=True)."
+            )
         raise FileNotFoundError(
             f"`directory`={str(directory)!r} has no {missing if missing in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME) else 'adapter'}: "
             f"an adapter directory holds {ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME} (as written by save_adapter or "

@@ -22,7 +22,7 @@ from torch import nn
 
 from lightning_lora._io import atomic_directory, require_directory_path
 from lightning_lora.adapter_io import adapter_state_dict, check_adapter_values
-from lightning_lora.merge import merged_state_dict
+from lightning_lora.merge import _merged_state, diverged_ties, warn_diverged_ties
 
 MERGED_WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_FILES = (
@@ -57,12 +57,13 @@ def save_merged(
     """
     directory = require_directory_path(directory, parameter)
     check_adapter_values(adapter_state_dict(model), "the adapter to merge", what="Refusing to write merged weights; nothing was written")
-    state = merged_state_dict(model, dtype=dtype)
+    state = _merged_state(model, dtype=dtype)
     owned = _OWNED + (TOKENIZER_FILES if tokenizer_dir is not None else ())  # a tokenizer put there by hand stays
     with atomic_directory(directory, owned=owned, parameter=parameter) as tmp:
         if _is_pretrained(model):
             _save_pretrained(model, state, tmp, dtype)
         else:
+            warn_diverged_ties(model, state, "save_merged")
             _save_safetensors(model, state, tmp, dtype)
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
@@ -89,6 +90,19 @@ def _save_pretrained(model: nn.Module, state: dict[str, torch.Tensor], directory
         del config.quantization_config  # the merged weights are plain floating point
     with torch.device("meta"):
         plain = type(model)._from_config(config)
+    if diverged_ties(plain, state) and getattr(config, "tie_word_embeddings", False):
+        # LoRA on a head tied to the embedding: the merged head is no longer the embedding, and a tied model
+        # (save_pretrained writes one of the two) would load the base weights for both. Write them apart.
+        config.tie_word_embeddings = False
+        with torch.device("meta"):
+            plain = type(model)._from_config(config)
+    if diverged_ties(plain, state):
+        first, second = diverged_ties(plain, state)[0]
+        raise ValueError(
+            f"`save_merged` cannot write {type(model).__name__}: {first!r} and {second!r} are one tied tensor in it, but differ "
+            "once merged (LoRA on a tied layer), and its config has no tie_word_embeddings to untie them; nothing was written. "
+            "Save `merged_state_dict(model)` for an untied copy of the architecture."
+        )
     plain.load_state_dict(state, strict=True, assign=True)
     for name, buffer in list(plain.named_buffers()):
         if buffer.is_meta:  # non-persistent buffers (e.g. rotary inv_freq) are not in the state dict

@@ -25,6 +25,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     states the measured relative error. ``unmerge_lora`` restores the original quantized weight exactly.
     """
     require_lora_state(model, "merge_lora")
+    _require_mergeable(model)
     errors = [error for layer in adapter_modules(model).values() if (error := layer.merge()) is not None]
     if errors:
         warnings.warn(
@@ -34,6 +35,33 @@ def merge_lora(model: nn.Module) -> nn.Module:
             stacklevel=2,
         )
     return model
+
+
+def _require_mergeable(model: nn.Module) -> None:
+    """Refuse, before any layer changes, a merge whose merged model would compute something else than the unmerged one."""
+    modules = adapter_modules(model)
+    if any(not getattr(module, "enabled", True) for module in modules.values()):
+        # A disabled layer computes its base alone; a merged base holds the update, so it would no longer be off.
+        raise ValueError("`merge_lora` was called inside `disable_lora`, whose layers must compute the base alone: merge after the block.")
+    if any(getattr(layer, "sample_adapters", None) is not None for layer in lora_layers(model).values()):
+        # A merged layer computes one adapter for every sample: the others' rows would get the merged one.
+        raise ValueError("`merge_lora` was called inside `per_sample_adapters`, which gives each sample its own adapter: merge after the block.")
+    # A base weight shared with another parameter (a LoRA lm_head tied to the input embedding) would take the update
+    # in both places: the embedding would change too. merged_state_dict / save_merged write them apart instead.
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(unwrapped_name(name))
+    for path, layer in lora_layers(model).items():
+        if layer.merged or layer.get_adapter(layer.active_adapter) is None or quantization.is_quantized(layer.base_layer):
+            continue
+        own = join_path(unwrapped_name(path), "base_layer.weight")
+        others = [name for name in names.get(id(layer.base_layer.weight), []) if name != own]
+        if others:
+            raise ValueError(
+                f"`merge_lora` cannot merge into {unwrapped_name(path)!r}: its weight is tied to {others[0]!r}, which would take "
+                "the update too and change what the model computes; nothing was merged. Export merged weights with "
+                "`save_merged` / `merged_state_dict` (they write the two apart), or train without LoRA on a tied layer."
+            )
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
@@ -62,7 +90,6 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
             layer.enabled = enabled
 
 
-@torch.no_grad()
 def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The state dict of the plain (LoRA-free, unquantized) model with every update merged in.
 
@@ -70,7 +97,39 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
     copy of the architecture. Quantized layers are dequantized; the update is added in float32 to
     the dequantized weight, so no second rounding happens. ``dtype`` casts floating tensors (default:
     the dtype of the model's first floating parameter that is not a LoRA or quantized weight).
+    A tied tensor with LoRA on one of its layers (an lm_head tied to the embedding) differs between
+    its names once merged: a warning says so, since a tied copy of the architecture keeps only one.
     """
+    state = _merged_state(model, dtype)
+    warn_diverged_ties(model, state, "merged_state_dict")
+    return state
+
+
+def diverged_ties(model: nn.Module, state: dict[str, torch.Tensor]) -> list[tuple[str, str]]:
+    """(key, key) pairs of ``state`` that are one tied tensor in ``model`` but hold different merged values."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        key = unwrapped_name(name).replace(".base_layer.", ".")  # a wrapped layer's weight under the original key
+        if key in state:
+            groups.setdefault(id(param), []).append(key)
+    return [(keys[0], other) for keys in groups.values() for other in keys[1:] if not torch.equal(state[keys[0]], state[other])]
+
+
+def warn_diverged_ties(model: nn.Module, state: dict[str, torch.Tensor], caller: str) -> None:
+    pairs = diverged_ties(model, state)
+    if pairs:
+        first, second = pairs[0]
+        warnings.warn(
+            f"`{caller}`: {first!r} and {second!r} are one tied tensor in this model, but differ once merged (LoRA on a "
+            "tied layer). Load the weights into a model built untied (e.g. tie_word_embeddings=False): a tied one keeps "
+            "only one of them.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+@torch.no_grad()
+def _merged_state(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     is_adapter = require_lora_state(model, "merged_state_dict").is_adapter_param  # any adapter's tensor
     layers = lora_layers(model)
     quantized = {name: module for name, module in model.named_modules() if quantization.is_quantized(module)}

@@ -35,6 +35,7 @@ def test_it_unbinds_a_gloo_default_group_and_only_that() -> None:
         group.bound_device_id = torch.device("cuda", 0)  # what ModelParallelStrategy's device_id does on a GPU
         _unbind_gloo_default_group()
         print(group.bound_device_id)
+        dist.destroy_process_group()  # an orderly shutdown: gloo can abort a process that exits with its group alive
         """
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

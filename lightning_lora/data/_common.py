@@ -125,6 +125,14 @@ def read_text(path: str, encoding_errors: str) -> str:
     """Decode ``path`` as UTF-8 (a BOM is dropped), naming the first bad byte on failure."""
     with open(path, "rb") as f:
         raw = f.read()
+    byte_order_marks = {"UTF-32": (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE), "UTF-16": (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)}
+    for name, marks in byte_order_marks.items():
+        if raw.startswith(marks):  # UTF-32's LE mark starts with UTF-16's: test it first
+            raise ValueError(
+                f"path {path!r} is {name} (it starts with a {name} byte order mark), not UTF-8, which no "
+                f"encoding_errors (got {encoding_errors!r}) can read; re-encode the file as UTF-8, e.g. "
+                f"`iconv -f {name} -t UTF-8`."
+            )
     bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     try:
         return raw[bom:].decode("utf-8", errors=encoding_errors)
@@ -162,15 +170,43 @@ def _read_csv(path: str, text: str) -> tuple[list[Row], list[int]]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     rows: list[Row] = []
     lines: list[int] = []
-    for row in reader:
-        if None in row or None in row.values():
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text)))  # the default, 131,072 characters, is one long document
+    try:
+        header = reader.fieldnames or []
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:  # DictReader would keep the last column of each name and drop the others
             raise ValueError(
-                f"path {path!r}: the CSV row ending on line {reader.line_num} has a different number of "
-                f"fields than the header {reader.fieldnames!r}; quote fields that contain commas."
+                f"path {path!r}: the CSV header {header!r} names the columns {repeated!r} more than once; "
+                "give every column its own name."
             )
-        rows.append(row)
-        lines.append(reader.line_num)
+        for row in reader:
+            if None in row or None in row.values():
+                raise ValueError(
+                    f"path {path!r}: the CSV row ending on line {reader.line_num} has a different number of "
+                    f"fields than the header {reader.fieldnames!r}; quote fields that contain commas."
+                )
+            rows.append(row)
+            lines.append(reader.line_num)
+    except csv.Error as err:
+        raise ValueError(f"path {path!r}: line {reader.line_num} is not valid CSV ({err}); fix the file.") from None
+    finally:
+        csv.field_size_limit(limit)
     return rows, lines
+
+
+def _object(path: str, where: str) -> Callable[[list[tuple[str, Any]]], Row]:
+    """A json ``object_pairs_hook`` that refuses a key given twice (json keeps the last one silently)."""
+
+    def build(pairs: list[tuple[str, Any]]) -> Row:
+        row = dict(pairs)
+        if len(row) < len(pairs):
+            keys = [key for key, _ in pairs]
+            repeated = sorted({key for key in keys if keys.count(key) > 1})
+            raise ValueError(f"path {path!r}: {where} gives the keys {repeated!r} more than once; keep one of each.")
+        return row
+
+    return build
 
 
 def _read_jsonl(path: str, text: str) -> tuple[list[Row], list[int]]:
@@ -180,7 +216,7 @@ def _read_jsonl(path: str, text: str) -> tuple[list[Row], list[int]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line, object_pairs_hook=_object(path, f"line {number}"))
         except json.JSONDecodeError as err:
             raise ValueError(
                 f"path {path!r}: line {number} is not valid JSON ({err.msg}): {line[:80]!r}. "
@@ -195,7 +231,7 @@ def _read_jsonl(path: str, text: str) -> tuple[list[Row], list[int]]:
 
 def _read_json_array(path: str, text: str) -> tuple[list[Row], list[int]]:
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_object(path, "an object"))
     except json.JSONDecodeError as err:
         raise ValueError(f"path {path!r}: line {err.lineno} is not valid JSON ({err.msg}); fix the file.") from None
     for i, row in enumerate(data):

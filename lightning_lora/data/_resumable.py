@@ -60,7 +60,7 @@ class ResumableDataLoader(DataLoader):
     Example::
 
         loader = ResumableDataLoader(dataset, batch_size=8, shuffle=True, seed=42)
-        state = loader.state_dict()  # {"epoch": 0, "batches": 0}
+        state = loader.state_dict()  # {"epoch": 0, "batches": 0, "batch_size": 8, "processes": 1, "epoch_batches": ...}
         loader.load_state_dict({"epoch": 0, "batches": 3})  # the next iteration starts at batch 3 of epoch 0
     """
 
@@ -106,12 +106,39 @@ class ResumableDataLoader(DataLoader):
             return int(self.sampler.epoch), 0  # the trainer's epoch (a DistributedSampler's is always set by Lightning)
         return (self._epoch + 1 if self._started else self._epoch), 0
 
+    def _processes(self) -> int:
+        """Processes that share each global batch: a DistributedSampler's replicas, else 1."""
+        return int(getattr(self.sampler, "num_replicas", 1))
+
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self._epoch, "batches": self._batches}
+        # batch_size, processes and the epoch's length say what the count means, for a resume with other settings.
+        return {
+            "epoch": self._epoch,
+            "batches": self._batches,
+            "batch_size": self.batch_size or 0,
+            "processes": self._processes(),
+            "epoch_batches": len(self),
+        }
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         epoch, batches = int(state_dict["epoch"]), int(state_dict["batches"])
-        if batches >= len(self):  # the checkpoint closed its epoch: start the next one
+        closed = batches >= int(state_dict.get("epoch_batches", len(self)))  # at the saved batch size
+        if not closed and batches > 0 and "batch_size" in state_dict:
+            self._check_global_batch(batches, int(state_dict["batch_size"]), int(state_dict.get("processes", 1)))
+        if closed or batches >= len(self):  # the checkpoint closed its epoch: start the next one
             epoch, batches = epoch + 1, 0
         self._restored = (epoch, batches)
         self._epoch, self._batches = epoch, batches
+
+    def _check_global_batch(self, batches: int, saved_batch_size: int, saved_processes: int) -> None:
+        # The count is of global batches; another global batch size would skip other samples than the ones seen.
+        saved, now = saved_batch_size * saved_processes, (self.batch_size or 0) * self._processes()
+        if saved == now:
+            return
+        raise ValueError(
+            f"the checkpoint stopped mid-epoch after {batches} batches of batch_size={saved_batch_size} x "
+            f"{saved_processes} process(es) = {saved} samples each, but this run has batch_size={self.batch_size} x "
+            f"{self._processes()} process(es) = {now}: skipping {batches} of its batches would skip other samples "
+            f"than the {batches * saved} already trained on. Keep batch_size x processes at {saved} "
+            f"(e.g. batch_size={saved_batch_size} on {saved_processes} process(es)), or resume from an end-of-epoch checkpoint."
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 import warnings
 from typing import Any
 
@@ -33,7 +34,8 @@ class InstructionDataModule(_TokenizedDataModule):
     separately and concatenated, which puts the mask boundary exactly between them. The prompt is
     ``prompt_template.format(prompt=row[prompt_column])`` tokenized with the tokenizer's special tokens
     (e.g. BOS); the response without them. Rows longer than ``max_length`` are cut at the end; rows whose
-    prompt alone fills ``max_length`` are dropped with a warning (they would carry no loss).
+    prompt alone fills ``max_length``, or with an empty response and no EOS, are dropped with a warning (they
+    would carry no loss).
 
     With ``messages_column`` each row holds a chat, a list of ``{"role", "content"}`` dicts ending with an
     ``assistant`` message: that last message is the response, everything before it the prompt. The chat is
@@ -174,25 +176,38 @@ class InstructionDataModule(_TokenizedDataModule):
         prompts = tokenizer([p for p, _ in pairs], add_special_tokens=not templated)["input_ids"]
         responses = tokenizer([r for _, r in pairs], add_special_tokens=False)["input_ids"]
         examples: list[dict[str, Any]] = []
+        too_long = empty = 0
         for prompt_ids, response_ids in zip(prompts, responses):
             if eos is not None and response_ids[-1:] != [eos]:
                 response_ids = response_ids + [eos]
+            if not response_ids:  # an empty response and no EOS: nothing to score
+                empty += 1
+                continue
             if len(prompt_ids) >= self.max_length:
+                too_long += 1
                 continue
             input_ids = (prompt_ids + response_ids)[: self.max_length]
             labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[: self.max_length]
             examples.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels})
-        if len(examples) < len(pairs):
-            if not examples:
-                raise ValueError(
-                    f"max_length={self.max_length!r} is too short: every prompt in path {self.path!r} fills it, "
-                    "leaving no response tokens to train on; raise max_length."
-                )
-            warnings.warn(
-                f"Dropped {len(pairs) - len(examples)} of {len(pairs)} rows of {self.path!r} whose prompt alone "
-                f"fills max_length={self.max_length}; raise max_length to keep them.",
-                stacklevel=2,
+        reasons = []
+        if too_long:
+            reasons.append(f"{too_long} whose prompt alone fills max_length={self.max_length} (raise max_length to keep them)")
+        if empty:
+            column = (
+                f"the last message of messages_column={self.messages_column!r}" if self.messages_column is not None
+                else f"response_column={self.response_column!r}"
             )
+            reasons.append(
+                f"{empty} with no response tokens in {column} and a tokenizer without "
+                "an EOS token to train instead (fill in the responses, or use a tokenizer with an eos_token)"
+            )
+        if not examples:
+            raise ValueError(
+                f"path {self.path!r} leaves no row to train on: of {len(pairs)} rows, " + "; ".join(reasons) + "."
+            )
+        if reasons:
+            dropped = f"Dropped {len(pairs) - len(examples)} of {len(pairs)} rows of {self.path!r}: "
+            warnings.warn(dropped + "; ".join(reasons) + ".", stacklevel=2)
         if self.packing:
             return PackedDataset([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples], self.max_length)
         return ListDataset(examples)
@@ -206,9 +221,17 @@ class InstructionDataModule(_TokenizedDataModule):
 
 def _check_prompt_template(prompt_template: str) -> None:
     fix = 'use a format string with one "{prompt}" field, writing literal braces as "{{" and "}}"'
-    if not isinstance(prompt_template, str) or "{prompt}" not in prompt_template:
-        raise ValueError(f"prompt_template must contain '{{prompt}}', got {prompt_template!r}; {fix}.")
+    if not isinstance(prompt_template, str):
+        raise ValueError(f"prompt_template must be a string containing '{{prompt}}', got {prompt_template!r}; {fix}.")
     try:
+        # The fields str.format fills: "{{prompt}}" is the literal text "{prompt}", not a field.
+        parsed = [(field, spec) for _, field, spec, _ in string.Formatter().parse(prompt_template) if field is not None]
+        fields = [field for field, _ in parsed]
         prompt_template.format(prompt="")
-    except (KeyError, IndexError, ValueError) as err:
+    except (KeyError, IndexError, ValueError, AttributeError) as err:
         raise ValueError(f"prompt_template {prompt_template!r} is not a valid format string ({err!r}); {fix}.") from None
+    if "prompt" not in fields or any(field != "prompt" or "{" in spec for field, spec in parsed):
+        raise ValueError(
+            f"prompt_template {prompt_template!r} has the fields {fields!r}, but the only field it may have is "
+            f'"{{prompt}}" (at least once, without attributes, indexes or nested fields); {fix}.'
+        )

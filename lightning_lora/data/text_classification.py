@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from collections import Counter
 from typing import Any
 
@@ -55,8 +56,9 @@ class TextClassificationDataModule(_TokenizedDataModule):
     and train is the rest, cut to its first ``limit`` rows. So ``limit`` shrinks train only: the held-out
     splits stay the same for every ``limit``, and results with different limits are comparable.
 
-    Labels are read as strings; without ``labels`` they are every label in the file, sorted (numerically
-    when all are integers). Batches are ``input_ids``, ``attention_mask`` (and ``token_type_ids`` if the
+    Labels are read as strings (a JSON label must be a string or an integer); without ``labels`` they are every
+    label in the file, sorted (numerically when all are integers, ties such as "1" and "01" by name).
+    Batches are ``input_ids``, ``attention_mask`` (and ``token_type_ids`` if the
     tokenizer makes them), padded to the longest row of the batch, plus ``labels`` of shape ``(batch,)``.
 
     Example::
@@ -118,12 +120,13 @@ class TextClassificationDataModule(_TokenizedDataModule):
         if limit is not None:
             check_positive("limit", limit)
         if labels is not None:
-            if isinstance(labels, str) or not labels or len(set(labels)) != len(labels):
+            names = None if isinstance(labels, str) or not isinstance(labels, (list, tuple)) else [str(label) for label in labels]
+            if not names or len(set(names)) != len(names):  # distinct as strings: the file's labels are read as strings
                 raise ValueError(
                     f"labels must be a non-empty list of distinct label names, got {labels!r}; "
                     "or pass None to read them from the file."
                 )
-            labels = [str(label) for label in labels]
+            labels = names
         self.save_hyperparameters(ignore=None if isinstance(tokenizer, str) else ["tokenizer"])
         self.text_column = text_column
         self.label_column = label_column
@@ -170,6 +173,14 @@ class TextClassificationDataModule(_TokenizedDataModule):
         rows, lines = read_rows(self.path, self.encoding_errors)
         require_columns(self.path, rows, lines, {"text_column": self.text_column, "label_column": self.label_column})
         texts = [str(row[self.text_column]) for row in rows]
+        for row, line in zip(rows, lines):
+            value = row[self.label_column]
+            if isinstance(value, bool) or not isinstance(value, (str, int)):
+                # str() would make NaN a class "nan", 1.0 a class apart from 1, true a class "True".
+                raise ValueError(
+                    f"path {self.path!r}: line {line} has label {value!r} in label_column={self.label_column!r}; "
+                    "a label must be a string or an integer. Write the labels as strings or integers."
+                )
         raw_labels = [str(row[self.label_column]) for row in rows]
         labels = self._given_labels if self._given_labels is not None else _sorted_labels(set(raw_labels))
         label2id = {label: i for i, label in enumerate(labels)}
@@ -241,7 +252,11 @@ class TextClassificationDataModule(_TokenizedDataModule):
 
 
 def _sorted_labels(labels: set[str]) -> list[str]:
-    """Sort label names; numerically when all are integers, so "2" comes before "10"."""
-    if all(label.lstrip("-").isdigit() for label in labels):
-        return sorted(labels, key=int)
+    """Sort label names; numerically when all are integers, so "2" comes before "10" (ties such as "1" and "01" by
+    name, so the ids never depend on the set's hash order)."""
+    if all(_INTEGER.fullmatch(label) for label in labels):
+        return sorted(labels, key=lambda label: (int(label), label))
     return sorted(labels)
+
+
+_INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit() also accepts "²", which int() refuses

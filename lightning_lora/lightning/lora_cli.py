@@ -135,6 +135,14 @@ class LoRACLI(LightningCLI):
     def before_fit(self) -> None:
         """Resolve ``--ckpt_path last`` across the run's versions; refuse to write over a previous run."""
         fit_config = self.config_init[self.subcommand]
+        if self.trainer.log_dir is None:  # the run directory, its checks and the export all need one
+            fast = self.trainer.fast_dev_run
+            cause = f"--trainer.fast_dev_run {fast!r} replaces the logger" if fast else "the logger has no save_dir and"
+            raise CLIError(
+                f"{cause} leaves the run without a directory (trainer.log_dir is None), where `lightning-lora fit` "
+                "writes config.yaml, checkpoints/ and export/. Nothing was written. For a quick check use "
+                "`--trainer.max_steps 1 --trainer.limit_val_batches 1` instead, or give the logger a save_dir."
+            )
         if fit_config.get("ckpt_path") == "last":
             found = find_last_checkpoint(self.trainer)
             if found is not None:

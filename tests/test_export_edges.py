@@ -1,0 +1,58 @@
+"""save_merged where the merged weights no longer fit the model's own layout (a tied head with LoRA)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from _models import randomize_adapter, tiny_gpt2, tiny_llama_tied, token_batch
+from lightning_lora import LoRAConfig, inject_lora, merged_state_dict
+from lightning_lora.export import save_merged
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+@pytest.mark.parametrize("build", [tiny_llama_tied, tiny_gpt2], ids=["llama-tied", "gpt2"])
+def test_a_lora_head_tied_to_the_embedding_is_written_untied(tmp_path, build):
+    targets = ["q_proj", "lm_head"] if build is tiny_llama_tied else ["c_attn", "lm_head"]
+    model = inject_lora(build(), LoRAConfig(r=4, alpha=8, target_modules=targets))
+    randomize_adapter(model)
+    x = token_batch()
+    expected = logits(model, x)
+    save_merged(model, tmp_path / "merged")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").train()
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert loaded.lm_head.weight is not loaded.get_input_embeddings().weight
+    torch.testing.assert_close(logits(loaded, x), expected, rtol=1e-5, atol=1e-5)
+    # The embedding is the base one, the head the merged one.
+    with pytest.warns(UserWarning, match="one tied tensor"):
+        state = merged_state_dict(model)
+    torch.testing.assert_close(loaded.get_input_embeddings().weight, build().get_input_embeddings().weight, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.lm_head.weight, state["lm_head.weight"], rtol=0, atol=0)
+    assert model.config.tie_word_embeddings is True  # the model itself is left as it was
+
+
+def test_a_tied_model_without_lora_on_the_head_stays_tied(tmp_path):
+    model = inject_lora(tiny_llama_tied(), LoRAConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    randomize_adapter(model)
+    x = token_batch()
+    expected = logits(model, x)
+    save_merged(model, tmp_path / "merged")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").train()
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is True
+    assert loaded.lm_head.weight is loaded.get_input_embeddings().weight
+    torch.testing.assert_close(logits(loaded, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merged_state_dict_warns_that_a_tied_copy_would_lose_the_head():
+    model = inject_lora(tiny_llama_tied(), LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "lm_head"]))
+    randomize_adapter(model)
+    with pytest.warns(UserWarning, match=r"'model\.embed_tokens\.weight' and 'lm_head\.weight' are one tied tensor.*tie_word_embeddings=False"):
+        state = merged_state_dict(model)
+    assert not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])
