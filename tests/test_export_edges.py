@@ -18,18 +18,24 @@ def logits(model, x):
         return model(x).logits
 
 
-@pytest.mark.parametrize("build", [tiny_llama_tied, tiny_gpt2], ids=["llama-tied", "gpt2"])
-def test_a_lora_head_tied_to_the_embedding_is_written_untied(tmp_path, build):
-    targets = ["q_proj", "lm_head"] if build is tiny_llama_tied else ["c_attn", "lm_head"]
-    model = inject_lora(build(), LoRAConfig(r=4, alpha=8, target_modules=targets))
+def merged_and_reloaded(base, targets, folder):
+    """LoRA on ``targets`` with a random adapter, ``save_merged`` into ``folder`` and loaded back by transformers:
+    (the LoRA model, the loaded one, the saved config's tie_word_embeddings); the two give the same logits."""
+    model = inject_lora(base, LoRAConfig(r=4, alpha=8, target_modules=targets))
     randomize_adapter(model)
     x = token_batch()
     expected = logits(model, x)
-    save_merged(model, tmp_path / "merged")
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").train()
-    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
-    assert loaded.lm_head.weight is not loaded.get_input_embeddings().weight
+    save_merged(model, folder)
+    loaded = AutoModelForCausalLM.from_pretrained(folder).train()
     torch.testing.assert_close(logits(loaded, x), expected, rtol=1e-5, atol=1e-5)
+    return model, loaded, json.loads((folder / "config.json").read_text())["tie_word_embeddings"]
+
+
+@pytest.mark.parametrize("build", [tiny_llama_tied, tiny_gpt2], ids=["llama-tied", "gpt2"])
+def test_a_lora_head_tied_to_the_embedding_is_written_untied(tmp_path, build):
+    targets = ["q_proj", "lm_head"] if build is tiny_llama_tied else ["c_attn", "lm_head"]
+    model, loaded, tied = merged_and_reloaded(build(), targets, tmp_path / "merged")
+    assert tied is False and loaded.lm_head.weight is not loaded.get_input_embeddings().weight
     # The embedding is the base one, the head the merged one.
     with pytest.warns(UserWarning, match="one tied tensor"):
         state = merged_state_dict(model)
@@ -39,15 +45,8 @@ def test_a_lora_head_tied_to_the_embedding_is_written_untied(tmp_path, build):
 
 
 def test_a_tied_model_without_lora_on_the_head_stays_tied(tmp_path):
-    model = inject_lora(tiny_llama_tied(), LoRAConfig(r=4, alpha=8, target_modules=["q_proj"]))
-    randomize_adapter(model)
-    x = token_batch()
-    expected = logits(model, x)
-    save_merged(model, tmp_path / "merged")
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").train()
-    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is True
-    assert loaded.lm_head.weight is loaded.get_input_embeddings().weight
-    torch.testing.assert_close(logits(loaded, x), expected, rtol=1e-5, atol=1e-5)
+    _, loaded, tied = merged_and_reloaded(tiny_llama_tied(), ["q_proj"], tmp_path / "merged")
+    assert tied is True and loaded.lm_head.weight is loaded.get_input_embeddings().weight
 
 
 def test_merged_state_dict_warns_that_a_tied_copy_would_lose_the_head():
