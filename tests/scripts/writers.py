@@ -32,6 +32,10 @@ from pathlib import Path
 import torch
 
 torch.set_num_threads(1)  # before any op: forked children then never inherit a thread pool
+# No progress bars: tqdm writes under a lock shared by every forked process (a semaphore), and a child killed
+# inside that lock (transformers' "Writing model shards" bar in save_pretrained) left it locked for good, so the
+# next child hung on its first bar and the harness with it (seen twice in whole-suite runs).
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 warnings.simplefilter("ignore")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for _models and _lightning
 
@@ -40,6 +44,8 @@ from torch import nn  # noqa: E402
 from lightning_lora import LoRAConfig, adapter_state_dict, inject_lora, load_adapter, save_adapter  # noqa: E402
 from lightning_lora.export import save_merged  # noqa: E402
 from lightning_lora.layers import lora_layers  # noqa: E402
+
+FIRST_WRITE_SECONDS = 120  # a child that has not finished one write by then is stuck: fail, do not hang
 
 HIDDEN, R = 128, 32
 
@@ -187,7 +193,31 @@ def checkpoint_writer(out: Path):
 WRITERS = {"adapter": adapter_writer, "merged": merged_writer, "merge-cli": merge_cli_writer, "checkpoint": checkpoint_writer}
 
 
+def _quiet_child() -> None:
+    """In a forked writer: transformers' progress bars off, and tqdm's lock its own (not the parent's semaphore)."""
+    import threading
+
+    import tqdm
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tqdm.tqdm.set_lock(threading.RLock())
+
+
+def _first_line(reader, pid: int, what: str) -> str:
+    """The child's first announcement, or an error (the child killed) if none comes within FIRST_WRITE_SECONDS."""
+    import select
+
+    ready, _, _ = select.select([reader], [], [], FIRST_WRITE_SECONDS)
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise RuntimeError(f"{what}: the writer finished no write within {FIRST_WRITE_SECONDS} s (stuck): killed")
+    return reader.readline()
+
+
 def _child_loop(write, first_version: int, pipe_w: int, exclusive: bool = True) -> None:
+    _quiet_child()
     version = first_version
     while True:
         write(version)
@@ -218,7 +248,7 @@ def kill_trials(kind: str, out: Path, kills: int, rng: random.Random) -> dict:
                 os._exit(1)
         os.close(pipe_w)
         reader = os.fdopen(pipe_r)
-        last = int(reader.readline())  # at least one complete write before the kill
+        last = int(_first_line(reader, pid, f"{kind} trial {trial}"))  # at least one complete write before the kill
         time.sleep(rng.uniform(0.0, 0.25 if kind == "merge-cli" else 0.05))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
