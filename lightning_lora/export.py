@@ -90,14 +90,16 @@ def _save_pretrained(model: nn.Module, state: dict[str, torch.Tensor], directory
         del config.quantization_config  # the merged weights are plain floating point
     with torch.device("meta"):
         plain = type(model)._from_config(config)
-    if diverged_ties(plain, state) and getattr(config, "tie_word_embeddings", False):
+    diverged = diverged_ties(plain, state)
+    if diverged and getattr(config, "tie_word_embeddings", False):
         # LoRA on a head tied to the embedding: the merged head is no longer the embedding, and a tied model
         # (save_pretrained writes one of the two) would load the base weights for both. Write them apart.
         config.tie_word_embeddings = False
         with torch.device("meta"):
             plain = type(model)._from_config(config)
-    if diverged_ties(plain, state):
-        first, second = diverged_ties(plain, state)[0]
+        diverged = diverged_ties(plain, state)
+    if diverged:
+        first, second = diverged[0]
         raise ValueError(
             f"`save_merged` cannot write {type(model).__name__}: {first!r} and {second!r} are one tied tensor in it, but differ "
             "once merged (LoRA on a tied layer), and its config has no tie_word_embeddings to untie them; nothing was written. "

@@ -109,9 +109,11 @@ def diverged_ties(model: nn.Module, state: dict[str, torch.Tensor]) -> list[tupl
     """(key, key) pairs of ``state`` that are one tied tensor in ``model`` but hold different merged values."""
     groups: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
-        key = unwrapped_name(name).replace(".base_layer.", ".")  # a wrapped layer's weight under the original key
-        if key in state:
-            groups.setdefault(id(param), []).append(key)
+        # ``state`` is keyed as the model's state_dict: with wrapper parts (a compiled model's ``_orig_mod.``) or
+        # without them (FSDP's state-dict hooks drop theirs); a LoRA layer's weight under the layer's own key.
+        key = next((k for k in (name, unwrapped_name(name)) if k.replace(".base_layer.", ".") in state), None)
+        if key is not None:
+            groups.setdefault(id(param), []).append(key.replace(".base_layer.", "."))
     return [(keys[0], other) for keys in groups.values() for other in keys[1:] if not torch.equal(state[keys[0]], state[other])]
 
 

@@ -343,7 +343,7 @@ def linear_4bit_no_grad(module: nn.Module, x: torch.Tensor) -> torch.Tensor | No
     ``bitsandbytes::gemm_4bit`` op, which picks bitsandbytes' fused kernel or dequantize + matmul by shape. At small
     batch those Python layers are a large part of the layer's host time (``benchmarks/call_overhead.py``). Here the op
     is called directly with the arguments ``matmul_4bit`` gives it, so the result is the layer's, bit for bit
-    (``tests/test_quantization.py`` compares them). None when: the layer has not run once (it sets its compute
+    (``tests/test_lean_4bit.py`` compares them). None when: the layer has not run once (it sets its compute
     dtype then), its weight lost its quant state (FSDP: the layer restores it), the CPU's eval-mode repack applies
     or has happened, the bias needs the cast the layer writes into it, a gradient would flow to ``x`` or the bias,
     the weight was quantized transposed, or the scales are nested other than in 256-blocks.

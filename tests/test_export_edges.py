@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -49,9 +50,14 @@ def test_a_tied_model_without_lora_on_the_head_stays_tied(tmp_path):
     assert tied is True and loaded.lm_head.weight is loaded.get_input_embeddings().weight
 
 
-def test_merged_state_dict_warns_that_a_tied_copy_would_lose_the_head():
+@pytest.mark.parametrize("compiled", [False, True], ids=["plain", "compiled"])
+def test_merged_state_dict_warns_that_a_tied_copy_would_lose_the_head(compiled):
     model = inject_lora(tiny_llama_tied(), LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "lm_head"]))
     randomize_adapter(model)
-    with pytest.warns(UserWarning, match=r"'model\.embed_tokens\.weight' and 'lm_head\.weight' are one tied tensor.*tie_word_embeddings=False"):
+    # A compiled model's state dict keys carry `_orig_mod.`: the tie is still found under them.
+    prefix = "_orig_mod." if compiled else ""
+    model = torch.compile(model) if compiled else model
+    keys = f"'{prefix}model.embed_tokens.weight' and '{prefix}lm_head.weight'"
+    with pytest.warns(UserWarning, match=re.escape(keys) + r" are one tied tensor.*tie_word_embeddings=False"):
         state = merged_state_dict(model)
-    assert not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])
+    assert not torch.equal(state[f"{prefix}lm_head.weight"], state[f"{prefix}model.embed_tokens.weight"])

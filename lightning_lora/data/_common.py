@@ -321,11 +321,9 @@ class PadCollator:
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         longest = max(len(ex["input_ids"]) for ex in examples)
-        multiple = getattr(self, "pad_to_multiple_of", None)
-        if multiple:
-            rounded = -(-longest // multiple) * multiple
-            cap = getattr(self, "max_length", None)
-            longest = rounded if cap is None else max(longest, min(rounded, cap))
+        if self.pad_to_multiple_of:
+            rounded = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+            longest = rounded if self.max_length is None else max(longest, min(rounded, self.max_length))
         batch: dict[str, torch.Tensor] = {}
         for key in examples[0]:
             if key in self.pad_values:
