@@ -33,3 +33,26 @@ def test_python_yaml_tags_are_refused_before_anything_runs(tmp_path: Path, capsy
     assert exit_info.value.code == 2
     assert "could not determine a constructor" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_a_gloo_run_leaves_its_process_group_before_returning(tmp_path: Path) -> None:
+    # Left to interpreter exit, a gloo rank whose peer had gone could abort (SIGABRT) after a finished run
+    # (examples/multi_gpu/one_gpu.sh). One DDP rank under gloo, in its own process: after `fit` returns the group is gone.
+    import subprocess
+    import sys
+    import textwrap
+
+    config = tiny_config(tmp_path)
+    code = textwrap.dedent(
+        f"""
+        import os, torch.distributed as dist
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
+        from lightning_lora import cli
+        cli.main(["fit", "--config", {str(config)!r}, "--trainer.strategy", "lightning.pytorch.strategies.DDPStrategy",
+                  "--trainer.strategy.process_group_backend", "gloo", "--trainer.max_steps", "1"])
+        print("GROUP", dist.is_initialized())
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "GROUP False"

@@ -93,6 +93,10 @@ class LoRACLI(LightningCLI):
         _yaml.install()  # every YAML it reads is bounded: nested aliases are refused before they expand
         super().__init__(*args, **kwargs)
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        super()._run_subcommand(subcommand)
+        _shut_down_gloo()  # the run is over on every rank: leave its process group together
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Read from the DataModule once it exists; ignored when either side lacks the attribute/parameter
         # (e.g. a CausalLMModule with a TextDataModule).
@@ -193,6 +197,21 @@ class LoRACLI(LightningCLI):
 
     def _save_config(self) -> Any:
         return next((cb for cb in self.trainer.callbacks if isinstance(cb, NoOverwriteSaveConfig)), None)
+
+
+def _shut_down_gloo() -> None:
+    """After a run under gloo (CPU ranks, or ranks sharing one GPU): every rank leaves the process group together.
+
+    Lightning destroys the group at interpreter exit, each rank on its own; a gloo rank that still holds the group
+    when its peer has gone can abort there ("terminate called without an active exception", SIGABRT), failing a
+    run that had finished (seen in `examples/multi_gpu/one_gpu.sh` with two CPU ranks). NCCL groups are left to
+    Lightning as before.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 _LINKED = ("num_labels", "labels")  # data.X -> model.init_args.X (add_arguments_to_parser)
