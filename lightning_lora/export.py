@@ -22,7 +22,7 @@ from torch import nn
 
 from lightning_lora._io import atomic_directory, require_directory_path
 from lightning_lora.adapter_io import adapter_state_dict, check_adapter_values
-from lightning_lora.merge import _merged_state, diverged_ties, warn_diverged_ties
+from lightning_lora.merge import _merged_state, diverged_ties, require_lora_computing, warn_diverged_ties
 
 MERGED_WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_FILES = (
@@ -53,9 +53,11 @@ def save_merged(
 
     Tensors that share storage (tied embeddings) are written once; transformers re-ties them on load.
     ``tokenizer_dir``: copy the tokenizer files found there, so the directory is a complete model.
-    ``directory`` is replaced as a whole; an adapter with a NaN/Inf or integer tensor is refused first.
+    ``directory`` is replaced as a whole; an adapter with a NaN/Inf or integer tensor is refused first, and so is a
+    call inside ``disable_lora`` / ``per_sample_adapters`` (the model computes without the merged update there).
     """
     directory = require_directory_path(directory, parameter)
+    require_lora_computing(model, "save_merged")
     check_adapter_values(adapter_state_dict(model), "the adapter to merge", what="Refusing to write merged weights; nothing was written")
     state = _merged_state(model, dtype=dtype)
     owned = _OWNED + (TOKENIZER_FILES if tokenizer_dir is not None else ())  # a tokenizer put there by hand stays

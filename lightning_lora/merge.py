@@ -37,15 +37,26 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def _require_mergeable(model: nn.Module) -> None:
-    """Refuse, before any layer changes, a merge whose merged model would compute something else than the unmerged one."""
-    modules = adapter_modules(model)
-    if any(not getattr(module, "enabled", True) for module in modules.values()):
+def require_lora_computing(model: nn.Module, caller: str) -> None:
+    """Refuse ``caller`` (a merge, or an export of merged weights) inside ``disable_lora`` or ``per_sample_adapters``:
+    merged weights hold the active adapter for every sample, which is not the model that computes inside them."""
+    if any(not getattr(module, "enabled", True) for module in adapter_modules(model).values()):
         # A disabled layer computes its base alone; a merged base holds the update, so it would no longer be off.
-        raise ValueError("`merge_lora` was called inside `disable_lora`, whose layers must compute the base alone: merge after the block.")
+        raise ValueError(
+            f"`{caller}` was called inside `disable_lora`, where the model computes without LoRA, but merged weights hold "
+            f"the LoRA update: call `{caller}` after the block."
+        )
     if any(getattr(layer, "sample_adapters", None) is not None for layer in lora_layers(model).values()):
         # A merged layer computes one adapter for every sample: the others' rows would get the merged one.
-        raise ValueError("`merge_lora` was called inside `per_sample_adapters`, which gives each sample its own adapter: merge after the block.")
+        raise ValueError(
+            f"`{caller}` was called inside `per_sample_adapters`, where each sample computes with its own adapter, but "
+            f"merged weights hold one adapter (the active one) for all: call `{caller}` after the block."
+        )
+
+
+def _require_mergeable(model: nn.Module) -> None:
+    """Refuse, before any layer changes, a merge whose merged model would compute something else than the unmerged one."""
+    require_lora_computing(model, "merge_lora")
     # A base weight shared with another parameter (a LoRA lm_head tied to the input embedding) would take the update
     # in both places: the embedding would change too. merged_state_dict / save_merged write them apart instead.
     names: dict[int, list[str]] = {}
@@ -99,7 +110,9 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
     the dtype of the model's first floating parameter that is not a LoRA or quantized weight).
     A tied tensor with LoRA on one of its layers (an lm_head tied to the embedding) differs between
     its names once merged: a warning says so, since a tied copy of the architecture keeps only one.
+    Refused inside ``disable_lora`` / ``per_sample_adapters``, where the model computes without the merged update.
     """
+    require_lora_computing(model, "merged_state_dict")
     state = _merged_state(model, dtype)
     warn_diverged_ties(model, state, "merged_state_dict")
     return state

@@ -1,4 +1,4 @@
-"""save_merged where the merged weights no longer fit the model's own layout (a tied head with LoRA)."""
+"""save_merged where the merged weights no longer fit the model that computes: a tied head with LoRA, a block that switches LoRA off."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from _models import randomize_adapter, tiny_gpt2, tiny_llama_tied, token_batch
-from lightning_lora import LoRAConfig, inject_lora, merged_state_dict
+from _models import randomize_adapter, tiny_gpt2, tiny_llama, tiny_llama_tied, token_batch
+from lightning_lora import LoRAConfig, disable_lora, inject_lora, merged_state_dict, per_sample_adapters
 from lightning_lora.export import save_merged
 
 
@@ -61,3 +61,19 @@ def test_merged_state_dict_warns_that_a_tied_copy_would_lose_the_head(compiled):
     with pytest.warns(UserWarning, match=re.escape(keys) + r" are one tied tensor.*tie_word_embeddings=False"):
         state = merged_state_dict(model)
     assert not torch.equal(state[f"{prefix}lm_head.weight"], state[f"{prefix}model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("context", ["disable_lora", "per_sample_adapters"])
+def test_save_merged_inside_a_block_that_switches_lora_off_is_refused_before_writing(tmp_path, context):
+    model = inject_lora(tiny_llama(), LoRAConfig(r=4, alpha=8))
+    randomize_adapter(model)
+    block = disable_lora(model) if context == "disable_lora" else per_sample_adapters(model, ["__base__", "default"])
+    with block:
+        with pytest.raises(ValueError, match=rf"`save_merged` was called inside `{context}`.*call `save_merged` after the block"):
+            save_merged(model, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()  # nothing was written
+    save_merged(model, tmp_path / "merged")  # after the block it writes the merged model
+    x = token_batch()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").train()
+    torch.testing.assert_close(logits(loaded, x), logits(model, x), rtol=1e-5, atol=1e-5)
+

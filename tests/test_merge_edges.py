@@ -1,4 +1,4 @@
-"""merge_lora in states where merging in place would silently change what the model computes."""
+"""merge_lora and merged_state_dict in states where merging would silently give another model than the one that computes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from _models import randomize_adapter, tiny_gpt2, tiny_llama, tiny_llama_tied, token_batch
-from lightning_lora import LoRAConfig, add_adapter, disable_lora, inject_lora, merge_lora, per_sample_adapters, unmerge_lora
+from lightning_lora import LoRAConfig, add_adapter, disable_lora, inject_lora, merge_lora, merged_state_dict, per_sample_adapters, unmerge_lora
 from lightning_lora.layers import lora_layers
 
 
@@ -69,3 +69,20 @@ def test_merge_of_a_tied_model_without_lora_on_the_head_still_works():
     expected = logits(model, x)
     merge_lora(model)
     torch.testing.assert_close(logits(model, x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("context", ["disable_lora", "per_sample_adapters"])
+def test_merged_state_dict_inside_a_block_that_switches_lora_off_is_refused(context):
+    # Inside the block the model computes without LoRA (or with another adapter per sample), while merged_state_dict
+    # folds the active adapter into every weight: its result would not be the model that runs there.
+    model = inject_lora(tiny_llama(), LoRAConfig(r=4, alpha=8))
+    randomize_adapter(model)
+    outside = merged_state_dict(model)
+    block = disable_lora(model) if context == "disable_lora" else per_sample_adapters(model, ["__base__", "default"])
+    with block:
+        with pytest.raises(ValueError, match=rf"`merged_state_dict` was called inside `{context}`.*call `merged_state_dict` after the block"):
+            merged_state_dict(model)
+    after = merged_state_dict(model)  # after the block: the merged weights, as before it
+    assert after.keys() == outside.keys()
+    assert all(torch.equal(after[key], outside[key]) for key in outside)
+    assert not torch.equal(after["model.layers.0.self_attn.q_proj.weight"], tiny_llama().model.layers[0].self_attn.q_proj.weight)
