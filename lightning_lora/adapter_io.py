@@ -8,11 +8,19 @@ and shape before it writes anything into the model: it loads all of the adapter 
 A model with several adapters is saved as PEFT's ``save_pretrained`` saves it: the adapter named
 'default' in the directory itself, every other one in a subfolder of its name; ``load_adapters``
 reads that layout back, ``load_adapter(..., adapter_name=...)`` one adapter of it.
+
+Keys are paths in the transformers model, which is what ``PeftModel.from_pretrained`` is given. A module
+that holds one as an attribute (a LightningModule adapted as a whole: ``LoRACallback(backbone=None)``, its
+paths ``model.model.layers...``) saves an adapter that lies inside that model keyed from it, and
+``load_adapter`` puts such a file back under the attribute (a file keyed from the module itself, as PEFT's
+``get_peft_model`` of the whole module writes, still loads there). An adapter with tensors outside the
+transformers model is keyed from the module.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -32,10 +40,10 @@ from torch import nn
 from lightning_lora import inits, serving
 from lightning_lora._version import __version__
 from lightning_lora._io import atomic_directory, read_files, require_directory_path
-from lightning_lora._matching import matches_suffix, path_under, pattern_value, unwrapped_name
+from lightning_lora._matching import join_path, matches_suffix, path_under, pattern_value, unwrapped_name
 from lightning_lora.adapters import add_adapter, require_adapter
 from lightning_lora.config import LoRAConfig, init_changes_base, peft_fields
-from lightning_lora.inject import backbone_fingerprint, drop_unmatched_names, inject_lora, lora_state, plan_injection, require_lora_state
+from lightning_lora.inject import InjectionPlan, backbone_fingerprint, drop_unmatched_names, inject_lora, lora_state, plan_injection, require_lora_state
 from lightning_lora.layers import DEFAULT_ADAPTER, LoRALinear, check_adapter_name, is_supported_base, lora_layers, require_unmerged
 from lightning_lora.layers import to_adapter_key, to_default_key
 from lightning_lora.param_lora import param_lora_layers
@@ -115,29 +123,135 @@ def _to_peft_name(name: str) -> str:
 
 
 def peft_config_dict(
-    model: nn.Module, base_model_name_or_path: str | None = None, adapter_name: str | None = None, config: LoRAConfig | None = None
+    model: nn.Module, base_model_name_or_path: str | None = None, adapter_name: str | None = None, config: LoRAConfig | None = None,
+    *, root: str | None = None,
 ) -> dict[str, Any]:
     """``adapter_config.json`` content for one of ``model``'s adapters (default: the active one), in PEFT's LoraConfig
-    fields; ``config`` stands in for the adapter's own (e.g. a converted one) on the same layers."""
+    fields; ``config`` stands in for the adapter's own (e.g. a converted one) on the same layers. Module paths are
+    those under ``root`` (default: ``peft_root`` of the adapter's tensors), where PEFT matches them."""
     state = require_lora_state(model, "peft_config_dict")
-    plan = state.plans[require_adapter(model, adapter_name, "peft_config_dict")]
+    adapter = require_adapter(model, adapter_name, "peft_config_dict")
+    plan = state.plans[adapter]
     config = plan.config if config is None else config
-    layers = [m for name, m in model.named_modules() if isinstance(m, LoRALinear) and unwrapped_name(name) in plan.layers]
+    root = peft_root(model, adapter_state_dict(model, adapter)) if root is None else root
+    layers = [m for path, m in model.named_modules() if isinstance(m, LoRALinear) and unwrapped_name(path) in plan.layers]
+    base = next((m for path, m in transformers_models(model).items() if _unwrapped_path(path) == root), model) if root else model
     if base_model_name_or_path is None:
-        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        base_model_name_or_path = getattr(getattr(base, "config", None), "_name_or_path", None) or None
     out: dict[str, Any] = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path}
     for name, (key, _) in peft_fields().items():
         out[key] = copy.deepcopy(getattr(config, name))
     out.update(
         # What the config resolved to on this model, so PEFT picks exactly these layers and modules.
-        target_modules=_peft_target_modules(model, plan.targets, plan.modules_to_save),
+        target_modules=_peft_target_modules(base, [_relative(t, root) for t in plan.targets], [_relative(m, root) for m in plan.modules_to_save]),
         exclude_modules=None,
-        modules_to_save=plan.modules_to_save or None,
+        modules_to_save=[_relative(m, root) for m in plan.modules_to_save] or None,
         init_lora_weights=True if config.init == "kaiming" else config.init,  # PEFT's names for the others are ours
         fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers),
         inference_mode=True,
     )
     return out
+
+
+def is_transformers_model(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers model (``save_pretrained``, ``config``, ``_from_config``); no import of transformers."""
+    return callable(getattr(module, "save_pretrained", None)) and callable(getattr(type(module), "_from_config", None)) and hasattr(module, "config")
+
+
+def transformers_models(model: nn.Module) -> dict[str, nn.Module]:
+    """The outermost transformers models inside ``model``, by their path in it (wrapper parts such as a compiled
+    model's ``_orig_mod`` kept); empty when ``model`` is one itself."""
+    if is_transformers_model(model):
+        return {}
+    found: dict[str, nn.Module] = {}
+    for path, module in model.named_modules():
+        if path and is_transformers_model(module) and not path_under(path, found):
+            found[path] = module
+    return found
+
+
+def peft_root(model: nn.Module, keys: Any) -> str:
+    """The path (wrappers removed) that the PEFT file of an adapter with tensor ``keys`` is keyed from: that of the
+    transformers model in ``model`` holding all of them, the model PEFT loads it into; ``""`` (``model`` itself) when
+    ``model`` is a transformers model or none holds them all."""
+    for path in map(_unwrapped_path, transformers_models(model)):
+        if not path:  # a wrapper around a transformers model (a compiled model's _orig_mod): keyed from the top
+            return ""
+        if keys and all(path_under(key, path) for key in keys):
+            return path
+    return ""
+
+
+def _unwrapped_path(path: str) -> str:
+    return unwrapped_name(path + ".")[:-1] if path else ""
+
+
+def _relative(path: str, root: str) -> str:
+    """``path`` under ``root`` (``root.path``); itself for ``root`` ``""``."""
+    return path[len(root) + 1 :] if root else path
+
+
+def _patterns_under(config: LoRAConfig, plan: InjectionPlan, root: str) -> LoRAConfig:
+    """``config`` with a ``rank_pattern`` / ``alpha_pattern`` that give every layer the same value at its path under
+    ``root`` (where PEFT matches them) as at its path in the model: a key naming the module's own path
+    (``model.model.layers.1...``) matches nothing under the transformers model. ``config`` itself where they agree."""
+    paths = [*plan.layers, *plan.parameters]
+    ranks = {path: pattern_value(path, config.rank_pattern, config.r) for path in paths}
+    alphas = {path: pattern_value(path, config.alpha_pattern, config.alpha) for path in paths}
+    if all(
+        ranks[path] == pattern_value(_relative(path, root), config.rank_pattern, config.r)
+        and alphas[path] == pattern_value(_relative(path, root), config.alpha_pattern, config.alpha)
+        for path in paths
+    ):
+        return config
+    return dataclasses.replace(
+        config,
+        rank_pattern={re.escape(_relative(path, root)): r for path, r in ranks.items() if r != config.r},
+        alpha_pattern={re.escape(_relative(path, root)): alpha for path, alpha in alphas.items() if alpha != config.alpha},
+    )
+
+
+def _config_under(config: LoRAConfig, root: str) -> LoRAConfig:
+    """The config of a file keyed from the transformers model at ``root``, for the module that holds it: a regex
+    ``target_modules`` / ``exclude_modules`` full-matches a path, so it gets ``root`` in front (a list of names
+    matches path suffixes, and rank / alpha patterns are suffixes too)."""
+    under = {
+        name: rf"{re.escape(root)}\.(?:{value})"
+        for name in ("target_modules", "exclude_modules")
+        if isinstance(value := getattr(config, name), str) and value != "all-linear"
+    }
+    return dataclasses.replace(config, **under) if under else config
+
+
+def _placed_in(
+    model: nn.Module, config: LoRAConfig, tensors: dict[str, torch.Tensor], adapter_name: str, exists: bool, source: str
+) -> tuple[LoRAConfig, dict[str, torch.Tensor], dict[str, tuple[int, ...]]]:
+    """(config, tensors keyed by path in ``model``, the shapes ``model`` expects) for a file's adapter: keyed from the
+    transformers model inside ``model`` where it fits, else from ``model`` itself (see the module docstring). Where
+    none fits, the first try's, whose error names the mismatch; where several fit, a ValueError."""
+    roots = dict.fromkeys(path for path in map(_unwrapped_path, transformers_models(model)) if path)
+    tries: list[tuple[str, Any]] = []
+    for root in (*roots, ""):
+        candidate = config if exists or not root else _config_under(config, root)
+        placed = {join_path(root, key): value for key, value in tensors.items()}
+        try:
+            tries.append((root, (candidate, placed, expected_adapter_shapes(model, candidate, adapter_name))))
+        except ValueError as err:  # e.g. its target_modules match nothing there
+            tries.append((root, err))
+    fits = [(root, found) for root, found in tries if not isinstance(found, ValueError) and found[2].keys() == found[1].keys()]
+    if len(fits) > 1:
+        where = [repr(root) if root else "the module itself" for root, _ in fits]
+        raise ValueError(
+            f"The adapter in {source} fits {type(model).__name__} in {len(fits)} places ({', '.join(where)}): its keys do "
+            "not say which model it belongs to. Inject LoRA into that one first (a target_modules regex on its path), "
+            "then load: the model's adapter says where it goes. Nothing was loaded."
+        )
+    if fits:
+        return fits[0][1]
+    first = tries[0][1]
+    if isinstance(first, ValueError):
+        raise first
+    return first
 
 
 def _peft_target_modules(model: nn.Module, targets: list[str], to_save: list[str]) -> list[str] | str:
@@ -173,6 +287,9 @@ def save_adapter(
     convert_to_lora: bool = False,
 ) -> Path:
     """Write ``model``'s adapters to ``directory`` in PEFT's format; the directory changes as a whole or not at all.
+
+    Keys are paths in the transformers model (the model itself, or the one a LightningModule holds: see the module
+    docstring), so ``PeftModel.from_pretrained(transformers_model, directory)`` loads them.
 
     'default' goes in ``directory`` itself, any other adapter in ``directory/<name>`` (PEFT's layout);
     ``adapter_names`` picks some (default: all). ``state_dict`` overrides the tensors of the one adapter saved
@@ -219,7 +336,10 @@ def save_adapter(
         if convert_to_lora:
             initial = {to_default_key(key, name): value for key, value in state.initial[name].items()}
             config, tensors = inits.convert_to_lora(config, tensors, initial)
-        peft_config = peft_config_dict(model, base_model_name_or_path, name, config)
+        root = peft_root(model, tensors)  # keyed as PEFT finds them in the transformers model (see the module docstring)
+        config = _patterns_under(config, state.plans[name], root)
+        peft_config = peft_config_dict(model, base_model_name_or_path, name, config, root=root)
+        tensors = {_relative(key, root): value for key, value in tensors.items()}
         if targets:
             shapes = {key: tuple(value.shape) for key, value in to_peft_keys(tensors).items()}
             issues = serving.serving_issues(peft_config, shapes, targets, vllm_max_lora_rank=vllm_max_lora_rank)
@@ -518,7 +638,8 @@ def load_read_adapter(
     file_config = lora_config_from_peft(peft_config)
     config = state.plans[name].config if exists else drop_unmatched_names(model, file_config)
     tensors = {to_adapter_key(key, name): value for key, value in tensors.items()}
-    check_adapter_tensors(expected_adapter_shapes(model, config, name), tensors, source=source)
+    config, tensors, expected = _placed_in(model, config, tensors, name, exists, source)
+    check_adapter_tensors(expected, tensors, source=source)
     if exists:
         check_adapter_scales(model, file_config, source, name)
     if state is None:

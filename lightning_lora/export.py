@@ -2,10 +2,12 @@
 
 A transformers model is written with its own ``save_pretrained`` (``config.json``, ``model.safetensors``,
 ``generation_config.json`` where it has one), through a LoRA-free copy built on the meta device that takes
-the merged tensors by assignment, so no second full set of weights is allocated. Any other module is
-written as ``model.safetensors`` (plus ``config.json`` when it carries a config). The directory changes
-as a whole (``_io.atomic_directory``): an interrupted export, or a full disk, leaves the previous one as
-it was, and a reader never sees the weights of one export next to the config of another.
+the merged tensors by assignment, so no second full set of weights is allocated; so is a module whose
+weights all lie in one transformers model it holds (a LightningModule adapted as a whole, whose paths
+start with ``model.``; a compiled model's ``_orig_mod``). Any other module is written as
+``model.safetensors`` (plus ``config.json`` when it carries a config). The directory changes as a whole
+(``_io.atomic_directory``): an interrupted export, or a full disk, leaves the previous one as it was, and
+a reader never sees the weights of one export next to the config of another.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lightning_lora._io import atomic_directory, require_directory_path
-from lightning_lora.adapter_io import adapter_state_dict, check_adapter_values
+from lightning_lora._matching import path_under
+from lightning_lora.adapter_io import adapter_state_dict, check_adapter_values, is_transformers_model, transformers_models
 from lightning_lora.merge import _merged_state, diverged_ties, require_lora_computing, warn_diverged_ties
 
 MERGED_WEIGHTS_NAME = "model.safetensors"
@@ -60,9 +63,10 @@ def save_merged(
     require_lora_computing(model, "save_merged")
     check_adapter_values(adapter_state_dict(model), "the adapter to merge", what="Refusing to write merged weights; nothing was written")
     state = _merged_state(model, dtype=dtype)
+    model, state = _transformers_part(model, state)
     owned = _OWNED + (TOKENIZER_FILES if tokenizer_dir is not None else ())  # a tokenizer put there by hand stays
     with atomic_directory(directory, owned=owned, parameter=parameter) as tmp:
-        if _is_pretrained(model):
+        if is_transformers_model(model):
             _save_pretrained(model, state, tmp, dtype)
         else:
             warn_diverged_ties(model, state, "save_merged")
@@ -82,8 +86,13 @@ def copy_tokenizer_files(source: str | os.PathLike, target: str | os.PathLike) -
     return copied
 
 
-def _is_pretrained(model: nn.Module) -> bool:
-    return callable(getattr(model, "save_pretrained", None)) and callable(getattr(type(model), "_from_config", None)) and hasattr(model, "config")
+def _transformers_part(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """(the transformers model in ``model`` holding every tensor of ``state``, ``state`` keyed from it), so that
+    ``from_pretrained`` reads the export; ``(model, state)`` when ``model`` holds weights of its own beside it."""
+    for path, inner in transformers_models(model).items():
+        if all(path_under(key, path) for key in state):
+            return inner, {key[len(path) + 1 :]: value for key, value in state.items()}
+    return model, state
 
 
 def _save_pretrained(model: nn.Module, state: dict[str, torch.Tensor], directory: Path, dtype: torch.dtype | None) -> None:

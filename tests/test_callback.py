@@ -218,6 +218,29 @@ def test_export_dir_writes_peft_adapter_and_merged_weights(tmp_path):
         torch.testing.assert_close(plain(input_ids=ids).logits, ours, rtol=1e-4, atol=1e-5)
 
 
+def test_export_of_a_module_adapted_as_a_whole_loads_on_the_bare_backbone(tmp_path):
+    # backbone=None adapts the LightningModule itself, whose paths start with "model.": the adapter must still load in
+    # PEFT on the transformers model, and the merged weights in transformers (they were keyed "model.model...").
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from _models import tiny_llama, token_batch
+
+    module = LlamaLM(build_in="init")
+    callback = LoRACallback(r=4, target_modules=TARGETS, export_dir=str(tmp_path / "export"), merge_on_export=True)
+    trainer(2, [callback]).fit(module, token_loader())
+    assert lora_state(module) is not None and lora_state(module.model) is None  # LoRA was injected into the whole module
+    ids = token_batch()
+    module.model.eval()
+    with torch.no_grad():
+        ours = module.model(input_ids=ids).logits
+        assert not torch.allclose(ours, tiny_llama().eval()(input_ids=ids).logits, atol=1e-4)  # training changed the output
+        peft_model = PeftModel.from_pretrained(tiny_llama().eval(), tmp_path / "export" / "adapter")
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, ours, rtol=1e-5, atol=1e-5)
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "merged").eval()
+        torch.testing.assert_close(merged(input_ids=ids).logits, ours, rtol=1e-4, atol=1e-5)
+
+
 def test_summary_logged_and_works_with_usual_callbacks(tmp_path, caplog):
     module = LlamaLM(build_in="init")
     callbacks = [

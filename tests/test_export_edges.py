@@ -77,3 +77,19 @@ def test_save_merged_inside_a_block_that_switches_lora_off_is_refused_before_wri
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").train()
     torch.testing.assert_close(logits(loaded, x), logits(model, x), rtol=1e-5, atol=1e-5)
 
+
+def test_a_module_holding_its_transformers_model_is_written_as_that_model(tmp_path):
+    # A LightningModule adapted as a whole (paths "model.model...") and a compiled model (paths "_orig_mod.model...")
+    # were written as model.safetensors under those paths: from_pretrained found none of its weights in it.
+    from _lightning import LlamaLM
+
+    x = token_batch()
+    module = inject_lora(LlamaLM(build_in="init"), LoRAConfig(r=4, alpha=8))
+    randomize_adapter(module)
+    compiled = inject_lora(tiny_llama(), LoRAConfig(r=4, alpha=8))
+    randomize_adapter(compiled)
+    for name, model, computes in (("module", module, module.model), ("compiled", torch.compile(compiled), compiled)):
+        save_merged(model, tmp_path / name)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / name).train()
+        assert loaded.state_dict().keys() == tiny_llama().state_dict().keys()
+        torch.testing.assert_close(logits(loaded, x), logits(computes, x), rtol=1e-5, atol=1e-5)
