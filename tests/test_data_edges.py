@@ -107,6 +107,30 @@ def test_given_labels_that_are_equal_as_strings_are_refused(tmp_path: Path, tok)
         TextClassificationDataModule(path, tok, labels=[1, "1", 2])
 
 
+def test_labels_that_differ_only_by_surrounding_whitespace_are_refused(tmp_path: Path, tok) -> None:
+    # "pos" and " pos" (e.g. a CSV written with ", " between fields) became two classes, with nothing said.
+    path = write_csv(tmp_path / "d.csv", ["text", "label"], [["w1", "pos"], ["w2", "neg"], ["w3", " pos"], ["w4", "neg"]])
+    with pytest.raises(ValueError) as info:
+        TextClassificationDataModule(path, tok).labels
+    message = str(info.value)
+    assert "labels 'pos' (line 2) and ' pos' (line 4)" in message and "label_column='label'" in message
+    assert "only by surrounding whitespace" in message and "strip the labels" in message
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"text": "w1", "label": "1"}\n{"text": "w2", "label": "1\\t"}\n')
+    with pytest.raises(ValueError, match=r"labels '1' \(line 1\) and '1\\t' \(line 2\).*only by surrounding whitespace"):
+        TextClassificationDataModule(str(jsonl), tok).labels
+    with pytest.raises(ValueError, match=r"`labels` holds 'pos' \(position 0\) and 'pos ' \(position 2\).*only by surrounding whitespace"):
+        TextClassificationDataModule(path, tok, labels=["pos", "neg", "pos "])
+    with pytest.raises(ValueError, match=r"line 4 has unseen label ' pos'.*differs from 'pos' only by surrounding whitespace"):
+        TextClassificationDataModule(path, tok, labels=["pos", "neg"]).labels
+
+
+def test_a_label_with_whitespace_on_every_row_stays_one_class(tmp_path: Path, tok) -> None:
+    # Labels are not normalised: a label written the same way on every row is a class of its own name.
+    path = write_csv(tmp_path / "d.csv", ["text", "label"], [["w1", " pos"], ["w2", "neg"], ["w3", " pos"]])
+    assert TextClassificationDataModule(path, tok).label2id == {" pos": 0, "neg": 1}
+
+
 # --- file reading ---------------------------------------------------------------------------------------
 
 

@@ -57,7 +57,9 @@ class TextClassificationDataModule(_TokenizedDataModule):
     splits stay the same for every ``limit``, and results with different limits are comparable.
 
     Labels are read as strings (a JSON label must be a string or an integer); without ``labels`` they are every
-    label in the file, sorted (numerically when all are integers, ties such as "1" and "01" by name).
+    label in the file, sorted (numerically when all are integers, ties such as "1" and "01" by name). They are
+    not normalised, and two that differ only by surrounding whitespace ("pos" and " pos", e.g. from a CSV written
+    with ", " between fields) are refused with both lines named, rather than made two classes.
     Batches are ``input_ids``, ``attention_mask`` (and ``token_type_ids`` if the
     tokenizer makes them), padded to the longest row of the batch, plus ``labels`` of shape ``(batch,)``.
 
@@ -126,6 +128,13 @@ class TextClassificationDataModule(_TokenizedDataModule):
                     f"labels must be a non-empty list of distinct label names, got {labels!r}; "
                     "or pass None to read them from the file."
                 )
+            twins = _whitespace_twins(names)
+            if twins is not None:
+                first, second = twins
+                raise ValueError(
+                    f"`labels` holds {names[first]!r} (position {first}) and {names[second]!r} (position {second}), which "
+                    "differ only by surrounding whitespace: name each class once, written as in the file."
+                )
             labels = names
         self.save_hyperparameters(ignore=None if isinstance(tokenizer, str) else ["tokenizer"])
         self.text_column = text_column
@@ -191,11 +200,21 @@ class TextClassificationDataModule(_TokenizedDataModule):
                     "fill it in or drop the row."
                 )
             if label not in label2id:
+                twin = next((known for known in labels if known.strip() == label.strip()), None)
+                hint = f" It differs from {twin!r} only by surrounding whitespace: strip the labels in the file." if twin else ""
                 raise ValueError(
                     f"path {self.path!r}: line {line} has unseen label {label!r} in label_column="
                     f"{self.label_column!r}, which is not in labels={labels!r}; add it to labels, "
-                    "or pass labels=None to use every label in the file."
+                    f"or pass labels=None to use every label in the file.{hint}"
                 )
+        twins = _whitespace_twins(raw_labels)
+        if twins is not None:  # "pos" and " pos" would be two classes
+            first, second = twins
+            raise ValueError(
+                f"path {self.path!r}: labels {raw_labels[first]!r} (line {lines[first]}) and {raw_labels[second]!r} "
+                f"(line {lines[second]}) in label_column={self.label_column!r} differ only by surrounding whitespace, "
+                "so they would be two classes; strip the labels in the file so that each class is written one way."
+            )
         label_ids = [label2id[label] for label in raw_labels]
         train, (val, test) = split_indices(
             len(rows), [self.val_fraction, self.test_fraction], self.seed, self.path, self.limit
@@ -249,6 +268,21 @@ class TextClassificationDataModule(_TokenizedDataModule):
                 "set test_fraction > 0 (e.g. 0.1) to test."
             )
         return self._dataloader(self.test_dataset, shuffle=False)
+
+
+def _whitespace_twins(labels: list[str]) -> tuple[int, int] | None:
+    """Indices of the first occurrences of the first two different labels that are equal once stripped of
+    surrounding whitespace, or None."""
+    seen: set[str] = set()
+    first_by_stripped: dict[str, int] = {}
+    for index, label in enumerate(labels):
+        if label in seen:
+            continue
+        seen.add(label)
+        first = first_by_stripped.setdefault(label.strip(), index)
+        if first != index:
+            return first, index
+    return None
 
 
 def _sorted_labels(labels: set[str]) -> list[str]:
