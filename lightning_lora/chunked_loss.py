@@ -39,10 +39,14 @@ IGNORE_INDEX = -100
 # Config fields of models whose logits are not plain ``lm_head(hidden)``: a chunked loss would skip that step.
 # A soft cap, tanh(logits / cap) * cap, is applied whenever it is set (Gemma 2-4, RecurrentGemma, xLSTM), 1.0 included;
 # a scale or multiplier (Cohere, Granite, MiniCPM3, HyperCLOVA X, Falcon-H1) only when it is not 1; Inkling cuts the
-# logits to ``unpadded_vocab_size`` columns.
+# logits to ``unpadded_vocab_size`` columns; Chameleon sets the logits of its image tokens (the "IMGIMG..." names of
+# ``vocabulary_map``) to the dtype's minimum, so its softmax runs over the text tokens only. (Checked against
+# transformers 5.24: what each modeling file does to the logits after the head call. Encoder-decoders, whose loss is
+# another one, are refused apart.)
 LOGIT_SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
 LOGIT_SCALES = ("logit_scale", "logits_scaling", "output_multiplier_scale", "lm_head_multiplier")
-LOGIT_TRANSFORMS = (*LOGIT_SOFTCAPS, *LOGIT_SCALES, "unpadded_vocab_size")
+LOGIT_MASKS = ("vocabulary_map",)
+LOGIT_TRANSFORMS = (*LOGIT_SOFTCAPS, *LOGIT_SCALES, "unpadded_vocab_size", *LOGIT_MASKS)
 
 
 def check_chunk_size(chunk_size: Any, name: str = "chunk_size", allow_off: bool = False) -> int:
@@ -60,19 +64,30 @@ def check_plain_head(model: nn.Module, name: str = "chunked_ce") -> nn.Module:
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else None
     for where, fields in ((config, "config"), (text_config, "text config")):
         for field in LOGIT_TRANSFORMS:
-            value = getattr(where, field, None)
-            if value is None or (field in LOGIT_SCALES and value == 1):
-                continue
-            if field == "unpadded_vocab_size" and value == getattr(where, "vocab_size", None):
-                continue
-            raise ValueError(
-                f"`{name}` needs logits = lm_head(hidden), but this model's {fields} sets {field}={value!r}, which "
-                f"transforms the logits and would be skipped; use {name}=0 for {type(model).__name__}."
-            )
+            setting = _logit_transform(where, field)
+            if setting is not None:
+                raise ValueError(
+                    f"`{name}` needs logits = lm_head(hidden), but this model's {fields} sets {setting}, which "
+                    f"transforms the logits and would be skipped; use {name}=0 for {type(model).__name__}."
+                )
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Module):
         raise ValueError(f"`{name}` needs the model's vocabulary head, but {type(model).__name__}.get_output_embeddings() returned {head!r}.")
     return head
+
+
+def _logit_transform(config: Any, field: str) -> str | None:
+    """``field=value`` as the error shows it if ``config``'s ``field`` makes the model transform its logits, else None."""
+    value = getattr(config, field, None)
+    if value is None or (field in LOGIT_SCALES and value == 1):
+        return None
+    if field == "unpadded_vocab_size" and value == getattr(config, "vocab_size", None):
+        return None
+    if field in LOGIT_MASKS:
+        masked = sorted(id_ for token, id_ in value.items() if str(token).startswith("IMGIMG")) if isinstance(value, dict) else []
+        # A real vocabulary map holds thousands of entries: name the masked ids, not the map.
+        return f"{field} with {len(masked)} image tokens (ids {masked[0]} to {masked[-1]}, their logits masked)" if masked else None
+    return f"{field}={value!r}"
 
 
 def _chunk_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -115,6 +130,12 @@ def enable_chunked_loss(model: nn.Module, chunk_size: int = 4096) -> nn.Module:
     """
     chunk_size = check_chunk_size(chunk_size)
     lm = find_causal_lm(model)
+    if getattr(lm.config, "is_encoder_decoder", False):
+        # Its loss scores the decoder's labels unshifted (BART adds final_logits_bias to the logits, too).
+        raise ValueError(
+            f"`chunked_ce` is the loss of a causal LM (position t scores token t + 1), but {type(lm).__name__} is an "
+            "encoder-decoder (config.is_encoder_decoder=True), whose loss is another one: use chunked_ce=0 for it."
+        )
     check_plain_head(lm)
     if getattr(lm.config, "output_router_logits", False):
         raise ValueError(

@@ -5,15 +5,25 @@
   has no graph (backward then raised "element 0 of tensors does not require grad"; under DDP the rank would also
   skip the gradient reduction). ``CausalLMModule(chunked_ce=...)`` on such a batch trains a zero step like the
   unchunked path.
-- Config fields that transform the logits (soft caps, multipliers, a text config of a multimodal model) are
-  refused by name: each case below was silently accepted and gave another loss than the model's own.
+- Config fields that transform the logits (soft caps, multipliers, a text config of a multimodal model, Chameleon's
+  image tokens, whose logits it masks) are refused by name: each case below was silently accepted and gave another
+  loss than the model's own. So are encoder-decoders (their loss is not the causal LM's).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, Gemma4Config, Gemma4ForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    BartConfig,
+    BartForConditionalGeneration,
+    ChameleonConfig,
+    ChameleonForConditionalGeneration,
+    Gemma4Config,
+    Gemma4ForConditionalGeneration,
+)
 
 from _models import VOCAB, tiny_llama
 from lightning_lora import enable_chunked_loss
@@ -82,6 +92,19 @@ def _gemma4_vlm() -> torch.nn.Module:
     return Gemma4ForConditionalGeneration(Gemma4Config(text_config=text, vision_config=vision, audio_config=None)).train()
 
 
+def _chameleon(image_tokens: int = 10) -> torch.nn.Module:
+    # ChameleonForConditionalGeneration sets the logits of its image tokens (vocabulary_map's "IMGIMG..." names) to
+    # the dtype's minimum after the head: the softmax of its loss runs over the text tokens only.
+    vocabulary_map = {"<image>": 3, **{f"IMGIMG{chr(ord('A') + i)}Z": 100 + i for i in range(image_tokens)}}
+    vq = dict(embed_dim=8, num_embeddings=16, base_channels=32, channel_multiplier=[1], num_res_blocks=1, attn_resolutions=[],
+              latent_channels=8, resolution=16, double_latent=False, dropout=0.0)
+    config = ChameleonConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=64, vocabulary_map=vocabulary_map, image_token_id=3,
+                             vq_config=vq)
+    torch.manual_seed(0)
+    return ChameleonForConditionalGeneration(config).train()
+
+
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=VOCAB, head_dim=16)
 TRANSFORMED = {
@@ -100,6 +123,7 @@ TRANSFORMED = {
         r"lm_head_multiplier=0\.5",
     ),
     "gemma4-text-config-softcap": (_gemma4_vlm, r"text config sets final_logit_softcapping=2\.0"),
+    "chameleon-image-token-mask": (_chameleon, r"config sets vocabulary_map with 10 image tokens \(ids 100 to 109, their logits masked\)"),
 }
 
 
@@ -125,3 +149,22 @@ def test_a_scale_of_one_is_still_accepted() -> None:
     own = model(input_ids=ids, labels=ids).loss
     enable_chunked_loss(model, 5)
     torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, own, rtol=1e-5, atol=0)
+
+
+def test_a_chameleon_without_image_tokens_is_accepted_and_gives_its_own_loss() -> None:
+    model = _chameleon(image_tokens=0)  # nothing to mask: its logits are head(hidden)
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    own = model(input_ids=ids, labels=ids).loss
+    enable_chunked_loss(model, 5)
+    torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, own, rtol=1e-5, atol=0)
+
+
+def test_an_encoder_decoder_is_refused() -> None:
+    # BART's loss scores the decoder's labels unshifted, on logits + final_logits_bias: not the causal LM's loss.
+    config = BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, dropout=0.0)
+    torch.manual_seed(0)
+    model = BartForConditionalGeneration(config).train()
+    with pytest.raises(ValueError, match=r"`chunked_ce` is the loss of a causal LM.*is_encoder_decoder=True.*use chunked_ce=0"):
+        enable_chunked_loss(model, 8)
+    assert "forward" not in model.__dict__
