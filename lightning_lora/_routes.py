@@ -103,7 +103,11 @@ def fused_training(layer: LoRALinear, adapter: Adapter, x: torch.Tensor, a: torc
 
 
 def unfused_training(layer: LoRALinear, adapter: Adapter, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    out = layer.base_layer(x)
+    base = layer.base_layer
+    # A stock frozen nf4 base on CUDA: dequantized by one Triton kernel (None: the layer computes itself).
+    out = quantization.frozen_nf4_linear(base, x) if quantization.is_4bit(base) and fusable(layer, adapter) else None
+    if out is None:
+        out = base(x)
     if a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
         a, b = a.to(x.dtype), b.to(x.dtype)  # cast the small adapter, not the activation
     h = F.linear(adapter.dropout(x), a)  # (..., r)

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_lora import nf4_kernel
 from lightning_lora.blocks import block_matcher
 
 
@@ -29,6 +30,7 @@ def compile_blocks(model: nn.Module, block_classes: Iterable[type | str] | None 
         inject_lora(model, LoRAConfig(r=16), QuantizationConfig(mode="nf4"))
         compile_blocks(model)  # then train as usual; the first steps compile
     """
+    nf4_kernel.prepare()  # register the nf4 dequantize op before dynamo traces a layer that calls it
     is_block = block_matcher(model, block_classes)
     compiled = []
     for name, module in model.named_modules():

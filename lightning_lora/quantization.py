@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lightning_lora import nf4_kernel
 from lightning_lora._matching import matches_any, output_head_names, replace_modules
 from lightning_lora.config import QuantizationConfig
 
@@ -375,6 +376,54 @@ def linear_4bit_no_grad(module: nn.Module, x: torch.Tensor) -> torch.Tensor | No
         x.to(dtype), weight.view(-1, 1), shape, absmax, state.blocksize, state.quant_type, bias=bias, **nested
     )  # fmt: skip
     return out.to(x.dtype)
+
+
+def frozen_nf4_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """Inside a compiled graph: what a stock, frozen nf4 ``Linear4bit`` computes for ``x`` on CUDA, with its gradient
+    to ``x``, dequantizing with one Triton kernel (``nf4_kernel``) instead of bitsandbytes' three Python-launched
+    ones; None (call the layer) where it does not apply.
+
+    The same computation as ``bnb.matmul_4bit``'s autograd path at the sizes where that dequantizes then multiplies
+    (more than 1,536 rows: training): forward ``x @ W^T (+ bias)`` with ``W`` dequantized in the compute dtype,
+    backward ``grad @ W`` with ``W`` dequantized again (in the weight's own dtype, then cast, as bitsandbytes
+    does), nothing of ``W`` kept between the two. Inside a compiled graph the kernel is part of the generated code:
+    no Python runs per call. Eagerly the kernel's launch costs more host time than bitsandbytes' (about 110 us a
+    call on the H200's host against 40-90 us: ``benchmarks/step_levers.py``), so eager code keeps bitsandbytes'.
+    None when not compiling, when ``nf4_kernel.usable`` says no, the layer has not run once, the bias needs the
+    cast the layer writes into it or takes a gradient, the weight was quantized transposed, or there are at most
+    1,536 rows (bitsandbytes' own fused kernel may compute those).
+    """
+    if not torch.compiler.is_compiling():
+        return None
+    weight = module.weight
+    state = getattr(weight, "quant_state", None)
+    dtype = module.compute_dtype
+    if state is None or not module.compute_type_is_set or dtype is None or not nf4_kernel.usable(weight, state):
+        return None
+    bias = module.bias
+    if bias is not None and (bias.dtype != dtype or bias.requires_grad):
+        return None
+    if x.shape[-1] != state.shape[1] or x.numel() // x.shape[-1] <= 1536:
+        return None
+    return _FrozenNF4Linear.apply(x.to(dtype), weight, bias, state).to(x.dtype)
+
+
+class _FrozenNF4Linear(torch.autograd.Function):
+    """``x @ dequantize(W)^T (+ bias)`` for a frozen nf4 weight; the weight is dequantized again in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: Any) -> torch.Tensor:
+        ctx.state = state
+        ctx.save_for_backward(weight)  # the packed parameter itself: no memory
+        return nn.functional.linear(x, nf4_kernel.dequantize(weight, state, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        (weight,) = ctx.saved_tensors
+        w = nf4_kernel.dequantize(weight, ctx.state, ctx.state.dtype, pass_id=1).to(grad.dtype)
+        return torch.matmul(grad, w), None, None, None
 
 
 _GEMM_4BIT: list[Any] = []  # [the op, or None where bitsandbytes lacks it], once looked up

@@ -1,0 +1,202 @@
+"""What each candidate lever for a faster compiled QLoRA step would buy, measured on one GPU (issue 17.2).
+
+Three parts, each in this one process:
+
+* ``gemm``: the base matmuls of projections that share an input (q/k/v; gate/up) as one matmul over the
+  concatenated weights against one matmul each, forward (``x @ W^T``) and input-gradient (``sum g_i @ W_i``);
+* ``dequant``: bitsandbytes' nf4 dequantize (double quant: three kernels) against ``lightning_lora.nf4_kernel``
+  (one Triton kernel): bit-identical output and time per call;
+* ``model``: the 16-layer 7B-shape nf4 model of ``profile_step.py``, every block compiled: ``bnb_addmm`` (bitsandbytes
+  dequantizes, the LoRA update added by one ``addmm`` into the base output: the library before ``nf4_kernel``),
+  ``kernel_addmm`` (the library with ``LIGHTNING_LORA_NF4_KERNEL=1``), ``kernel_plain_add`` (the update as a plain add that inductor fuses into its
+  neighbours), PEFT compiled the same way, and eager variants (``eager_`` prefix: not compiled; ``unfused``: the
+  plain-ops route instead of the fused autograd node): tokens/s, peak memory, GPU ms per step by kernel family, and the
+  step's wall time less its GPU time (the time the GPU waits for the host). ``--trace`` writes a chrome trace
+  of one step of the last variant of ours.
+
+    python benchmarks/step_levers.py --out levers.json [--parts gemm dequant model] [--trace trace.json.gz]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def cuda_ms(fn, repeats: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def gemm_part(tokens: int = 4096, hidden: int = 4096, inter: int = 11008) -> dict:
+    out = {}
+    dtype = torch.bfloat16
+    for name, widths in (("q/k/v", [hidden] * 3), ("gate/up", [inter] * 2)):
+        x = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
+        weights = [torch.randn(w, hidden, device="cuda", dtype=dtype) / 64 for w in widths]
+        grads = [torch.randn(tokens, w, device="cuda", dtype=dtype) for w in widths]
+        cat_w = torch.cat(weights)
+        cat_g = torch.cat(grads, dim=1)
+
+        def separate_grad() -> torch.Tensor:
+            total = grads[0] @ weights[0]
+            for g, w in zip(grads[1:], weights[1:]):
+                total = total + g @ w  # what autograd does: one matmul per projection, then a sum
+            return total
+
+        row = {
+            "forward_separate_ms": cuda_ms(lambda: [x @ w.t() for w in weights]),
+            "forward_one_ms": cuda_ms(lambda: x @ cat_w.t()),
+            "grad_separate_ms": cuda_ms(separate_grad),
+            "grad_one_precat_ms": cuda_ms(lambda: cat_g @ cat_w),
+            "grad_cat_then_one_ms": cuda_ms(lambda: torch.cat(grads, dim=1) @ cat_w),
+        }
+        row["forward_gain"] = row["forward_separate_ms"] / row["forward_one_ms"] - 1
+        row["grad_gain_with_cat"] = row["grad_separate_ms"] / row["grad_cat_then_one_ms"] - 1
+        out[name] = row
+        print(name, json.dumps({k: round(v, 4) for k, v in row.items()}), flush=True)
+    return out
+
+
+def dequant_part() -> dict:
+    import bitsandbytes.functional as BF
+
+    from lightning_lora import nf4_kernel
+
+    out = {}
+    torch.manual_seed(0)
+    for shape in ((4096, 4096), (11008, 4096), (4096, 11008), (96, 64)):
+        for nested in (True, False):
+            w = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02
+            packed, state = BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=nested, quant_storage=torch.uint8)
+            ref = BF.dequantize_4bit(packed, state)
+            row = {"bnb_ms": cuda_ms(lambda: BF.dequantize_4bit(packed, state))}
+            default = nf4_kernel._BLOCK[0]
+            for block in (512, 1024, 2048, 4096):  # packed bytes per program
+                nf4_kernel._BLOCK[0] = block
+                row[f"kernel_{block}_equal"] = bool(torch.equal(nf4_kernel.dequantize(packed, state, state.dtype), ref))
+                row[f"kernel_{block}_ms"] = cuda_ms(lambda: nf4_kernel.dequantize(packed, state, state.dtype))
+            nf4_kernel._BLOCK[0] = default
+            bytes_moved = packed.numel() + ref.numel() * 2
+            row["bnb_tb_s"] = bytes_moved / row["bnb_ms"] / 1e9
+            row["kernel_best_tb_s"] = bytes_moved / min(row[f"kernel_{b}_ms"] for b in (512, 1024, 2048, 4096)) / 1e9
+            key = f"{shape[0]}x{shape[1]}{' nested' if nested else ''}"
+            out[key] = row
+            print(key, json.dumps(row), flush=True)
+    return out
+
+
+def plain_add_training(layer, adapter, x, a, b):  # noqa: ANN001, ANN201 - the route's own signature
+    """``_routes.unfused_training`` with the update added as a plain op (inductor fuses the add into its neighbours)."""
+    from lightning_lora import _routes, quantization
+
+    base = layer.base_layer
+    out = quantization.frozen_nf4_linear(base, x) if quantization.is_4bit(base) and _routes.fusable(layer, adapter) else None
+    out = base(x) if out is None else out
+    if a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        a, b = a.to(x.dtype), b.to(x.dtype)
+    h = F.linear(adapter.dropout(x), a)
+    return out + (F.linear(h, b) * adapter.scale).to(out.dtype)
+
+
+def model_part(layers: int, steps: int, variants: list[str], trace: str | None, deadline: float) -> dict:
+    from compare_peft import peft_model, quantized_llama
+    from profile_step import profile_step, timed_steps
+
+    from compare_peft import ALPHA, TARGETS, R
+
+    from lightning_lora import LoRAConfig, _routes, inject_lora, nf4_kernel
+    from lightning_lora.compiling import compile_blocks
+    from lightning_lora.layers import lora_layers
+
+    results = {}
+    original, enabled = _routes.unfused_training, nf4_kernel.ENABLED
+    for variant in variants:
+        if time.perf_counter() > deadline:
+            results[variant] = {"skipped": "past the deadline"}
+            continue
+        torch._dynamo.reset()
+        try:
+            if variant == "peft":
+                model = peft_model(layers, recipe=False, gc_on=False)
+            else:
+                model = inject_lora(quantized_llama(layers), LoRAConfig(r=R, alpha=ALPHA, target_modules=TARGETS))
+                _routes.unfused_training = plain_add_training if variant.endswith("plain_add") else original
+                nf4_kernel.ENABLED = "bnb" not in variant
+            if "unfused" in variant:  # the plain-ops route (bitsandbytes computes the base then)
+                for layer in lora_layers(model).values():
+                    layer.fused = False
+            if not variant.startswith("eager"):
+                compile_blocks(model)
+            row = timed_steps(model, steps, warmup=3)
+            row.update(profile_step(model, top=12))
+            row["host_wait_ms"] = row["step_s"] * 1e3 - row["gpu_ms_per_step"]
+            if trace and variant == [v for v in variants if v != "peft"][-1]:
+                from compare_peft import train_step
+                from torch.profiler import ProfilerActivity, profile
+
+                optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+                ids = torch.randint(0, 32000, (2, 2048), device="cuda")
+                train_step(model, optimizer, ids)
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    train_step(model, optimizer, ids)
+                    torch.cuda.synchronize()
+                prof.export_chrome_trace(trace)
+        except Exception as err:  # one failing variant must not hide the others
+            row = {"error": f"{type(err).__name__}: {err}"[:800]}
+        finally:
+            _routes.unfused_training = original
+            nf4_kernel.ENABLED = enabled
+        results[variant] = row
+        print(variant, json.dumps({k: v for k, v in row.items() if k != "top_kernels"}), flush=True)
+        model = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--parts", nargs="*", default=["gemm", "dequant", "model"])
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--variants", nargs="*", default=["bnb_addmm", "kernel_addmm", "kernel_plain_add", "peft"])
+    parser.add_argument("--trace", default=None)
+    parser.add_argument("--max-seconds", type=float, default=480)
+    args = parser.parse_args()
+    deadline = time.perf_counter() + args.max_seconds
+    results: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    if "gemm" in args.parts:
+        results["gemm"] = gemm_part()
+    if "dequant" in args.parts:
+        try:
+            results["dequant"] = dequant_part()
+        except Exception as err:
+            results["dequant"] = {"error": f"{type(err).__name__}: {err}"[:800]}
+            print("dequant", results["dequant"], flush=True)
+    if "model" in args.parts:
+        results["model"] = model_part(args.layers, args.steps, args.variants, args.trace, deadline)
+        print(f"{'variant':18}{'tokens/s':>10}{'step ms':>9}{'GPU ms':>8}{'host wait':>10}{'peak GiB':>10}")
+        for name, r in results["model"].items():
+            if "tokens_per_s" in r:
+                print(f"{name:18}{r['tokens_per_s']:>10.0f}{r['step_s'] * 1e3:>9.1f}{r['gpu_ms_per_step']:>8.1f}{r['host_wait_ms']:>10.1f}{r['peak_gib']:>10.1f}")
+    with open(args.out, "w") as handle:
+        json.dump(results, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""One Triton kernel that dequantizes an nf4 weight (double-quantized scales included), bit for bit as bitsandbytes.
+
+bitsandbytes dequantizes a double-quantized nf4 weight in three steps, each a kernel launched from Python: the
+8-bit block scales to float32 (``dequantize_blockwise``), plus their offset, then the 4-bit values to the compute
+dtype. Here the three are one kernel registered as a ``torch.library.triton_op``: a compiled graph launches it from
+its own generated code, with none of the Python that each bitsandbytes op costs per call. Each output value is
+``nf4_code[v] * scale`` in float32, rounded once to the output dtype; ``scale`` is ``code2[q] * absmax2 + offset``
+with the multiply and the add rounded separately, as bitsandbytes' separate kernels do (the product goes through
+``mul.rn.f32``, which the compiler never fuses into an FMA). ``tests/gpu/test_gpu_nf4_kernel.py`` compares it with
+bitsandbytes on CUDA.
+
+It is off unless ``LIGHTNING_LORA_NF4_KERNEL=1`` is in the environment (or ``nf4_kernel.ENABLED = True`` is set
+before the first compiled step). Only CUDA tensors with Triton importable, the nf4 code, an even number of values and fewer than 2**31 of them;
+``usable`` says whether a quant state qualifies, and callers fall back to bitsandbytes' own dequantize otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+# Opt-in for now (LIGHTNING_LORA_NF4_KERNEL=1): its compiled-step figures on the H200 are still to be measured
+# (benchmarks/step_levers.py); off, bitsandbytes dequantizes everywhere.
+ENABLED = os.environ.get("LIGHTNING_LORA_NF4_KERNEL", "0") == "1"
+_OP: list[Any] = []  # the registered op, built on first use (Triton is imported then, not at import time)
+_UNAVAILABLE: list[bool] = []  # [True] once building failed
+_BLOCK = [1024]  # packed bytes per program (2,048 output values); a list so that benchmarks can try others
+
+
+def prepare() -> bool:
+    """Import Triton and register the kernel's op once; whether that worked. ``compile_blocks`` calls it, so that a
+    compiled graph finds the op registered (registering it while dynamo traces would break the graph)."""
+    if not _OP and not _UNAVAILABLE:
+        try:
+            _OP.append(_build())
+        except Exception:  # no Triton, or one that cannot build: bitsandbytes dequantizes
+            _UNAVAILABLE.append(True)
+    return len(_OP) > 0  # not bool(): dynamo cannot trace bool() of a list (a graph break)
+
+
+def usable(packed: torch.Tensor, quant_state: Any) -> bool:
+    """Whether ``dequantize`` can stand in for bitsandbytes' dequantize of this packed weight and quant state."""
+    shape = getattr(quant_state, "shape", None)
+    if not ENABLED or not packed.is_cuda or getattr(quant_state, "quant_type", None) != "nf4" or shape is None or len(shape) != 2:
+        return False
+    values = shape[0] * shape[1]
+    if values % 2 or values >= 2**31 or packed.numel() * packed.element_size() != values // 2 or not packed.is_contiguous():
+        return False
+    if quant_state.nested and (quant_state.state2 is None or quant_state.offset is None):
+        return False
+    if not _OP and torch.compiler.is_compiling():
+        return False  # not registered before the trace began: bitsandbytes' path, no graph break
+    return prepare()
+
+
+def _build() -> Any:
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+
+    @triton.jit
+    def nf4_dequantize_kernel(packed, absmax, code2, absmax2, offset, code, out, n_bytes,
+                              BLOCK: tl.constexpr, BYTES_PER_SCALE: tl.constexpr, SCALES_PER_SCALE2: tl.constexpr,
+                              NESTED: tl.constexpr):  # fmt: skip
+        pid = tl.program_id(0)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_bytes
+        byte = tl.load(packed + offs, mask=mask, other=0).to(tl.int32)
+        block = offs // BYTES_PER_SCALE
+        if NESTED:
+            q = tl.load(absmax + block, mask=mask, other=0).to(tl.int32)
+            c2 = tl.load(code2 + q, mask=mask, other=0.0)
+            a2 = tl.load(absmax2 + block // SCALES_PER_SCALE2, mask=mask, other=0.0)
+            product = tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [c2, a2], dtype=tl.float32, is_pure=True, pack=1)
+            scale = product + tl.load(offset)
+        else:
+            scale = tl.load(absmax + block, mask=mask, other=0.0)
+        high = tl.load(code + (byte >> 4)) * scale  # the first value of a byte is its high nibble
+        low = tl.load(code + (byte & 15)) * scale
+        values = tl.interleave(high, low).to(out.dtype.element_ty)
+        out_offs = pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+        tl.store(out + out_offs, values, mask=out_offs < 2 * n_bytes)
+
+    @triton_op("lightning_lora::dequantize_nf4", mutates_args=())
+    def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, code2: torch.Tensor | None,
+                       absmax2: torch.Tensor | None, offset: torch.Tensor | None, blocksize: int, blocksize2: int,
+                       rows: int, cols: int, dtype: torch.dtype, pass_id: int) -> torch.Tensor:  # fmt: skip
+        out = torch.empty((rows, cols), dtype=dtype, device=packed.device)
+        n_bytes = rows * cols // 2
+        nested = code2 is not None
+        block = _BLOCK[0]
+        wrap_triton(nf4_dequantize_kernel)[(triton.cdiv(n_bytes, block),)](
+            packed, absmax, code2 if nested else absmax, absmax2 if nested else absmax, offset if nested else absmax, code,
+            out, n_bytes, BLOCK=block, BYTES_PER_SCALE=blocksize // 2, SCALES_PER_SCALE2=max(blocksize2, 1), NESTED=nested,
+            num_warps=4 if block <= 1024 else 8,
+        )  # fmt: skip
+        return out
+
+    return dequantize_nf4
+
+
+def dequantize(packed: torch.Tensor, quant_state: Any, dtype: torch.dtype, pass_id: int = 0) -> torch.Tensor:
+    """The (out, in) weight of a packed nf4 tensor in ``dtype``, as ``bitsandbytes.functional.dequantize_4bit``
+    gives it then ``.to(dtype)`` (check ``usable`` first).
+
+    ``pass_id`` tells calls apart that would otherwise be identical: a frozen layer dequantizes in forward
+    (0) and again in backward (1), and without it AOT autograd merges the two into one and keeps the
+    forward's weight alive until backward (the memory that recomputing it saves)."""
+    if not _OP and not prepare():
+        raise RuntimeError("The nf4 dequantize kernel needs Triton: check `nf4_kernel.usable` before calling `dequantize`.")
+    rows, cols = quant_state.shape
+    flat = packed.view(torch.uint8).reshape(-1)  # bitsandbytes may store the packed bytes as another dtype
+    if quant_state.nested:
+        state2 = quant_state.state2
+        return _OP[0](flat, quant_state.absmax, quant_state.code, state2.code, state2.absmax, quant_state.offset.reshape(1),
+                      quant_state.blocksize, state2.blocksize, rows, cols, dtype, pass_id)  # fmt: skip
+    return _OP[0](flat, quant_state.absmax, quant_state.code, None, None, None, quant_state.blocksize, 0, rows, cols, dtype, pass_id)
