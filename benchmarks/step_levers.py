@@ -6,13 +6,14 @@ Three parts, each in this one process:
   concatenated weights against one matmul each, forward (``x @ W^T``) and input-gradient (``sum g_i @ W_i``);
 * ``dequant``: bitsandbytes' nf4 dequantize (double quant: three kernels) against ``lightning_lora.nf4_kernel``
   (one Triton kernel): bit-identical output and time per call;
-* ``model``: the 16-layer 7B-shape nf4 model of ``profile_step.py``, every block compiled: ``bnb_addmm`` (bitsandbytes
-  dequantizes, the LoRA update added by one ``addmm`` into the base output: the library before ``nf4_kernel``),
-  ``kernel_addmm`` (the library with ``LIGHTNING_LORA_NF4_KERNEL=1``), ``kernel_plain_add`` (the update as a plain add that inductor fuses into its
-  neighbours), PEFT compiled the same way, and eager variants (``eager_`` prefix: not compiled; ``unfused``: the
-  plain-ops route instead of the fused autograd node): tokens/s, peak memory, GPU ms per step by kernel family, and the
-  step's wall time less its GPU time (the time the GPU waits for the host). ``--trace`` writes a chrome trace
-  of one step of the last variant of ours.
+* ``model``: the 16-layer 7B-shape nf4 model of ``profile_step.py``, every block compiled: ``bnb_addmm``
+  (bitsandbytes dequantizes, the LoRA update added by one ``addmm`` into the base output: the library's
+  default), ``kernel_addmm`` (the library with ``LIGHTNING_LORA_NF4_KERNEL=1``), ``kernel_plain_add`` (the update
+  as a plain add that inductor fuses into its neighbours), PEFT compiled the same way, and eager variants
+  (``eager_`` prefix: not compiled; ``unfused``: the plain-ops route instead of the fused autograd node):
+  tokens/s, peak memory, GPU ms per step by kernel family, and the step's wall time less its GPU time (the time
+  the GPU waits for the host). ``--trace`` writes a chrome trace of one step of the last variant of ours. A name
+  may carry a suffix (``kernel_addmm_again``) to measure a variant twice.
 
     python benchmarks/step_levers.py --out levers.json [--parts gemm dequant model] [--trace trace.json.gz]
 """

@@ -10,8 +10,9 @@ with the multiply and the add rounded separately, as bitsandbytes' separate kern
 bitsandbytes on CUDA.
 
 It is off unless ``LIGHTNING_LORA_NF4_KERNEL=1`` is in the environment (or ``nf4_kernel.ENABLED = True`` is set
-before the first compiled step). Only CUDA tensors with Triton importable, the nf4 code, an even number of values and fewer than 2**31 of them;
-``usable`` says whether a quant state qualifies, and callers fall back to bitsandbytes' own dequantize otherwise.
+before the first compiled step). Only CUDA tensors with Triton importable, the nf4 code, an even number of values
+and fewer than 2**31 of them; ``usable`` says whether a quant state qualifies, and callers fall back to
+bitsandbytes' own dequantize otherwise.
 """
 
 from __future__ import annotations
