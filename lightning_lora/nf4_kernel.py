@@ -9,8 +9,9 @@ with the multiply and the add rounded separately, as bitsandbytes' separate kern
 ``mul.rn.f32``, which the compiler never fuses into an FMA). ``tests/gpu/test_gpu_nf4_kernel.py`` compares it with
 bitsandbytes on CUDA.
 
-It is off unless ``LIGHTNING_LORA_NF4_KERNEL=1`` is in the environment (or ``nf4_kernel.ENABLED = True`` is set
-before the first compiled step). Only CUDA tensors with Triton importable, the nf4 code, an even number of values
+``LIGHTNING_LORA_NF4_KERNEL=0`` in the environment (or ``nf4_kernel.ENABLED = False`` before the first compiled
+step) turns it off. On one H200 it took a compiled 16-layer 7B QLoRA step from 151.4 to 127.7 ms at the same peak
+memory (``benchmarks/results/2026-12-02-step-levers-h200/``). Only CUDA tensors with Triton importable, the nf4 code, an even number of values
 and fewer than 2**31 of them; ``usable`` says whether a quant state qualifies, and callers fall back to
 bitsandbytes' own dequantize otherwise.
 """
@@ -22,9 +23,8 @@ from typing import Any
 
 import torch
 
-# Opt-in for now (LIGHTNING_LORA_NF4_KERNEL=1): its compiled-step figures on the H200 are still to be measured
-# (benchmarks/step_levers.py); off, bitsandbytes dequantizes everywhere.
-ENABLED = os.environ.get("LIGHTNING_LORA_NF4_KERNEL", "0") == "1"
+# LIGHTNING_LORA_NF4_KERNEL=0 turns it off: bitsandbytes dequantizes everywhere then.
+ENABLED = os.environ.get("LIGHTNING_LORA_NF4_KERNEL", "1") != "0"
 _OP: list[Any] = []  # the registered op, built on first use (Triton is imported then, not at import time)
 _UNAVAILABLE: list[bool] = []  # [True] once building failed
 _BLOCK = [1024]  # packed bytes per program (2,048 output values); a list so that benchmarks can try others

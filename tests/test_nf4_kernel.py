@@ -50,9 +50,9 @@ def test_prepare_without_triton_says_no_and_does_not_raise() -> None:
         assert nf4_kernel.prepare() is True
 
 
-def test_environment_switch_turns_it_on() -> None:
+def test_environment_switch_turns_it_off() -> None:
     code = "from lightning_lora import nf4_kernel; print(nf4_kernel.ENABLED)"
-    for value, expected in (("0", "False"), ("1", "True"), (None, "False"), ("yes", "False")):
+    for value, expected in (("0", "False"), ("1", "True"), (None, "True")):
         env = {k: v for k, v in os.environ.items() if k != "LIGHTNING_LORA_NF4_KERNEL"}
         if value is not None:
             env["LIGHTNING_LORA_NF4_KERNEL"] = value
