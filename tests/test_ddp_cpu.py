@@ -3,34 +3,46 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from _processes import free_ports, run_side_by_side
 from lightning_lora.adapter_io import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_adapter
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
+MODES = ["none", "nf4", "nf4-compiled"]  # compiled: compile_blocks=True under DDP
 
 
-@pytest.mark.parametrize("quantize", ["none", "nf4", "nf4-compiled"])  # compiled: compile_blocks=True under DDP
-def test_ddp_two_cpu_processes_agree_and_export_once(tmp_path, quantize):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), quantize], env=env, capture_output=True, text=True, timeout=600)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """One two-process DDP run per mode, each in its own directory; the three are started side by side."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    dirs = {mode: tmp_path_factory.mktemp(f"ddp-{mode}") for mode in MODES}
+    envs = {mode: {**env, "MASTER_PORT": str(port)} for mode, port in zip(MODES, free_ports(len(MODES)))}
+    commands = {mode: [sys.executable, str(SCRIPT), str(dirs[mode]), mode] for mode in MODES}
+    results = run_side_by_side(commands, timeout=600, env=envs)
+    return {mode: (dirs[mode], results[mode]) for mode in MODES}
+
+
+@pytest.mark.parametrize("quantize", MODES)
+def test_ddp_two_cpu_processes_agree_and_export_once(runs, quantize):
+    out, result = runs[quantize]
     assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0.keys() == rank1.keys() and len(rank0) == 8
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
     assert any(torch.count_nonzero(v) for k, v in rank0.items() if "lora_b" in k)  # it trained
     # 48 samples / 2 ranks / batch 4 = 6 steps an epoch; checkpoints at steps 3 and 6 hold the adapter only.
-    checkpoint = torch.load(tmp_path / "ckpt" / "step=6.ckpt", weights_only=True)
+    checkpoint = torch.load(out / "ckpt" / "step=6.ckpt", weights_only=True)
     assert set(checkpoint["state_dict"]) == {"model." + k for k in rank0}
     for key, value in rank0.items():
         assert torch.equal(checkpoint["state_dict"]["model." + key], value)
-    export = tmp_path / "export" / "adapter"
+    export = out / "export" / "adapter"
     assert sorted(p.name for p in export.iterdir()) == sorted([ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME])
     _, tensors, _ = read_adapter(export)
     for key, value in rank0.items():

@@ -10,9 +10,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import socket
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from _models import tiny_llama, token_batch
+from _processes import Queue, free_ports
 from lightning_lora import QuantizationConfig, quantize_model
 from lightning_lora.loading import build_quantized_model
 from lightning_lora.quantization import bitsandbytes_available, is_4bit, quantized_paths
@@ -208,18 +210,63 @@ torch.distributed.destroy_process_group()  # an orderly shutdown: gloo can abort
 '''
 
 
-def test_fsdp2_with_compiled_blocks_trains_like_eager(tmp_path):
+# name: the script's arguments after the output directory, and the launch whose checkpoint it resumes
+_LAUNCHES = {
+    "full-uint8": (("full", "uint8"), None),
+    "compile-uint8": (("full", "uint8", "compile"), None),
+    "full-bfloat16": (("full", "bfloat16"), None),
+    "resume-uint8": (("resume", "uint8"), "full-uint8"),
+    "resume-bfloat16": (("resume", "bfloat16"), "full-bfloat16"),
+}
+
+
+def _needs(item) -> set[str]:
+    """The launches a test of this module reads."""
+    if item.originalname == "test_fsdp2_with_compiled_blocks_trains_like_eager":
+        return {"full-uint8", "compile-uint8"}
+    if item.originalname == "test_fsdp2_trains_resumes_sharded_adapter_checkpoint_and_keeps_nf4_bytes":
+        return {f"full-{item.callspec.params['quant_storage']}", f"resume-{item.callspec.params['quant_storage']}"}
+    return set()
+
+
+@pytest.fixture(scope="module")
+def fsdp2_runs(request, tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """The launches of ``_FSDP2_SCRIPT`` this session's tests read, each with its output directory: ``full-*``
+    (six eager steps, a checkpoint every three), ``compile-uint8`` (the same with compiled blocks) and ``resume-*``
+    (a copy of the full run's directory, resumed from its step-3 checkpoint). One queue: launches that do not wait
+    for each other run side by side (a two-rank Lightning launch leaves a core idle while its second rank imports)."""
+    wanted = set().union(*(_needs(item) for item in request.session.items if item.module is request.module))
+    root = tmp_path_factory.mktemp("fsdp2")
+    script = root / "fsdp2_train.py"
+    script.write_text(_FSDP2_SCRIPT)
+    names = [name for name in _LAUNCHES if name in wanted]
+    queue = Queue()
+    for name, port in zip(names, free_ports(len(names))):
+        args, resumes = _LAUNCHES[name]
+        env = {**os.environ, "LL_TESTS_DIR": str(Path(__file__).parent), "MASTER_PORT": str(port)}
+        env.pop("LOCAL_RANK", None)
+        if resumes is None:
+            (root / name).mkdir()
+        # A resumed run writes beside a copy of the uninterrupted one (which other tests read as it was), made as
+        # soon as that one ends.
+        resumed_by = [other for other in names if _LAUNCHES[other][1] == name]
+        copy = functools.partial(shutil.copytree, root / name, root / resumed_by[0]) if resumed_by else None
+        queue.add(name, [sys.executable, str(script), str(root / name), *args], after=resumes, then=copy, env=env)
+    results = queue.run(timeout=600)
+    return {name: (root / name, results[name]) for name in names}
+
+
+def _output(fsdp2_runs: dict, name: str) -> Path:
+    out, result = fsdp2_runs[name]
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+def test_fsdp2_with_compiled_blocks_trains_like_eager(fsdp2_runs):
     # compile_blocks=True under ModelParallelStrategy (FSDP2): the blocks are compiled at injection, before
     # fully_shard; six steps on two gloo ranks end where the eager run ends, NF4 bytes untouched.
-    script = tmp_path / "fsdp2_train.py"
-    script.write_text(_FSDP2_SCRIPT)
-    results = {}
-    for mode in ("eager", "compile"):
-        out = tmp_path / mode
-        out.mkdir()
-        _launch(script, str(out), "full", "uint8", mode)
-        results[mode] = torch.load(out / "full.pt", weights_only=True)
-    eager, compiled = results["eager"], results["compile"]
+    eager = torch.load(_output(fsdp2_runs, "full-uint8") / "full.pt", weights_only=True)
+    compiled = torch.load(_output(fsdp2_runs, "compile-uint8") / "full.pt", weights_only=True)
     assert compiled["step"] == eager["step"] == 6
     assert sum(compiled["changed"].values()) == 0 and len(compiled["changed"]) == 14
     assert compiled["adapter"].keys() == eager["adapter"].keys()
@@ -227,27 +274,12 @@ def test_fsdp2_with_compiled_blocks_trains_like_eager(tmp_path):
         torch.testing.assert_close(compiled["adapter"][key], value, rtol=1e-3, atol=1e-3 * value.abs().max().item())
 
 
-def _launch(script: Path, *args: str) -> None:
-    env = {**os.environ, "LL_TESTS_DIR": str(Path(__file__).parent), "MASTER_PORT": str(_free_port())}
-    env.pop("LOCAL_RANK", None)
-    result = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("quant_storage", ["uint8", "bfloat16"])
-def test_fsdp2_trains_resumes_sharded_adapter_checkpoint_and_keeps_nf4_bytes(tmp_path, quant_storage):
-    script = tmp_path / "fsdp2.py"
-    script.write_text(_FSDP2_SCRIPT)
-    _launch(script, str(tmp_path), "full", quant_storage)
-    _launch(script, str(tmp_path), "resume", quant_storage)
-    full, resumed = torch.load(tmp_path / "full.pt"), torch.load(tmp_path / "resume.pt")
+def test_fsdp2_trains_resumes_sharded_adapter_checkpoint_and_keeps_nf4_bytes(fsdp2_runs, quant_storage):
+    _output(fsdp2_runs, f"full-{quant_storage}")
+    out = _output(fsdp2_runs, f"resume-{quant_storage}")  # the full run's files, then the resumed run's
+    full, resumed = torch.load(out / "full.pt"), torch.load(out / "resume.pt")
 
     assert full["step"] == resumed["step"] == 6
     assert len(full["changed"]) == 14 and set(full["changed"].values()) == {0}  # bytes each layer saw = before sharding
@@ -257,12 +289,12 @@ def test_fsdp2_trains_resumes_sharded_adapter_checkpoint_and_keeps_nf4_bytes(tmp
     for key, value in adapter.items():  # every rank's shard came back: resumed run == uninterrupted run
         assert torch.equal(value, resumed["adapter"][key]), key
     # the checkpoint is a distributed (sharded) checkpoint holding the adapter and its optimizer state only
-    files = list((tmp_path / "ckpt" / "step=3.ckpt").iterdir())
+    files = list((out / "ckpt" / "step=3.ckpt").iterdir())
     assert {f.name for f in files if f.suffix != ".distcp"} == {".metadata", "meta.pt"} and len(files) == 4
     assert sum(f.stat().st_size for f in files) < 600_000
     from safetensors.torch import load_file
 
-    exported = load_file(tmp_path / "export" / "adapter" / "adapter_model.safetensors")
+    exported = load_file(out / "export" / "adapter" / "adapter_model.safetensors")
     for key, value in adapter.items():
         peft_key = "base_model.model." + key.replace("lora_a", "lora_A").replace("lora_b", "lora_B")
         assert torch.equal(exported[peft_key], value), key

@@ -237,18 +237,19 @@ def test_ddp_and_fsdp2_train_dora_like_one_process(tmp_path):
     # Two gloo ranks with 2 sequences each per step vs one process with those 4: the same 3 AdamW steps. Under
     # FSDP2 (ModelParallelStrategy + fully_shard_lora) each rank holds half of every magnitude vector.
     import os
-    import subprocess
     import sys
     from pathlib import Path
 
-    from test_distributed_cpu import _free_port
+    from _processes import free_ports, run_side_by_side
 
     script = Path(__file__).parent / "scripts" / "dora_distributed.py"
+    kinds = ("ddp", "fsdp2")
+    env = {k: v for k, v in os.environ.items() if k != "LOCAL_RANK"}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    envs = {kind: {**env, "MASTER_PORT": str(port)} for kind, port in zip(kinds, free_ports(len(kinds)))}
+    runs = run_side_by_side({kind: [sys.executable, str(script), str(tmp_path), kind] for kind in kinds}, timeout=600, env=envs)
     results = {}
-    for kind in ("ddp", "fsdp2"):
-        env = {**os.environ, "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-        env.pop("LOCAL_RANK", None)
-        result = subprocess.run([sys.executable, str(script), str(tmp_path), kind], env=env, capture_output=True, text=True, timeout=600)
+    for kind, result in runs.items():
         assert result.returncode == 0, result.stderr[-4000:]
         results[kind] = torch.load(tmp_path / f"{kind}.pt", weights_only=True)
     assert results["fsdp2"]["layout"] == ("DTensor", (32,), "(Shard(dim=0),)")

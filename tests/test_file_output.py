@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 from _models import tiny_llama
+from _processes import run_side_by_side
 from lightning_lora import LoRAConfig, inject_lora, load_adapter, save_adapter
 from lightning_lora.checkpoint_io import AtomicCheckpointIO
 from lightning_lora.export import save_merged
@@ -78,6 +78,7 @@ _SAVE = (
 
 
 def test_two_processes_write_the_same_adapter_bytes(tmp_path: Path) -> None:
-    for name in ("a", "b"):  # each process hashes its maps with another random seed
-        subprocess.run([sys.executable, "-c", _SAVE, str(tmp_path / name), str(TESTS)], check=True)
+    commands = {name: [sys.executable, "-c", _SAVE, str(tmp_path / name), str(TESTS)] for name in ("a", "b")}
+    runs = run_side_by_side(commands, timeout=300)  # each process hashes its maps with another random seed
+    assert [r.returncode for r in runs.values()] == [0, 0], [r.stderr[-2000:] for r in runs.values()]
     assert _digest(tmp_path / "a" / "adapter_model.safetensors") == _digest(tmp_path / "b" / "adapter_model.safetensors")

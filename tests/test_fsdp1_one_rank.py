@@ -6,9 +6,12 @@ needs CUDA (tests/gpu and benchmarks/multi_gpu.py cover it through Lightning); t
 as Lightning sets it up on the GPU (bf16 mixed precision, activation checkpointing, optimizer steps)."""
 
 import json
-import subprocess
 import sys
 import textwrap
+
+import pytest
+
+from _processes import run_side_by_side
 
 # One gloo rank, and the tiny nf4 Llama with LoRA on every linear that both scripts shard.
 PRELUDE = textwrap.dedent(
@@ -30,6 +33,22 @@ PRELUDE = textwrap.dedent(
                            QuantizationConfig(mode="nf4", quant_storage="bfloat16", compute_dtype="bfloat16"))
     """
 )
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """The four scripts below (each its own process: one gloo rank each), started side by side."""
+    full = tmp_path_factory.mktemp("fsdp1") / "full.pt"
+    scripts = {"restore": [CODE], "strategy": [CODE_STRATEGY], "as_lightning": [CODE_AS_LIGHTNING],
+               "round_trip": [CODE_FULL_ROUND_TRIP, str(full)]}
+    return run_side_by_side({name: [sys.executable, "-c", *args] for name, args in scripts.items()}, timeout=300)
+
+
+def _output(runs: dict, name: str) -> dict:
+    result = runs[name]
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
 
 CODE = PRELUDE + textwrap.dedent(
     """
@@ -65,10 +84,8 @@ CODE = PRELUDE + textwrap.dedent(
 )
 
 
-def test_restore_unsharded_params_gives_the_whole_state_dict_after_a_step() -> None:
-    result = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+def test_restore_unsharded_params_gives_the_whole_state_dict_after_a_step(runs) -> None:
+    out = _output(runs, "restore")
     assert out["strategy"] == "ShardingStrategy.NO_SHARD"
     assert out["unpatched"] == "FSDP assumes"  # the fault is real in this torch (if it goes away, so can the helper)
     assert out["restored"] > 0 and out["same_keys"] is True
@@ -125,10 +142,8 @@ CODE_STRATEGY = PRELUDE + textwrap.dedent(
 )
 
 
-def test_one_rank_fsdp1_checkpoints_the_adapter_and_what_lies_outside_the_backbone() -> None:
-    result = subprocess.run([sys.executable, "-c", CODE_STRATEGY], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+def test_one_rank_fsdp1_checkpoints_the_adapter_and_what_lies_outside_the_backbone(runs) -> None:
+    out = _output(runs, "strategy")
     assert out["unpatched"] == "FSDP assumes"
     assert out["kept_is_adapter_and_head"] is True and out["flat"] == [] and out["adapter_keys"] == 2 * 7 * 2
     assert out["same_values"] is True
@@ -188,10 +203,8 @@ CODE_AS_LIGHTNING = PRELUDE + textwrap.dedent(
 )
 
 
-def test_one_rank_state_dict_without_fsdp_hooks_as_lightning_runs_it() -> None:
-    result = subprocess.run([sys.executable, "-c", CODE_AS_LIGHTNING], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+def test_one_rank_state_dict_without_fsdp_hooks_as_lightning_runs_it(runs) -> None:
+    out = _output(runs, "as_lightning")
     assert out["unpatched"] == "FSDP assumes"
     assert out["same_keys"] is True and out["frozen_same"] is True and out["quant_keys"] == 2 * 7
     assert out["n_lora_b"] == 2 * 7 and out["lora_b_moved"] is True
@@ -240,9 +253,7 @@ CODE_FULL_ROUND_TRIP = PRELUDE + textwrap.dedent(
 )
 
 
-def test_whole_model_checkpoint_of_one_rank_fsdp1_loads_back_into_fsdp1(tmp_path) -> None:
-    result = subprocess.run([sys.executable, "-c", CODE_FULL_ROUND_TRIP, str(tmp_path / "full.pt")], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+def test_whole_model_checkpoint_of_one_rank_fsdp1_loads_back_into_fsdp1(runs) -> None:
+    out = _output(runs, "round_trip")
     assert out["differed_before"] > 50 and out["differ_after"] == [] and out["keys"] > 100
     assert out["same_parameters"] is True and out["same_logits"] is True

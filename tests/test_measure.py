@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -23,7 +24,11 @@ LORA_TENSORS = 2 * 7 * 2  # layers x projections x (A, B)
 
 @pytest.fixture(scope="module")
 def measured() -> dict[tuple[str, int], MeasuredMemory]:
-    return {(s, w): measure_memory(TINY, num_gpus=w, strategy=s, **RUN) for s in ("fsdp2", "fsdp") for w in (2, 4)}
+    # Each measurement is its own subprocess (mostly imports, on one core): two at a time use both cores of CI.
+    runs = [(s, w) for s in ("fsdp2", "fsdp") for w in (2, 4)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = pool.map(lambda run: measure_memory(TINY, num_gpus=run[1], strategy=run[0], **RUN), runs)
+        return dict(zip(runs, results))
 
 
 def _estimate(strategy: str, world: int):

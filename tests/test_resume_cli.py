@@ -9,6 +9,10 @@ with save_last, LearningRateMonitor).
 Then: one uninterrupted run; one run that kills itself (SIGKILL, or SIGINT = Ctrl-C) mid-epoch right
 after a checkpoint; and `lightning-lora fit --ckpt_path last` on the killed run's directory. The resumed
 run's exported adapter must be bit-identical to the uninterrupted run's.
+
+The runs of every config are queued together (``runs``) and as many run at a time as there are cores (each run
+has one thread): a run starts once the run it resumes has ended, so while one config's resumed run goes on alone
+the next config's runs use the other core. Each test then checks its own config's runs.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+
+from _processes import Queue
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -109,41 +115,71 @@ def kill_step(config: dict) -> int:
     return 5 if config["trainer"].get("max_epochs", 1) > 1 else 3
 
 
-def fit(config: dict, path: Path, *extra: str) -> subprocess.Popen:
+def fit(config: dict, path: Path, *extra: str) -> list[str]:
+    """The ``lightning-lora fit`` command on ``config``, written to ``path``."""
     path.write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "lightning_lora.cli", "fit", "--config", str(path), *extra]
-    return subprocess.Popen(command, env=ENV, cwd=path.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return [sys.executable, "-m", "lightning_lora.cli", "fit", "--config", str(path), *extra]
 
 
-def finish(proc: subprocess.Popen) -> tuple[int, str]:
-    out, _ = proc.communicate(timeout=600)
-    return proc.returncode, out
+def _signal(config_path: Path) -> str:
+    return "SIGINT" if config_path.name == "tiny-llama-cpu.yaml" else "SIGKILL"
 
 
-@pytest.mark.parametrize(
-    ("config_path", "sig"),
-    [(c, "SIGINT" if c.name == "tiny-llama-cpu.yaml" else "SIGKILL") for c in CONFIGS],
-    ids=[c.stem for c in CONFIGS],
-)
-def test_killed_mid_epoch_then_resumed_gives_the_bit_identical_adapter(config_path: Path, sig: str, tmp_path: Path) -> None:
+def _queue_config(queue: Queue, config_path: Path, tmp: Path) -> dict:
+    """Queue ``config_path``'s three runs in ``tmp``; the dict returned is filled in as they end."""
+    shipped = yaml.safe_load(config_path.read_text())
+    data = write_data(tmp)
+    killed_config = shrink(shipped, data, tmp / "killed")
+    dying = copy.deepcopy(killed_config)
+    kill = {"step": kill_step(shipped), "signal": _signal(config_path)}
+    dying["trainer"]["callbacks"].append({"class_path": "kill_after.KillAfterStep", "init_args": kill})
+    first = tmp / "killed" / "lightning_logs" / "version_0"
+    found = {"tmp": tmp, "first": first}
+
+    def seen_before_the_resume() -> None:
+        checkpoint = first / "checkpoints" / "last.ckpt"
+        found["checkpoint"] = torch.load(checkpoint, weights_only=True) if checkpoint.exists() else None
+        found["exported"] = (first / "export").exists()
+
+    run = dict(env=ENV, cwd=tmp, stderr=subprocess.STDOUT)
+    queue.add(f"{config_path.stem}/killed", fit(dying, tmp / "dying.yaml"), then=seen_before_the_resume, **run)
+    queue.add(f"{config_path.stem}/reference", fit(shrink(shipped, data, tmp / "reference"), tmp / "reference.yaml"), **run)
+    resumed = fit(killed_config, tmp / "killed.yaml", "--ckpt_path", "last")
+    queue.add(f"{config_path.stem}/resumed", resumed, after=f"{config_path.stem}/killed", **run)
+    return found
+
+
+@pytest.fixture(scope="module")
+def runs(request, tmp_path_factory) -> dict[str, dict]:
+    """For each config whose test runs in this session (-k or a test id may pick a few): its killed, uninterrupted
+    and resumed runs, all configs' runs in one queue."""
+    test = "test_killed_mid_epoch_then_resumed_gives_the_bit_identical_adapter"
+    items = [item for item in request.session.items if item.module is request.module and item.originalname == test]
+    selected = {item.callspec.params["config_path"] for item in items}
+    queue = Queue()  # every config's runs: the next config's use the core a resumed run leaves free
+    found = {c.stem: _queue_config(queue, c, tmp_path_factory.mktemp(c.stem)) for c in CONFIGS if c in selected}
+    ended = queue.run(timeout=600)
+    for stem, runs_of_config in found.items():
+        for kind in ("killed", "reference", "resumed"):
+            result = ended[f"{stem}/{kind}"]
+            runs_of_config[kind] = (result.returncode, result.stdout)  # stdout and stderr together
+    return found
+
+
+@pytest.mark.parametrize(("config_path", "sig"), [(c, _signal(c)) for c in CONFIGS], ids=[c.stem for c in CONFIGS])
+def test_killed_mid_epoch_then_resumed_gives_the_bit_identical_adapter(runs: dict, config_path: Path, sig: str) -> None:
     shipped = yaml.safe_load(config_path.read_text())
     assert shipped["model"]["init_args"]["lr_schedule"] == "linear"  # every shipped config: the schedule that broke resume
     assert any(cb["init_args"].get("save_last") for cb in shipped["trainer"]["callbacks"] if "ModelCheckpoint" in cb["class_path"])
-    data = write_data(tmp_path)
-    reference_config = shrink(shipped, data, tmp_path / "reference")
-    killed_config = shrink(shipped, data, tmp_path / "killed")
-    step = kill_step(shipped)
-    dying = copy.deepcopy(killed_config)
-    dying["trainer"]["callbacks"].append({"class_path": "kill_after.KillAfterStep", "init_args": {"step": step, "signal": sig}})
+    found = runs[config_path.stem]
+    tmp, first, step = found["tmp"], found["first"], kill_step(shipped)
 
-    reference = fit(reference_config, tmp_path / "reference.yaml")  # the two first runs share the 2 cores
-    killed = fit(dying, tmp_path / "dying.yaml")
-    code, out = finish(killed)
+    code, out = found["killed"]
     assert code == (-signal.SIGKILL if sig == "SIGKILL" else 1), out[-3000:]
     if sig == "SIGINT":
         assert "Detected KeyboardInterrupt, attempting graceful shutdown" in out, out[-3000:]
-    first = tmp_path / "killed" / "lightning_logs" / "version_0"
-    checkpoint = torch.load(first / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint = found["checkpoint"]  # as the killed run left it, read before the resume started
+    assert checkpoint is not None, out[-3000:]
     assert checkpoint["global_step"] == step
     loader = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     accumulate = shipped["trainer"].get("accumulate_grad_batches", 1)
@@ -151,17 +187,16 @@ def test_killed_mid_epoch_then_resumed_gives_the_bit_identical_adapter(config_pa
         assert (loader["epoch"], loader["batches"]) == (0, 3 * accumulate)
     else:  # GPT-2's 3 epochs: inside the second one
         assert loader["epoch"] == 1 and loader["batches"] > 0
-    assert not (first / "export").exists()  # killed before fit ended: nothing exported
+    assert not found["exported"]  # killed before fit ended: nothing exported
 
-    resumed = fit(killed_config, tmp_path / "killed.yaml", "--ckpt_path", "last")
-    code, out = finish(resumed)
+    code, out = found["resumed"]
     assert code == 0, out[-3000:]
     assert f"resuming from {first / 'checkpoints' / 'last.ckpt'}" in out
-    code, ref_out = finish(reference)
+    code, ref_out = found["reference"]
     assert code == 0, ref_out[-3000:]
 
-    want = load_file(tmp_path / "reference" / "lightning_logs" / "version_0" / ADAPTER)
-    second = tmp_path / "killed" / "lightning_logs" / "version_1"  # the resumed run is a new version
+    want = load_file(tmp / "reference" / "lightning_logs" / "version_0" / ADAPTER)
+    second = tmp / "killed" / "lightning_logs" / "version_1"  # the resumed run is a new version
     got = load_file(second / ADAPTER)
     assert want.keys() == got.keys() and len(want) > 0
     different = [key for key in want if not torch.equal(want[key], got[key])]
