@@ -104,8 +104,9 @@ def fused_training(layer: LoRALinear, adapter: Adapter, x: torch.Tensor, a: torc
 
 def unfused_training(layer: LoRALinear, adapter: Adapter, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     base = layer.base_layer
-    # A stock frozen nf4 base on CUDA: dequantized by one Triton kernel (None: the layer computes itself).
-    out = quantization.frozen_nf4_linear(base, x) if quantization.is_4bit(base) and fusable(layer, adapter) else None
+    # In a compiled graph, a stock frozen nf4 base on CUDA: dequantized by one Triton kernel (None: the layer computes itself).
+    compiled_4bit = torch.compiler.is_compiling() and quantization.is_4bit(base)
+    out = quantization.frozen_nf4_linear(base, x) if compiled_4bit and fusable(layer, adapter) else None
     if out is None:
         out = base(x)
     if a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
