@@ -6,10 +6,6 @@ CUDA by ``tests/gpu/test_gpu_nf4_kernel.py``.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import torch
 from torch import nn
 
@@ -50,11 +46,18 @@ def test_prepare_without_triton_says_no_and_does_not_raise() -> None:
         assert nf4_kernel.prepare() is True
 
 
-def test_environment_switch_turns_it_off() -> None:
-    code = "from lightning_lora import nf4_kernel; print(nf4_kernel.ENABLED)"
-    for value, expected in (("0", "False"), ("1", "True"), (None, "True")):
-        env = {k: v for k, v in os.environ.items() if k != "LIGHTNING_LORA_NF4_KERNEL"}
-        if value is not None:
-            env["LIGHTNING_LORA_NF4_KERNEL"] = value
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-        assert out.strip().splitlines()[-1] == expected, (value, out)
+def test_environment_switch_turns_it_off(monkeypatch) -> None:
+    import importlib
+
+    registered, unavailable = list(nf4_kernel._OP), list(nf4_kernel._UNAVAILABLE)  # a reload must not re-register the op
+    try:
+        for value, expected in (("0", False), ("1", True), (None, True)):
+            if value is None:
+                monkeypatch.delenv("LIGHTNING_LORA_NF4_KERNEL", raising=False)
+            else:
+                monkeypatch.setenv("LIGHTNING_LORA_NF4_KERNEL", value)
+            assert importlib.reload(nf4_kernel).ENABLED is expected, value  # read once, at import
+    finally:
+        monkeypatch.undo()
+        importlib.reload(nf4_kernel)
+        nf4_kernel._OP[:], nf4_kernel._UNAVAILABLE[:] = registered, unavailable
