@@ -10,7 +10,8 @@ Three parts, each in this one process:
   (bitsandbytes dequantizes, the LoRA update added by one ``addmm`` into the base output: the library's
   default), ``kernel_addmm`` (the library with ``LIGHTNING_LORA_NF4_KERNEL=1``), ``kernel_plain_add`` (the update
   as a plain add that inductor fuses into its neighbours), PEFT compiled the same way, and eager variants
-  (``eager_`` prefix: not compiled; ``unfused``: the plain-ops route instead of the fused autograd node):
+  (``eager_`` prefix: not compiled, where the library never uses the kernel; ``unfused``: the plain-ops route
+  instead of the fused autograd node):
   tokens/s, peak memory, GPU ms per step by kernel family, and the step's wall time less its GPU time (the time
   the GPU waits for the host). ``--trace`` writes a chrome trace of one step of the last variant of ours. A name
   may carry a suffix (``kernel_addmm_again``) to measure a variant twice.
@@ -114,10 +115,8 @@ def plain_add_training(layer, adapter, x, a, b):  # noqa: ANN001, ANN201 - the r
 
 
 def model_part(layers: int, steps: int, variants: list[str], trace: str | None, deadline: float) -> dict:
-    from compare_peft import peft_model, quantized_llama
+    from compare_peft import ALPHA, TARGETS, R, peft_model, quantized_llama
     from profile_step import profile_step, timed_steps
-
-    from compare_peft import ALPHA, TARGETS, R
 
     from lightning_lora import LoRAConfig, _routes, inject_lora, nf4_kernel
     from lightning_lora.compiling import compile_blocks
