@@ -79,8 +79,13 @@ def ours_model(layers: int, gc_on: bool, mode: str = "nf4") -> torch.nn.Module:
     return inject_lora(model, LoRAConfig(r=R, alpha=ALPHA, target_modules=TARGETS))
 
 
+MARK_CUDAGRAPH_STEPS = False  # set by step_levers.py's cudagraph variants: each step starts a new CUDA-graph generation
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> torch.Tensor:
     """One plain-PyTorch optimizer step under bf16 autocast; returns the loss."""
+    if MARK_CUDAGRAPH_STEPS:
+        torch.compiler.cudagraph_mark_step_begin()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()

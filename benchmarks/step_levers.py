@@ -8,13 +8,16 @@ Three parts, each in this one process:
   (one Triton kernel): bit-identical output and time per call;
 * ``model``: the 16-layer 7B-shape nf4 model of ``profile_step.py``, every block compiled: ``bnb_addmm``
   (bitsandbytes dequantizes, the LoRA update added by one ``addmm`` into the base output: the library's
-  default), ``kernel_addmm`` (the library with ``LIGHTNING_LORA_NF4_KERNEL=1``), ``kernel_plain_add`` (the update
-  as a plain add that inductor fuses into its neighbours), PEFT compiled the same way, and eager variants
+  default before the nf4 kernel), ``kernel_addmm`` (the library's default: the nf4 kernel, the update added after the
+  matmul by one ``addmm``), ``kernel_plain_add`` (the update as a plain add that inductor fuses into its neighbours),
+  PEFT compiled the same way, and eager variants
   (``eager_`` prefix: not compiled, where the library never uses the kernel; ``unfused``: the plain-ops route
   instead of the fused autograd node):
   tokens/s, peak memory, GPU ms per step by kernel family, and the step's wall time less its GPU time (the time
   the GPU waits for the host). ``--trace`` writes a chrome trace of one step of the last variant of ours. A name
-  may carry a suffix (``kernel_addmm_again``) to measure a variant twice.
+  may carry a suffix (``kernel_addmm_again``) to measure a variant twice; one with ``cudagraph`` in its name
+  compiles its blocks with ``mode='reduce-overhead'`` (CUDA graphs replayed by inductor's cudagraph trees, each
+  step marked as a new generation). ``--trace-variant`` names the variant whose step is traced.
 
     python benchmarks/step_levers.py --out levers.json [--parts gemm dequant model] [--trace trace.json.gz]
 """
@@ -41,6 +44,25 @@ def cuda_ms(fn, repeats: int = 20, warmup: int = 3) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / repeats
+
+
+def graph_ms(fn, repeats: int = 20) -> float:
+    """GPU time per call of ``fn``: ``repeats`` calls captured in one CUDA graph and replayed (no host time in it)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(3):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / (3 * repeats)
 
 
 def gemm_part(tokens: int = 4096, hidden: int = 4096, inter: int = 11008) -> dict:
@@ -92,6 +114,12 @@ def dequant_part() -> dict:
                 row[f"kernel_{block}_equal"] = bool(torch.equal(nf4_kernel.dequantize(packed, state, state.dtype), ref))
                 row[f"kernel_{block}_ms"] = cuda_ms(lambda: nf4_kernel.dequantize(packed, state, state.dtype))
             nf4_kernel._BLOCK[0] = default
+            # GPU time alone (CUDA-graph replay: no host time in it).
+            try:
+                row["gpu_bnb_ms"] = graph_ms(lambda: BF.dequantize_4bit(packed, state))
+            except Exception as err:  # bitsandbytes' launches may refuse capture
+                row["gpu_bnb_ms"] = f"{type(err).__name__}: {err}"[:200]
+            row["gpu_kernel_ms"] = graph_ms(lambda: nf4_kernel.dequantize(packed, state, state.dtype))
             bytes_moved = packed.numel() + ref.numel() * 2
             row["bnb_tb_s"] = bytes_moved / row["bnb_ms"] / 1e9
             row["kernel_best_tb_s"] = bytes_moved / min(row[f"kernel_{b}_ms"] for b in (512, 1024, 2048, 4096)) / 1e9
@@ -114,7 +142,8 @@ def plain_add_training(layer, adapter, x, a, b):  # noqa: ANN001, ANN201 - the r
     return out + (F.linear(h, b) * adapter.scale).to(out.dtype)
 
 
-def model_part(layers: int, steps: int, variants: list[str], trace: str | None, deadline: float) -> dict:
+def model_part(layers: int, steps: int, variants: list[str], trace: str | None, deadline: float, trace_variant: str | None = None) -> dict:
+    import compare_peft
     from compare_peft import ALPHA, TARGETS, R, peft_model, quantized_llama
     from profile_step import profile_step, timed_steps
 
@@ -139,12 +168,13 @@ def model_part(layers: int, steps: int, variants: list[str], trace: str | None, 
             if "unfused" in variant:  # the plain-ops route (bitsandbytes computes the base then)
                 for layer in lora_layers(model).values():
                     layer.fused = False
+            compare_peft.MARK_CUDAGRAPH_STEPS = "cudagraph" in variant
             if not variant.startswith("eager"):
-                compile_blocks(model)
+                compile_blocks(model, **({"mode": "reduce-overhead"} if "cudagraph" in variant else {}))
             row = timed_steps(model, steps, warmup=3)
             row.update(profile_step(model, top=12))
             row["host_wait_ms"] = row["step_s"] * 1e3 - row["gpu_ms_per_step"]
-            if trace and variant == [v for v in variants if v != "peft"][-1]:
+            if trace and variant == (trace_variant or [v for v in variants if v != "peft"][-1]):
                 from compare_peft import train_step
                 from torch.profiler import ProfilerActivity, profile
 
@@ -160,6 +190,7 @@ def model_part(layers: int, steps: int, variants: list[str], trace: str | None, 
         finally:
             _routes.unfused_training = original
             nf4_kernel.ENABLED = enabled
+            compare_peft.MARK_CUDAGRAPH_STEPS = False
         results[variant] = row
         print(variant, json.dumps({k: v for k, v in row.items() if k != "top_kernels"}), flush=True)
         model = None
@@ -176,6 +207,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--variants", nargs="*", default=["bnb_addmm", "kernel_addmm", "kernel_plain_add", "peft"])
     parser.add_argument("--trace", default=None)
+    parser.add_argument("--trace-variant", default=None, help="the variant whose step --trace records (default: the last of ours)")
     parser.add_argument("--max-seconds", type=float, default=480)
     args = parser.parse_args()
     deadline = time.perf_counter() + args.max_seconds
@@ -189,7 +221,7 @@ def main() -> None:
             results["dequant"] = {"error": f"{type(err).__name__}: {err}"[:800]}
             print("dequant", results["dequant"], flush=True)
     if "model" in args.parts:
-        results["model"] = model_part(args.layers, args.steps, args.variants, args.trace, deadline)
+        results["model"] = model_part(args.layers, args.steps, args.variants, args.trace, deadline, args.trace_variant)
         print(f"{'variant':18}{'tokens/s':>10}{'step ms':>9}{'GPU ms':>8}{'host wait':>10}{'peak GiB':>10}")
         for name, r in results["model"].items():
             if "tokens_per_s" in r:
