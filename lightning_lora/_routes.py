@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.modules import module as module_mod  # the global module hooks live here
 
 from lightning_lora import quantization
+from lightning_lora._members import member
 
 LoRALinear = nn.Module  # for annotations: the routes take a ``layers.LoRALinear`` (not imported: it imports this module)
 Adapter = nn.Module  # the module holding one adapter's A, B, scale and dropout (``layers.LoRAAdapter``, or the layer)
@@ -39,13 +40,14 @@ def fusable(layer: LoRALinear, adapter: Adapter | None = None) -> bool:
     base module), no torch.func transform (the node defines no vmap rule), and an additive adapter:
     DoRA rescales the base output too, which the node does not compute.
     """
-    base = layer.base_layer
+    base = member(layer, "base_layer")
     adapter = layer.get_adapter(layer.active_adapter) if adapter is None else adapter
     if adapter is None or adapter.use_dora:
         return False
-    if not layer.fused or quantization.is_8bit(base) or base.weight.requires_grad:
+    if not layer.fused or quantization.is_8bit(base) or member(base, "weight").requires_grad:
         return False
-    if getattr(base, "bias", None) is not None and base.bias.requires_grad:
+    bias = member(base, "bias")
+    if bias is not None and bias.requires_grad:
         return False
     return _unhooked(base) and _stock_forward(base, layer.fan_in_fan_out) and not _functorch_active()
 
@@ -92,13 +94,14 @@ def _frozen_weight(base: nn.Module, dtype: torch.dtype, transposed: bool = False
     """
     if quantization.is_4bit(base):
         return quantization.dequantize_weight(base, dtype=dtype)
-    weight = base.weight.t() if transposed else base.weight
-    return weight.to(dtype)
+    weight = member(base, "weight")
+    return (weight.t() if transposed else weight).to(dtype)
 
 
 # -- the routes ------------------------------------------------------------------------------------
 def fused_training(layer: LoRALinear, adapter: Adapter, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    x_lora = None if isinstance(adapter.dropout, nn.Identity) else adapter.dropout(x)
+    dropout = member(adapter, "dropout")
+    x_lora = None if isinstance(dropout, nn.Identity) else dropout(x)
     return _FusedLoRA.apply(x, x_lora, a, b, layer, adapter.scale)
 
 
@@ -128,9 +131,10 @@ def no_grad(layer: LoRALinear, adapter: Adapter, x: torch.Tensor, a: torch.Tenso
     active, which acts on the input); the weight route rounds like ``merge_lora`` on a bf16 weight. A stock,
     unhooked 4-bit base is computed by ``quantization.linear_4bit_no_grad`` (its own result, less host time).
     """
-    base = layer.base_layer
+    base = member(layer, "base_layer")
     four_bit = quantization.is_4bit(base)
-    dropout_active = layer.training and not isinstance(adapter.dropout, nn.Identity)
+    dropout = member(adapter, "dropout")
+    dropout_active = layer.training and not isinstance(dropout, nn.Identity)
     tokens = x.numel() // layer.in_features
     fold_cost = (2 if four_bit else 3) * layer.in_features * layer.out_features
     fold = not dropout_active and tokens * (layer.in_features + 2 * layer.out_features) > fold_cost
@@ -141,7 +145,7 @@ def no_grad(layer: LoRALinear, adapter: Adapter, x: torch.Tensor, a: torch.Tenso
         a, b = a.to(dtype), b.to(dtype)
         # A dequantized weight is a fresh tensor: add in place. A float weight is the parameter itself.
         weight = weight.addmm_(b, a, alpha=adapter.scale) if four_bit else torch.addmm(weight, b, a, alpha=adapter.scale)
-        bias = getattr(base, "bias", None)
+        bias = member(base, "bias")
         out = F.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
         return out.to(x.dtype) if four_bit else out
     # A stock 4-bit base without its forward's Python around bitsandbytes' op (the same result; None: call it).
@@ -150,7 +154,7 @@ def no_grad(layer: LoRALinear, adapter: Adapter, x: torch.Tensor, a: torch.Tenso
         out = base(x)
     dtype = _compute_dtype(x, out.dtype)
     a, b = a.to(dtype), b.to(dtype)
-    x_lora = adapter.dropout(x) if dropout_active else x
+    x_lora = dropout(x) if dropout_active else x
     h = torch.mm(x_lora.reshape(-1, layer.in_features).to(dtype), a.t())
     # In place only when nothing else can hold the base output (a forward hook may have kept it).
     if out.dtype == dtype and out.is_contiguous() and not out.requires_grad and _unhooked(base):
@@ -172,8 +176,8 @@ class _FusedLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, x_lora: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, layer: LoRALinear, scale: float) -> torch.Tensor:
-        base = layer.base_layer
-        bias = getattr(base, "bias", None)
+        base = member(layer, "base_layer")
+        bias = member(base, "bias")
         dtype = _compute_dtype(x, _base_compute_dtype(base, x))
         x2 = x.reshape(-1, layer.in_features).to(dtype)
         xl2 = x2 if x_lora is None else x_lora.reshape(-1, layer.in_features).to(dtype)
@@ -203,7 +207,7 @@ class _FusedLoRA(torch.autograd.Function):
         grad_b = torch.mm(g.t(), h).mul_(ctx.scale).to(ctx.b_dtype) if needs_b else None
         grad_x = grad_x_lora = None
         if needs_x:
-            grad_x = torch.mm(g, _frozen_weight(layer.base_layer, ctx.dtype, layer.fan_in_fan_out))
+            grad_x = torch.mm(g, _frozen_weight(member(layer, "base_layer"), ctx.dtype, layer.fan_in_fan_out))
             if not ctx.dropout:
                 grad_x.addmm_(grad_h, a_c)
             grad_x = grad_x.view(*grad.shape[:-1], layer.in_features).to(ctx.x_dtype)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lightning_lora import nf4_kernel
+from lightning_lora._members import member
 from lightning_lora._matching import matches_any, output_head_names, replace_modules
 from lightning_lora.config import QuantizationConfig
 
@@ -332,8 +333,9 @@ def matmul_4bit_frozen(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | 
     matmul by shape. The dequantized weight never appears as a value of its own, so a compiled
     graph cannot keep it alive until backward (which dequantizes again).
     """
+    weight = member(module, "weight")
     with torch.no_grad():
-        return _bnb().matmul_4bit(x, module.weight, bias=bias, quant_state=_quant_state(module, module.weight))
+        return _bnb().matmul_4bit(x, weight, bias=bias, quant_state=_quant_state(module, weight))
 
 
 def linear_4bit_no_grad(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -350,14 +352,14 @@ def linear_4bit_no_grad(module: nn.Module, x: torch.Tensor) -> torch.Tensor | No
     the weight was quantized transposed, or the scales are nested other than in 256-blocks.
     """
     op = _gemm_4bit_op()
-    weight = module.weight
+    weight = member(module, "weight")
     state = getattr(weight, "quant_state", None)
     dtype = module.compute_dtype
     if op is None or state is None or not module.compute_type_is_set or dtype is None or x.numel() == 0:
         return None
     if x.device.type == "cpu" and (not module.training or getattr(state, "packing_format_for_cpu", False)):
         return None
-    bias = module.bias
+    bias = member(module, "bias")
     if bias is not None and bias.dtype != dtype:
         return None
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
