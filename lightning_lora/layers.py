@@ -321,7 +321,7 @@ class LoRALinear(nn.Module):
             return _routes.no_grad(self, adapter, x, a, b)
         # Compiled graphs get the plain ops: inductor fuses them itself, and the custom autograd node
         # traced into a compiled graph on CUDA lost gradients (benchmarks/profile_step.py checks this).
-        if _routes.fusable(self, adapter) and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and _routes.fusable(self, adapter):
             return _routes.fused_training(self, adapter, x, a, b)
         return _routes.unfused_training(self, adapter, x, a, b)
 

@@ -333,9 +333,11 @@ def matmul_4bit_frozen(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | 
     matmul by shape. The dequantized weight never appears as a value of its own, so a compiled
     graph cannot keep it alive until backward (which dequantizes again).
     """
+    if torch.is_grad_enabled():  # (inside an autograd node's forward it is not: no mode to switch there)
+        with torch.no_grad():
+            return matmul_4bit_frozen(module, x, bias)
     weight = member(module, "weight")
-    with torch.no_grad():
-        return _bnb().matmul_4bit(x, weight, bias=bias, quant_state=_quant_state(module, weight))
+    return _bnb().matmul_4bit(x, weight, bias=bias, quant_state=_quant_state(module, weight))
 
 
 def linear_4bit_no_grad(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -374,10 +376,9 @@ def linear_4bit_no_grad(module: nn.Module, x: torch.Tensor) -> torch.Tensor | No
         absmax = state.state2.absmax
     else:
         nested, absmax = {}, state.absmax
-    out = op(
-        x.to(dtype), weight.view(-1, 1), shape, absmax, state.blocksize, state.quant_type, bias=bias, **nested
-    )  # fmt: skip
-    return out.to(x.dtype)
+    x_c = x if x.dtype == dtype else x.to(dtype)  # (a no-op .to costs about 1 us of host time)
+    out = op(x_c, weight.view(-1, 1), shape, absmax, state.blocksize, state.quant_type, bias=bias, **nested)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def frozen_nf4_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
