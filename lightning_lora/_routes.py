@@ -13,6 +13,11 @@ Nothing here imports the layer module: the routes take the layer and read its at
 (``base_layer``, ``in_features``, ``out_features``, ``fan_in_fan_out``, ``fused``) and the adapter's that runs
 (``r``, ``scale``, ``dropout``, ``use_dora``: the layer itself for its default adapter, else a ``LoRAAdapter``).
 DoRA adapters take none of these routes (``fusable`` says no): they run ``dora.output``.
+
+At small batch on a GPU the layer's host time is what the GPU waits for, so the per-call code here keeps its
+Python short (``benchmarks/host_overhead.py``): submodules and parameters are read with ``_members.member`` (not
+through ``nn.Module.__getattr__``), a tensor already in the dtype wanted is not cast (``_cast``), and every guard
+is a plain check made each call: hooks, adapters, merging, dtypes and torch.func transforms can change at any time.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from torch import nn
 from torch.nn.modules import module as module_mod  # the global module hooks live here
 
 from lightning_lora import quantization
+from lightning_lora._members import member
 
 LoRALinear = nn.Module  # for annotations: the routes take a ``layers.LoRALinear`` (not imported: it imports this module)
 Adapter = nn.Module  # the module holding one adapter's A, B, scale and dropout (``layers.LoRAAdapter``, or the layer)
@@ -39,23 +45,23 @@ def fusable(layer: LoRALinear, adapter: Adapter | None = None) -> bool:
     base module), no torch.func transform (the node defines no vmap rule), and an additive adapter:
     DoRA rescales the base output too, which the node does not compute.
     """
-    base = layer.base_layer
+    base = member(layer, "base_layer")
     adapter = layer.get_adapter(layer.active_adapter) if adapter is None else adapter
-    if adapter is None or adapter.use_dora:
+    if adapter is None or adapter.use_dora or not layer.fused:
         return False
-    if not layer.fused or quantization.is_8bit(base) or base.weight.requires_grad:
+    if quantization.is_8bit(base) or member(base, "weight").requires_grad:
         return False
-    if getattr(base, "bias", None) is not None and base.bias.requires_grad:
+    bias = member(base, "bias")
+    if bias is not None and bias.requires_grad:
         return False
     return _unhooked(base) and _stock_forward(base, layer.fan_in_fan_out) and not _functorch_active()
 
 
 def _unhooked(module: nn.Module) -> bool:
     """No forward or backward hook, on ``module`` or global, would miss a computation that bypasses its forward."""
-    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks,
-             module_mod._global_forward_hooks, module_mod._global_forward_pre_hooks, module_mod._global_backward_hooks,
-             module_mod._global_backward_pre_hooks)  # fmt: skip
-    return not any(hooks)
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+                or module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks
+                or module_mod._global_backward_hooks or module_mod._global_backward_pre_hooks)  # fmt: skip
 
 
 def _stock_forward(base: nn.Module, conv1d: bool) -> bool:
@@ -65,9 +71,14 @@ def _stock_forward(base: nn.Module, conv1d: bool) -> bool:
     return conv1d or type(base).forward is nn.Linear.forward
 
 
+# Looked up once: a getattr that misses (the first spelling, on current torch) costs about 2 us of host time a call.
+_TRANSFORMS_ACTIVE = getattr(torch._C._functorch, "_are_functorch_transforms_active", None) or getattr(
+    torch._C, "_are_functorch_transforms_active", None
+)
+
+
 def _functorch_active() -> bool:
-    check = getattr(torch._C._functorch, "_are_functorch_transforms_active", None) or getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(check()) if check is not None else False
+    return bool(_TRANSFORMS_ACTIVE()) if _TRANSFORMS_ACTIVE is not None else False
 
 
 # -- dtypes and the frozen weight ------------------------------------------------------------------
@@ -78,11 +89,16 @@ def _compute_dtype(x: torch.Tensor, fallback: torch.dtype) -> torch.dtype:
     return fallback
 
 
-def _base_compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
+def _base_compute_dtype(base: nn.Module, x: torch.Tensor, four_bit: bool) -> torch.dtype:
     """The dtype the base layer computes in without autocast: bitsandbytes' ``compute_dtype`` for 4-bit, else x's."""
-    if quantization.is_4bit(base) and base.compute_dtype is not None:
+    if four_bit and base.compute_dtype is not None:
         return base.compute_dtype
     return x.dtype
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.to(dtype)``, without the call when it would return ``tensor`` itself (about 1 us of host time each)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _frozen_weight(base: nn.Module, dtype: torch.dtype, transposed: bool = False) -> torch.Tensor:
@@ -92,13 +108,14 @@ def _frozen_weight(base: nn.Module, dtype: torch.dtype, transposed: bool = False
     """
     if quantization.is_4bit(base):
         return quantization.dequantize_weight(base, dtype=dtype)
-    weight = base.weight.t() if transposed else base.weight
-    return weight.to(dtype)
+    weight = member(base, "weight")
+    return _cast(weight.t() if transposed else weight, dtype)
 
 
 # -- the routes ------------------------------------------------------------------------------------
 def fused_training(layer: LoRALinear, adapter: Adapter, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    x_lora = None if isinstance(adapter.dropout, nn.Identity) else adapter.dropout(x)
+    dropout = member(adapter, "dropout")
+    x_lora = None if isinstance(dropout, nn.Identity) else dropout(x)
     return _FusedLoRA.apply(x, x_lora, a, b, layer, adapter.scale)
 
 
@@ -128,30 +145,31 @@ def no_grad(layer: LoRALinear, adapter: Adapter, x: torch.Tensor, a: torch.Tenso
     active, which acts on the input); the weight route rounds like ``merge_lora`` on a bf16 weight. A stock,
     unhooked 4-bit base is computed by ``quantization.linear_4bit_no_grad`` (its own result, less host time).
     """
-    base = layer.base_layer
+    base = member(layer, "base_layer")
     four_bit = quantization.is_4bit(base)
-    dropout_active = layer.training and not isinstance(adapter.dropout, nn.Identity)
+    dropout = member(adapter, "dropout")
+    dropout_active = layer.training and not isinstance(dropout, nn.Identity)
     tokens = x.numel() // layer.in_features
     fold_cost = (2 if four_bit else 3) * layer.in_features * layer.out_features
     fold = not dropout_active and tokens * (layer.in_features + 2 * layer.out_features) > fold_cost
     stock = (fold or four_bit) and fusable(layer, adapter)  # the base computes what its class computes, unhooked
     if fold and stock:
-        dtype = _compute_dtype(x, _base_compute_dtype(base, x))
+        dtype = _compute_dtype(x, _base_compute_dtype(base, x, four_bit))
         weight = _frozen_weight(base, dtype, layer.fan_in_fan_out)
-        a, b = a.to(dtype), b.to(dtype)
+        a, b = _cast(a, dtype), _cast(b, dtype)
         # A dequantized weight is a fresh tensor: add in place. A float weight is the parameter itself.
         weight = weight.addmm_(b, a, alpha=adapter.scale) if four_bit else torch.addmm(weight, b, a, alpha=adapter.scale)
-        bias = getattr(base, "bias", None)
-        out = F.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
-        return out.to(x.dtype) if four_bit else out
+        bias = member(base, "bias")
+        out = F.linear(_cast(x, dtype), weight, None if bias is None else _cast(bias, dtype))
+        return _cast(out, x.dtype) if four_bit else out
     # A stock 4-bit base without its forward's Python around bitsandbytes' op (the same result; None: call it).
     out = quantization.linear_4bit_no_grad(base, x) if four_bit and stock else None
     if out is None:
         out = base(x)
     dtype = _compute_dtype(x, out.dtype)
-    a, b = a.to(dtype), b.to(dtype)
-    x_lora = adapter.dropout(x) if dropout_active else x
-    h = torch.mm(x_lora.reshape(-1, layer.in_features).to(dtype), a.t())
+    a, b = _cast(a, dtype), _cast(b, dtype)
+    x_lora = dropout(x) if dropout_active else x
+    h = torch.mm(_cast(x_lora.reshape(-1, layer.in_features), dtype), a.t())
     # In place only when nothing else can hold the base output (a forward hook may have kept it).
     if out.dtype == dtype and out.is_contiguous() and not out.requires_grad and _unhooked(base):
         out.view(-1, layer.out_features).addmm_(h, b.t(), alpha=adapter.scale)
@@ -172,41 +190,41 @@ class _FusedLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, x_lora: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, layer: LoRALinear, scale: float) -> torch.Tensor:
-        base = layer.base_layer
-        bias = getattr(base, "bias", None)
-        dtype = _compute_dtype(x, _base_compute_dtype(base, x))
-        x2 = x.reshape(-1, layer.in_features).to(dtype)
-        xl2 = x2 if x_lora is None else x_lora.reshape(-1, layer.in_features).to(dtype)
-        if quantization.is_4bit(base):
-            out = quantization.matmul_4bit_frozen(base, x2, None if bias is None else bias.to(dtype))
+        base = member(layer, "base_layer")
+        four_bit = quantization.is_4bit(base)
+        bias = member(base, "bias")
+        dtype = _compute_dtype(x, _base_compute_dtype(base, x, four_bit))
+        x2 = _cast(x.reshape(-1, layer.in_features), dtype)
+        xl2 = x2 if x_lora is None else _cast(x_lora.reshape(-1, layer.in_features), dtype)
+        if four_bit:
+            out = quantization.matmul_4bit_frozen(base, x2, None if bias is None else _cast(bias, dtype))
         else:
             weight = _frozen_weight(base, dtype, layer.fan_in_fan_out)
-            out = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias.to(dtype), x2, weight.t())
-        a_c, b_c = a.to(dtype), b.to(dtype)
+            out = torch.mm(x2, weight.t()) if bias is None else torch.addmm(_cast(bias, dtype), x2, weight.t())
+        a_c, b_c = _cast(a, dtype), _cast(b, dtype)
         h = torch.mm(xl2, a_c.t())
         out.addmm_(h, b_c.t(), alpha=scale)
         ctx.layer, ctx.dtype, ctx.x_dtype, ctx.dropout, ctx.scale = layer, dtype, x.dtype, x_lora is not None, scale
         ctx.a_dtype, ctx.b_dtype = a.dtype, b.dtype
         ctx.save_for_backward(xl2, h, a_c, b_c)
         # Like the base layers themselves: bitsandbytes returns the input dtype, torch's linear the compute dtype.
-        out_dtype = x.dtype if quantization.is_4bit(base) else dtype
-        return out.view(*x.shape[:-1], layer.out_features).to(out_dtype)
+        return _cast(out.view(*x.shape[:-1], layer.out_features), x.dtype if four_bit else dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         xl2, h, a_c, b_c = ctx.saved_tensors
         layer = ctx.layer
         needs_x, needs_x_lora, needs_a, needs_b, _, _ = ctx.needs_input_grad
-        g = grad.reshape(-1, layer.out_features).to(ctx.dtype)
+        g = _cast(grad.reshape(-1, layer.out_features), ctx.dtype)
         grad_h = torch.mm(g, b_c).mul_(ctx.scale)  # (tokens, r)
-        grad_a = torch.mm(grad_h.t(), xl2).to(ctx.a_dtype) if needs_a else None
-        grad_b = torch.mm(g.t(), h).mul_(ctx.scale).to(ctx.b_dtype) if needs_b else None
+        grad_a = _cast(torch.mm(grad_h.t(), xl2), ctx.a_dtype) if needs_a else None
+        grad_b = _cast(torch.mm(g.t(), h).mul_(ctx.scale), ctx.b_dtype) if needs_b else None
         grad_x = grad_x_lora = None
         if needs_x:
-            grad_x = torch.mm(g, _frozen_weight(layer.base_layer, ctx.dtype, layer.fan_in_fan_out))
+            grad_x = torch.mm(g, _frozen_weight(member(layer, "base_layer"), ctx.dtype, layer.fan_in_fan_out))
             if not ctx.dropout:
                 grad_x.addmm_(grad_h, a_c)
-            grad_x = grad_x.view(*grad.shape[:-1], layer.in_features).to(ctx.x_dtype)
+            grad_x = _cast(grad_x.view(*grad.shape[:-1], layer.in_features), ctx.x_dtype)
         if ctx.dropout and needs_x_lora:
-            grad_x_lora = torch.mm(grad_h, a_c).view(*grad.shape[:-1], layer.in_features).to(ctx.x_dtype)
+            grad_x_lora = _cast(torch.mm(grad_h, a_c).view(*grad.shape[:-1], layer.in_features), ctx.x_dtype)
         return grad_x, grad_x_lora, grad_a, grad_b, None, None

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from lightning_lora import _routes, dora, inits, quantization
+from lightning_lora._members import member
 from lightning_lora.config import LoRAConfig, init_changes_base
 
 DEFAULT_ADAPTER = "default"
@@ -204,8 +205,9 @@ class LoRALinear(nn.Module):
     def get_adapter(self, name: str) -> nn.Module | None:
         """The module holding adapter ``name`` (the layer itself for 'default'), or None if this layer lacks it."""
         if name == DEFAULT_ADAPTER:
-            return self if self.lora_a is not None else None
-        return self.adapters[name] if name in self.adapters else None
+            return self if member(self, "lora_a") is not None else None
+        adapters = member(self, "adapters")
+        return adapters[name] if name in adapters else None
 
     def adapter_items(self) -> list[tuple[str, nn.Module]]:
         """(name, holder) of every adapter of this layer, the default one first."""
@@ -305,20 +307,21 @@ class LoRALinear(nn.Module):
         adapter = self.get_adapter(self.active_adapter)
         if adapter is None:  # the active adapter does not reach this layer
             return self.base_layer(x)
-        if type(adapter.lora_a) is not nn.Linear or type(adapter.lora_b) is not nn.Linear:
+        lora_a, lora_b = member(adapter, "lora_a"), member(adapter, "lora_b")  # adapter.lora_a, with less host time
+        if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear:
             # Wrapped adapters (e.g. FSDP1 units) hold their full weights only inside their own forward.
             if adapter.use_dora:
                 raise RuntimeError("DoRA reads A and B as weights, which FSDP1 units do not hold outside their forward: use FSDP2 (ModelParallelStrategy) or DDP.")
             out = self.base_layer(x)
-            return out + (adapter.lora_b(adapter.lora_a(adapter.dropout(x))) * adapter.scale).to(out.dtype)
+            return out + (lora_b(lora_a(adapter.dropout(x))) * adapter.scale).to(out.dtype)
         if adapter.use_dora:  # plain ops: every route below is for the additive update only
             return dora.output(self, adapter, x, self.base_layer(x))
-        a, b = adapter.lora_a.weight, adapter.lora_b.weight
+        a, b = member(lora_a, "weight"), member(lora_b, "weight")
         if not torch.is_grad_enabled() or not (a.requires_grad or b.requires_grad):
             return _routes.no_grad(self, adapter, x, a, b)
         # Compiled graphs get the plain ops: inductor fuses them itself, and the custom autograd node
         # traced into a compiled graph on CUDA lost gradients (benchmarks/profile_step.py checks this).
-        if _routes.fusable(self, adapter) and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and _routes.fusable(self, adapter):
             return _routes.fused_training(self, adapter, x, a, b)
         return _routes.unfused_training(self, adapter, x, a, b)
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lightning_lora import nf4_kernel
+from lightning_lora._members import member
 from lightning_lora._matching import matches_any, output_head_names, replace_modules
 from lightning_lora.config import QuantizationConfig
 
@@ -332,8 +333,11 @@ def matmul_4bit_frozen(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | 
     matmul by shape. The dequantized weight never appears as a value of its own, so a compiled
     graph cannot keep it alive until backward (which dequantizes again).
     """
-    with torch.no_grad():
-        return _bnb().matmul_4bit(x, module.weight, bias=bias, quant_state=_quant_state(module, module.weight))
+    if torch.is_grad_enabled():  # (inside an autograd node's forward it is not: no mode to switch there)
+        with torch.no_grad():
+            return matmul_4bit_frozen(module, x, bias)
+    weight = member(module, "weight")
+    return _bnb().matmul_4bit(x, weight, bias=bias, quant_state=_quant_state(module, weight))
 
 
 def linear_4bit_no_grad(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -350,14 +354,14 @@ def linear_4bit_no_grad(module: nn.Module, x: torch.Tensor) -> torch.Tensor | No
     the weight was quantized transposed, or the scales are nested other than in 256-blocks.
     """
     op = _gemm_4bit_op()
-    weight = module.weight
+    weight = member(module, "weight")
     state = getattr(weight, "quant_state", None)
     dtype = module.compute_dtype
     if op is None or state is None or not module.compute_type_is_set or dtype is None or x.numel() == 0:
         return None
     if x.device.type == "cpu" and (not module.training or getattr(state, "packing_format_for_cpu", False)):
         return None
-    bias = module.bias
+    bias = member(module, "bias")
     if bias is not None and bias.dtype != dtype:
         return None
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
@@ -372,10 +376,9 @@ def linear_4bit_no_grad(module: nn.Module, x: torch.Tensor) -> torch.Tensor | No
         absmax = state.state2.absmax
     else:
         nested, absmax = {}, state.absmax
-    out = op(
-        x.to(dtype), weight.view(-1, 1), shape, absmax, state.blocksize, state.quant_type, bias=bias, **nested
-    )  # fmt: skip
-    return out.to(x.dtype)
+    x_c = x if x.dtype == dtype else x.to(dtype)  # (a no-op .to costs about 1 us of host time)
+    out = op(x_c, weight.view(-1, 1), shape, absmax, state.blocksize, state.quant_type, bias=bias, **nested)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def frozen_nf4_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:

@@ -478,3 +478,116 @@ def test_wrapped_adapters_are_called_not_read():
     with torch.no_grad():
         torch.testing.assert_close(wrapped(torch.randn(400, 64)).shape, torch.Size([400, 96]))
     assert wrapped.lora_a.calls == wrapped.lora_b.calls == 2
+
+
+# -- the guards are checked on every call: nothing about hooks, dtypes, transforms or adapters is remembered -----------
+def _call(layer: LoRALinear, x: torch.Tensor, training: bool) -> torch.Tensor:
+    if training:
+        return layer(x.clone().requires_grad_(True))
+    with torch.no_grad():
+        return layer(x)
+
+
+@pytest.mark.parametrize("kind", ["linear", "nf4"])
+@pytest.mark.parametrize("route", ["no_grad", "no_grad_fold", "training"])
+@pytest.mark.parametrize("scope", ["module", "global"])
+def test_a_hook_added_after_the_first_call_sees_the_base_run_and_its_output_kept(kind, route, scope):
+    from torch.nn.modules.module import register_module_forward_hook
+
+    # Train mode without dropout: the same math, and on CPU a 4-bit base takes its direct no-grad route only there.
+    layer = LoRALinear(_frozen_base(kind), r=4, alpha=8).train()
+    _randomize_b(layer)
+    x = torch.randn(400 if route == "no_grad_fold" else 3, 64)
+    first = _call(layer, x, route == "training")  # the fast route: fused node, weight fold or direct 4-bit op
+    seen = []
+
+    def hook(module, args, out):
+        if module is layer.base_layer:
+            seen.append(out.detach())  # the output itself, not a copy: an in-place add into it would show
+
+    handle = layer.base_layer.register_forward_hook(hook) if scope == "module" else register_module_forward_hook(hook)
+    try:
+        second = _call(layer, x, route == "training")
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        base = layer.base_layer(x)
+    assert len(seen) == 1, "a hook added after the first call must see the base layer run"
+    torch.testing.assert_close(seen[0], base, rtol=0, atol=0)  # left as the base computed it
+    assert_close_scaled(second.detach(), first.detach(), rtol=1e-5, name=f"{kind} {route}")
+    assert not torch.equal(second.detach(), base)  # the adapter is in it
+
+
+@pytest.mark.parametrize("route", ["no_grad", "no_grad_fold", "training"])
+@pytest.mark.parametrize("kind", ["linear_bias", "conv1d"])
+def test_a_dtype_change_after_the_first_call_is_cast_for(route, kind):
+    layer = LoRALinear(_frozen_base(kind), r=4, alpha=8)
+    _randomize_b(layer)
+    x = torch.randn(400 if route == "no_grad_fold" else 3, 64)
+    _call(layer, x, route == "training")  # float32 throughout: nothing to cast
+    layer.base_layer.double()  # the base moves, the float32 adapter stays: it is cast for the float64 input
+    x = x.double()
+    out = _call(layer, x, route == "training")
+    assert out.dtype == torch.float64
+    a, b = layer.lora_a.weight.double(), layer.lora_b.weight.double()
+    with torch.no_grad():
+        expected = layer.base_layer(x) + (x @ a.t() @ b.t()) * layer.scale
+    torch.testing.assert_close(out.detach(), expected, rtol=1e-12, atol=1e-12)
+    if route == "training":
+        out.sum().backward()
+        assert layer.lora_a.weight.grad.dtype == layer.lora_b.weight.grad.dtype == torch.float32
+    layer.to(torch.bfloat16)  # then the whole layer in bf16, and a bf16 input
+    x = x.bfloat16()
+    out = _call(layer, x, route == "training")
+    assert out.dtype == torch.bfloat16
+    a, b = layer.lora_a.weight.float(), layer.lora_b.weight.float()
+    with torch.no_grad():
+        expected = layer.base_layer(x).float() + (x.float() @ a.t() @ b.t()) * layer.scale
+    assert_close_scaled(out.detach().float(), expected, rtol=2e-2, name=f"{kind} {route} bf16")
+
+
+def test_a_torch_func_transform_after_the_first_call_turns_the_fused_node_off():
+    from torch.func import functional_call, grad
+
+    from lightning_lora import _routes
+
+    layer = LoRALinear(_frozen_base("linear"), r=4, alpha=8)
+    _randomize_b(layer)
+    x = torch.randn(5, 64)
+    layer(x).pow(2).sum().backward()  # the fused node
+    assert _routes.fusable(layer) and not _routes._functorch_active()
+    seen = []
+
+    def loss(params):
+        seen.append((_routes._functorch_active(), _routes.fusable(layer)))
+        return functional_call(layer, params, (x,)).pow(2).sum()
+
+    params = {k: v.detach() for k, v in layer.named_parameters() if v.requires_grad}
+    grads = grad(loss)(params)
+    assert seen == [(True, False)]  # inside the transform: plain ops (the node defines no vmap rule)
+    for name, value in grads.items():
+        assert_close_scaled(value, layer.get_parameter(name).grad, rtol=1e-5, name=name)
+    assert _routes.fusable(layer)  # and back once it is over
+
+
+def test_switching_and_deleting_adapters_after_the_first_call():
+    layer = LoRALinear(_frozen_base("linear"), r=4, alpha=8)
+    _randomize_b(layer)
+    other = layer.add_adapter("other", r=2, alpha=8)
+    nn.init.normal_(other.lora_b.weight)
+
+    def update(adapter: nn.Module) -> torch.Tensor:
+        return (x @ adapter.lora_a.weight.t() @ adapter.lora_b.weight.t()) * adapter.scale
+
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        base = layer.base_layer(x)
+        assert_close_scaled(layer(x), base + update(layer), rtol=1e-5, name="default")
+        layer.active_adapter = "other"
+        assert_close_scaled(layer(x), base + update(other), rtol=1e-5, name="other")
+        layer.delete_adapter("other")
+        assert torch.equal(layer(x), base)  # the active adapter is gone: the base alone
+        layer.active_adapter = "default"
+        layer.delete_adapter("default")
+        assert torch.equal(layer(x), base)
+    assert layer.get_adapter("default") is None and layer.get_adapter("other") is None
