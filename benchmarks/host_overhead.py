@@ -236,12 +236,15 @@ def main() -> None:
     parser.add_argument("--cpu-size", type=int, default=64, help="in = out features of the CPU layers (a multiple of 32)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier host-time figures)")
     parser.add_argument("--no-cuda", action="store_true", help="CPU only, even where CUDA is available")
+    parser.add_argument("--no-cpu", action="store_true", help="CUDA only (on the GPU machine, where device time is short)")
     parser.add_argument("--profile", action="store_true", help="also print cProfile tables (CPU, 1 token)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import bitsandbytes
 
-    setups = [("cpu", args.cpu_size)] + ([("cuda", 4096)] if torch.cuda.is_available() and not args.no_cuda else [])
+    if args.no_cpu and (args.no_cuda or not torch.cuda.is_available()):
+        parser.error("--no-cpu leaves nothing to measure without CUDA: drop --no-cpu, or run it where CUDA is available.")
+    setups = ([] if args.no_cpu else [("cpu", args.cpu_size)]) + ([("cuda", 4096)] if torch.cuda.is_available() and not args.no_cuda else [])
     rows = []
     for device, size in setups:
         for kind in ("linear", "nf4"):

@@ -12,7 +12,8 @@
 #   benchmarks/one_gpu_checks.sh peft     OUT   # 7B QLoRA vs PEFT, training (issue 15: the same figures as 2026-12-01-qlora-compile after the move)
 #   benchmarks/one_gpu_checks.sh adapters OUT   # adapter-breadth GPU tests: DoRA, named adapters, inits, MoE experts, tokens, LoRA+
 #   benchmarks/one_gpu_checks.sh step     OUT   # issue 17.2: 16-layer 7B step, ours vs PEFT eager and compiled, profiled by kernel family
-#   benchmarks/one_gpu_checks.sh lean     OUT   # issue 17.4: the direct 4-bit route's GPU test, host cost per layer call, 16-layer
+#   benchmarks/one_gpu_checks.sh lean     OUT   # issue 17.4: the direct 4-bit route's GPU test, host cost per layer call (call_overhead.py,
+#                                               # host_overhead.py's CUDA rows), 16-layer
 #                                               # inference overhead, then the padded-batch profile (LL_TOKENIZER as for packing)
 set -uo pipefail
 part=${1:?part}; out=${2:?output folder}
@@ -83,7 +84,10 @@ case "$part" in
     tail -3 "$out/pytest.log"
     timeout 25 python3 benchmarks/call_overhead.py --out "$out/call-overhead.json" > "$out/call_overhead.log" 2>&1
     tail -2 "$out/call_overhead.log"
-    timeout 60 python3 benchmarks/compare_peft.py --only inference --layers 16 --out "$out/inference.json" > "$out/inference.log" 2>&1
+    timeout 60 python3 benchmarks/host_overhead.py --no-cpu --rounds 9 --out "$out/host-overhead.json" > "$out/host_overhead.log" 2>&1
+    tail -8 "$out/host_overhead.log"
+    # 69 s on 2026-12-02 (a 60 s limit cut it once): seven alternating rounds at 1 x 512, three at 8 x 2048, CUDA graphs
+    timeout 110 python3 benchmarks/compare_peft.py --only inference --layers 16 --out "$out/inference.json" > "$out/inference.log" 2>&1
     tail -3 "$out/inference.log"
     timeout 55 python3 benchmarks/padded_profile.py --layers 8 --steps 3 ${LL_TOKENIZER:+--tokenizer "$LL_TOKENIZER"} --out "$out" > "$out/padded_profile.log" 2>&1
     tail -45 "$out/padded_profile.log"
