@@ -175,7 +175,7 @@ def forward_seconds(model: torch.nn.Module, ids: torch.Tensor, repeats: int | No
 
 @torch.no_grad()
 def inference_overhead(layers: int) -> dict:
-    from lightning_lora import LoRAConfig, cast_adapters, disable_lora, inject_lora, merge_lora, quantization
+    from lightning_lora import LoRAConfig, LoRALinear, cast_adapters, disable_lora, inject_lora, merge_lora, quantization
 
     model = inject_lora(quantized_llama(layers), LoRAConfig(r=R, alpha=ALPHA, target_modules=TARGETS)).eval()
     for layer in model.modules():
@@ -219,20 +219,42 @@ def inference_overhead(layers: int) -> dict:
         with disable_lora(model):
             return forward_seconds(model, ids)
 
+    def fold_limit_seconds(ids: torch.Tensor, macs: int) -> float:
+        """Unmerged with ``LoRALinear.fold_below_macs`` at ``macs`` (0: the output route everywhere, as before it)."""
+        default = LoRALinear.fold_below_macs
+        LoRALinear.fold_below_macs = macs
+        try:
+            return forward_seconds(model, ids)
+        finally:
+            LoRALinear.fold_below_macs = default
+
     out = {}
     for (batch, seq), ids in inputs.items():
         # Eager timings follow the host's speed: alternating rounds (7 for small shapes, whose forward is bound by
         # the host, else 3), the median of each variant, and each round's own overhead (base and unmerged timed
         # back to back) with its median and range.
-        count = 7 if ids.numel() <= 4096 else 3
-        rounds = [(base_seconds(ids), forward_seconds(model, ids), through_base_forward(ids)) for _ in range(count)]
-        base, unmerged, before = (sorted(column)[count // 2] for column in zip(*rounds))
-        per_round = sorted(u / b - 1 for b, u, _ in rounds)
+        # At the small shape also: the output route in every layer (fold_below_macs 0, before the small-batch fold)
+        # and the fold in the attention projections only (2**34: 512 x 4096 x 4096 folds, 512 x 4096 x 11008 not).
+        small = ids.numel() <= 4096
+        count = 7 if small else 3
+        variants = [base_seconds, lambda i: forward_seconds(model, i), through_base_forward]
+        if small:
+            variants += [lambda i: fold_limit_seconds(i, 0), lambda i: fold_limit_seconds(i, 2**34)]
+        rounds = [tuple(variant(ids) for variant in variants) for _ in range(count)]
+        medians = [sorted(column)[count // 2] for column in zip(*rounds)]
+        base, unmerged, before = medians[:3]
+        per_round = sorted(r[1] / r[0] - 1 for r in rounds)
         entry = out[f"{batch}x{seq}"] = {"base_s": base, "unmerged_s": unmerged, "unmerged_overhead": unmerged / base - 1,
                                          "unmerged_through_base_forward_s": before,
                                          "unmerged_through_base_forward_overhead": before / base - 1, "rounds_s": rounds,
                                          "round_overhead_median": per_round[count // 2],
-                                         "round_overhead_range": [per_round[0], per_round[-1]]}
+                                         "round_overhead_range": [per_round[0], per_round[-1]],
+                                         "fold_below_macs": LoRALinear.fold_below_macs}
+        if small:
+            for index, name in ((3, "unmerged_output_route"), (4, "unmerged_fold_attention_only")):
+                per = sorted(r[index] / r[0] - 1 for r in rounds)
+                entry.update({f"{name}_s": medians[index], f"{name}_overhead": medians[index] / base - 1,
+                              f"{name}_round_overhead_median": per[count // 2]})
         try:  # the same two forwards replayed from CUDA graphs (the small shapes are bound by Python otherwise)
             with disable_lora(model):
                 base_graphed = graphed(ids)
@@ -296,6 +318,12 @@ def main() -> None:
         except Exception as err:
             results["inference"] = {"error": f"{type(err).__name__}: {err}"[:500]}
         print("inference", json.dumps(results["inference"]), flush=True)
+        keys = ("unmerged", "unmerged_output_route", "unmerged_fold_attention_only", "unmerged_through_base_forward", "unmerged_graphed", "merged")
+        print(f"{'shape':8}{'base ms':>9}" + "".join(f"{k.removeprefix('unmerged_') or 'unmerged':>22}" for k in keys))
+        for shape, entry in results["inference"].items():
+            if isinstance(entry, dict) and "base_s" in entry:
+                cells = "".join(f"{entry[k + '_overhead']:>+22.1%}" if k + "_overhead" in entry else f"{'-':>22}" for k in keys)
+                print(f"{shape:8}{entry['base_s'] * 1e3:>9.1f}{cells}", flush=True)
     import bitsandbytes
     import lightning
     import peft

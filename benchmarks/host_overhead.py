@@ -17,7 +17,8 @@ What runs on CPU differs from CUDA: bitsandbytes' eval-mode 4-bit forward under 
 so ``quantization.linear_4bit_no_grad`` declines in eval mode and the layer calls its base's forward
 (``ours_no_grad``); the row ``ours_no_grad_train_mode`` (a train-mode layer under no_grad, no dropout) is the
 direct route CUDA takes in eval. With 64 x 64 layers, 512 tokens take the weight-fold route of ``_routes.no_grad``
-(on CUDA at 4096 x 4096 they add to the output).
+(on CUDA at 4096 x 4096 they fold too, by launches: ``_routes.folds``; the row ``ours_no_grad_output_route`` is the
+output route there).
 
     python benchmarks/host_overhead.py --out host.json [--profile]
 """
@@ -90,11 +91,10 @@ def build(kind: str, size: int, device: str, dtype: torch.dtype) -> nn.Module:
 
 
 def route(layer: nn.Module, x: torch.Tensor) -> str:
-    """The no-grad route ``_routes.no_grad`` takes (the same formula): 'fold' (into the weight) or 'out'."""
-    four_bit = type(layer.base_layer).__name__ == "Linear4bit"
-    tokens = x.numel() // layer.in_features
-    fold_cost = (2 if four_bit else 3) * layer.in_features * layer.out_features
-    return "fold" if tokens * (layer.in_features + 2 * layer.out_features) > fold_cost else "out"
+    """The no-grad route ``_routes.no_grad`` takes (its own rule, ``_routes.folds``): 'fold' (into the weight) or 'out'."""
+    from lightning_lora import _routes, quantization
+
+    return "fold" if _routes.folds(layer, x, quantization.is_4bit(layer.base_layer)) else "out"
 
 
 def variants(layer: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]:
@@ -129,7 +129,8 @@ def variants(layer: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object
         with torch.no_grad():
             if folds:
                 if four_bit:
-                    weight = quantization.dequantize_weight(base, dtype=dtype).addmm_(b_c, a_c, alpha=scale)
+                    weight = quantization.dequantize_4bit_no_grad(base, dtype)
+                    weight = (quantization.dequantize_weight(base, dtype=dtype) if weight is None else weight).addmm_(b_c, a_c, alpha=scale)
                 else:
                     weight = torch.addmm(base.weight, b_c, a_c, alpha=scale)
                 return F.linear(x, weight)
@@ -162,6 +163,16 @@ def variants(layer: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object
         "ours_train_step": in_mode(True, step(ours_train)),
         "bare_train_step": in_mode(True, step(bare_train)),
     }
+    if four_bit and folds and x.is_cuda:
+        # The output route the layer took before the small-batch fold (``fold_below_macs`` 0 on this layer).
+        def ours_no_grad_output_route() -> object:
+            layer.fold_below_macs = 0
+            try:
+                return ours_no_grad()
+            finally:
+                del layer.fold_below_macs
+
+        fns["ours_no_grad_output_route"] = in_mode(False, ours_no_grad_output_route)
     if four_bit and x.device.type == "cpu":
         # Dropout is 0: the same math. On CPU only a train-mode layer takes the direct 4-bit route CUDA takes in eval.
         fns["ours_no_grad_train_mode"] = in_mode(True, ours_no_grad)
@@ -223,6 +234,8 @@ def table(rows: list[dict[str, object]]) -> str:
         cells += [f"{row[c + '_over_bare_us']:+.1f}" for c in over]
         cells += [f"{row[c + '_python_calls']:.0f}" for c in calls]
         lines.append(" | ".join(str(c) for c in cells))
+        if "ours_no_grad_output_route_us" in row:
+            lines.append(f"  ({row['kind']} {row['device']} {row['tokens']} tokens, our layer on the output route instead of the fold: {row['ours_no_grad_output_route_us']:.1f} us)")
         if "ours_no_grad_train_mode_us" in row:
             lines.append(f"  (nf4 on CPU, our layer under no_grad in train mode, the direct 4-bit route: {row['ours_no_grad_train_mode_us']:.1f} us)")
     return "\n".join(lines)

@@ -7,7 +7,7 @@ three faster ways to compute the same thing, each for one situation:
 - ``unfused_training``: plain ops, the update added into the base output with one ``addmm``
   (compiled graphs, 8-bit bases, hooks on the base layer, ``layer.fused = False``);
 - ``no_grad``: without autograd, the update added to the output in place, or folded into the
-  (dequantized) weight when that is cheaper.
+  (dequantized) weight when that is cheaper in memory traffic or, at small batch on a GPU, in kernel launches.
 
 Nothing here imports the layer module: the routes take the layer and read its attributes
 (``base_layer``, ``in_features``, ``out_features``, ``fan_in_fan_out``, ``fused``) and the adapter's that runs
@@ -37,19 +37,20 @@ Adapter = nn.Module  # the module holding one adapter's A, B, scale and dropout 
 
 
 # -- guards --------------------------------------------------------------------------------------
-def fusable(layer: LoRALinear, adapter: Adapter | None = None) -> bool:
+def fusable(layer: LoRALinear, adapter: Adapter | None = None, base: nn.Module | None = None) -> bool:
     """Whether ``_FusedLoRA`` (and the weight route) can stand in for base + LoRA (``adapter``, default the active one).
 
     It needs a frozen float or 4-bit base (bias frozen too) with its class's stock forward,
     no forward or backward hooks on the base layer (it computes the base output without calling the
     base module), no torch.func transform (the node defines no vmap rule), and an additive adapter:
-    DoRA rescales the base output too, which the node does not compute.
+    DoRA rescales the base output too, which the node does not compute. ``base``: the layer's ``base_layer``, where
+    the caller has it already.
     """
-    base = member(layer, "base_layer")
+    base = member(layer, "base_layer") if base is None else base
     adapter = layer.get_adapter(layer.active_adapter) if adapter is None else adapter
     if adapter is None or adapter.use_dora or not layer.fused:
         return False
-    if quantization.is_8bit(base) or member(base, "weight").requires_grad:
+    if quantization.is_8bit(base) or quantization.packed_tensor(member(base, "weight")).requires_grad:
         return False
     bias = member(base, "bias")
     if bias is not None and bias.requires_grad:
@@ -135,27 +136,60 @@ def unfused_training(layer: LoRALinear, adapter: Adapter, x: torch.Tensor, a: to
     return out + (F.linear(h, b) * adapter.scale).to(out.dtype)
 
 
-def no_grad(layer: LoRALinear, adapter: Adapter, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Without autograd (inference, or a reentrant-checkpoint forward): the update added into the base output in place.
+# Devices where an eager forward at small batch waits on the host's kernel launches rather than on the device.
+LAUNCH_BOUND_DEVICES = ("cuda",)
 
-    With many tokens, adding the update to the output costs a read and a write of the whole
-    (tokens, out) output plus a read of the input; adding ``scale * B @ A`` to the weight the base
-    computes with (a temporary: dequantized for 4-bit bases) costs a pass over (out, in) instead,
-    independent of the number of tokens. The cheaper of the two is taken (not while dropout is
-    active, which acts on the input); the weight route rounds like ``merge_lora`` on a bf16 weight. A stock,
-    unhooked 4-bit base is computed by ``quantization.linear_4bit_no_grad`` (its own result, less host time).
+
+def folds(layer: LoRALinear, x: torch.Tensor, four_bit: bool, base: nn.Module | None = None, dtype: torch.dtype | None = None) -> bool:
+    """Whether ``no_grad`` adds the update to the weight (True) rather than to the output, for input ``x``.
+
+    By memory traffic: with many tokens, adding the update to the output costs a read and a write of the whole
+    (tokens, out) output plus a read of the input; adding ``scale * B @ A`` to the weight the base computes with
+    (a temporary: dequantized for 4-bit bases) costs a pass over (out, in) instead, independent of the tokens.
+
+    By launches: at small batch on a GPU an eager forward is bound by the host, which launches the kernels
+    (1 x 512 tokens through 16 7B layers: ~13 ms of GPU work, 35-47 ms of host time). Where bitsandbytes computes
+    a 4-bit base by dequantizing its weight into a temporary anyway (``quantization.gemm_4bit_dequantizes``: not at
+    one row, nor where its own small-batch kernel reads the 4-bit weight), folding the update into that temporary
+    takes one kernel (``addmm_``) where the output route takes two (``x @ A``, then ``addmm_``). It is taken when
+    ``tokens * in * out`` is at most ``layer.fold_below_macs`` (the matmul is then short next to the launches),
+    not inside a compiled graph (inductor fuses the update itself) and not while a CUDA graph is captured (its
+    replay has no launch cost to save, and the extra pass over the weight would be paid on every replay).
+    ``base``, ``dtype``: the layer's ``base_layer`` and the dtype it computes ``x`` in, where the caller has them.
+    """
+    tokens = x.numel() // layer.in_features
+    fold_cost = (2 if four_bit else 3) * layer.in_features * layer.out_features
+    if tokens * (layer.in_features + 2 * layer.out_features) > fold_cost:
+        return True
+    if not four_bit or tokens < 2 or x.device.type not in LAUNCH_BOUND_DEVICES:
+        return False
+    if tokens * layer.in_features * layer.out_features > layer.fold_below_macs or torch.compiler.is_compiling():
+        return False
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    base = member(layer, "base_layer") if base is None else base
+    dtype = _compute_dtype(x, _base_compute_dtype(base, x, True)) if dtype is None else dtype
+    return quantization.gemm_4bit_dequantizes(base, x, dtype)
+
+
+def no_grad(layer: LoRALinear, adapter: Adapter, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Without autograd (inference, or a reentrant-checkpoint forward): the update added into the base output in place,
+    or into the weight the base computes with (``folds`` says which; not while dropout is active, which acts on the
+    input). The weight route rounds like ``merge_lora`` on a bf16 weight; for a 4-bit base it dequantizes with
+    ``quantization.dequantize_4bit_no_grad``. A stock, unhooked 4-bit base on the output route is computed by
+    ``quantization.linear_4bit_no_grad`` (its own result, less host time).
     """
     base = member(layer, "base_layer")
     four_bit = quantization.is_4bit(base)
     dropout = member(adapter, "dropout")
     dropout_active = layer.training and not isinstance(dropout, nn.Identity)
-    tokens = x.numel() // layer.in_features
-    fold_cost = (2 if four_bit else 3) * layer.in_features * layer.out_features
-    fold = not dropout_active and tokens * (layer.in_features + 2 * layer.out_features) > fold_cost
-    stock = (fold or four_bit) and fusable(layer, adapter)  # the base computes what its class computes, unhooked
+    dtype = _compute_dtype(x, _base_compute_dtype(base, x, four_bit))  # what the base computes in
+    fold = not dropout_active and folds(layer, x, four_bit, base, dtype)
+    stock = (fold or four_bit) and fusable(layer, adapter, base)  # the base computes what its class computes, unhooked
     if fold and stock:
-        dtype = _compute_dtype(x, _base_compute_dtype(base, x, four_bit))
-        weight = _frozen_weight(base, dtype, layer.fan_in_fan_out)
+        weight = quantization.dequantize_4bit_no_grad(base, dtype) if four_bit else None
+        if weight is None:
+            weight = _frozen_weight(base, dtype, layer.fan_in_fan_out)
         a, b = _cast(a, dtype), _cast(b, dtype)
         # A dequantized weight is a fresh tensor: add in place. A float weight is the parameter itself.
         weight = weight.addmm_(b, a, alpha=adapter.scale) if four_bit else torch.addmm(weight, b, a, alpha=adapter.scale)

@@ -62,12 +62,28 @@ def bitsandbytes_available() -> bool:
     return True
 
 
+_CLASSES: list[tuple[type, ...]] = []  # [(Linear4bit, Linear8bitLt, Params4bit)] once bitsandbytes is imported
+
+
 def _bnb_classes() -> tuple[type, ...]:
-    """The quantized layer classes, or () while bitsandbytes was never imported (then no model has them)."""
+    """The quantized layer classes and bitsandbytes' 4-bit parameter class (``Linear4bit, Linear8bitLt, Params4bit``),
+    or () while bitsandbytes was never imported (then no model has them). Looked up once: the checks of the layers'
+    per-call routes make it."""
+    if _CLASSES:
+        return _CLASSES[0]
     bnb = sys.modules.get("bitsandbytes")
     if bnb is None or not hasattr(bnb, "nn"):
         return ()
-    return (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    _CLASSES.append((bnb.nn.Linear4bit, bnb.nn.Linear8bitLt, bnb.nn.Params4bit))
+    return _CLASSES[0]
+
+
+def packed_tensor(weight: torch.Tensor) -> torch.Tensor:
+    """A 4-bit weight as a plain tensor on the same storage: ``Params4bit`` defines ``__torch_function__``, so every
+    op and attribute read on it (``.shape``, ``.dim()``, an op's argument) runs Python; ``as_subclass`` itself does
+    not (about 5 such calls saved per layer call on the no-grad routes)."""
+    classes = _bnb_classes()
+    return weight.as_subclass(torch.Tensor) if classes and type(weight) is classes[2] else weight
 
 
 def is_4bit(module: nn.Module) -> bool:
@@ -82,7 +98,7 @@ def is_8bit(module: nn.Module) -> bool:
 
 def is_quantized(module: nn.Module) -> bool:
     classes = _bnb_classes()
-    return bool(classes) and isinstance(module, classes)
+    return bool(classes) and isinstance(module, classes[:2])
 
 
 def quantize_linear(linear: nn.Linear, config: QuantizationConfig, device: torch.device | str | None = None) -> nn.Module:
@@ -359,6 +375,7 @@ def linear_4bit_no_grad(module: nn.Module, x: torch.Tensor) -> torch.Tensor | No
     dtype = module.compute_dtype
     if op is None or state is None or not module.compute_type_is_set or dtype is None or x.numel() == 0:
         return None
+    weight = packed_tensor(weight)
     if x.device.type == "cpu" and (not module.training or getattr(state, "packing_format_for_cpu", False)):
         return None
     bias = member(module, "bias")
@@ -379,6 +396,113 @@ def linear_4bit_no_grad(module: nn.Module, x: torch.Tensor) -> torch.Tensor | No
     x_c = x if x.dtype == dtype else x.to(dtype)  # (a no-op .to costs about 1 us of host time)
     out = op(x_c, weight.view(-1, 1), shape, absmax, state.blocksize, state.quant_type, bias=bias, **nested)
     return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def dequantize_4bit_no_grad(module: nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
+    """The (out, in) weight a stock 4-bit layer computes with, dequantized straight into ``dtype`` by bitsandbytes'
+    ops called directly, as its ``gemm_4bit`` does before its matmul: ``bnb.functional.dequantize_4bit`` with the
+    quant state's dtype set to ``dtype``, bit for bit (``dequantize_weight`` rounds through the quant state's own
+    dtype first: the same where ``dtype`` is that one), with less Python around the same two or three kernels (on CUDA bitsandbytes' own functions behind the ops:
+    ``_cuda_dequantize_impls``; ``tests/test_host_fold.py`` and ``tests/gpu/test_gpu_lean_4bit.py`` compare them). A fresh tensor:
+    the caller may write into it. None (use ``dequantize_weight``) where the weight lost its quant state (FSDP),
+    the CPU's eval-mode repack applies or has happened, the weight was quantized transposed, ``dtype`` is not a
+    float bitsandbytes writes, or bitsandbytes lacks the ops.
+    """
+    ops = _dequantize_ops()
+    weight = member(module, "weight")
+    state = getattr(weight, "quant_state", None)
+    if ops is None or state is None or dtype not in _DEQUANTIZE_DTYPES:
+        return None
+    weight = packed_tensor(weight)
+    if weight.device.type == "cpu" and (not module.training or getattr(state, "packing_format_for_cpu", False)):
+        return None
+    shape = state.shape
+    if len(shape) != 2 or weight.dim() != 2 or weight.shape[-1] != 1:
+        return None
+    impls = _cuda_dequantize_impls() if weight.is_cuda else None
+    absmax = state.absmax
+    if state.nested:
+        nested = state.state2
+        code = nested.code if nested.code.device == absmax.device else nested.code.to(absmax.device)
+        if impls is not None:
+            scales = torch.empty_like(absmax, dtype=torch.float32)
+            impls[1](absmax, nested.absmax, code, nested.blocksize, torch.float32, out=scales)
+        else:
+            scales = ops[1](absmax, nested.absmax, code, nested.blocksize, torch.float32)
+        absmax = scales.add_(state.offset)
+    if impls is None:
+        return ops[0](weight, absmax, state.blocksize, state.quant_type, shape, dtype)
+    out = torch.empty(shape, dtype=dtype, device=weight.device)
+    impls[0](weight, absmax, state.blocksize, state.quant_type, dtype, out=out)
+    return out
+
+
+def gemm_4bit_dequantizes(module: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether bitsandbytes computes a 4-bit layer's no-grad forward of ``x`` (cast to ``dtype``) by dequantizing
+    the whole weight then multiplying, rather than with a kernel that reads the 4-bit weight itself.
+
+    bitsandbytes 0.50's ``gemm_4bit`` asks its own per-GPU heuristic for up to 1,536 rows (one H200, a 4096 x
+    4096 weight: its kernel at up to 7 rows, dequantize + matmul from 8); that heuristic is asked here too. Where
+    bitsandbytes does not expose it (other releases, other backends), only one row is taken to skip the
+    dequantize (``matmul_4bit``'s GEMV kernel).
+    """
+    rows = x.numel() // x.shape[-1]
+    if rows <= 1:
+        return False
+    ops = sys.modules.get("bitsandbytes.backends.cuda.ops") if x.is_cuda else None
+    custom = getattr(ops, "_gemm_4bit_use_custom_fn", None)
+    max_rows = getattr(ops, "_gemm_4bit_custom_max_m", None)
+    state = getattr(member(module, "weight"), "quant_state", None)
+    if custom is None or not isinstance(max_rows, int) or state is None or len(state.shape) != 2:
+        return True
+    out_features, in_features = state.shape
+    if rows > max_rows or in_features % state.blocksize:
+        return True
+    try:
+        return not custom(x.device.index if x.device.index is not None else torch.cuda.current_device(), dtype, rows, out_features, in_features)
+    except Exception:  # a heuristic of another signature: assume the fused kernel, which leaves the output route
+        return False
+
+
+_DEQUANTIZE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DEQUANTIZE: list[Any] = []  # [the two ops, or None where bitsandbytes lacks them], once looked up
+
+
+_CUDA_IMPLS: list[Any] = []  # [(dequantize_4bit, dequantize_blockwise) CUDA implementations, or None], once looked up
+_IMPL_PARAMETERS = (["A", "absmax", "blocksize", "quant_type", "dtype", "out"], ["A", "absmax", "code", "blocksize", "dtype", "out"])
+
+
+def _cuda_dequantize_impls() -> tuple[Any, Any] | None:
+    """The CUDA functions behind bitsandbytes' two dequantize ops, which its own ``gemm_4bit`` calls directly
+    (``_dequantize_4bit_impl``, ``_dequantize_blockwise_impl`` in ``bitsandbytes.backends.cuda.ops``), or None.
+
+    Calling them skips the op dispatcher's Python (torch.library and torch._dynamo's disable wrapper: about eight
+    Python calls per op). They are bitsandbytes' private functions, so they are taken only where their parameters
+    are the ones read here (as in 0.50); elsewhere the ops are called.
+    """
+    if not _CUDA_IMPLS:
+        import inspect
+
+        module = sys.modules.get("bitsandbytes.backends.cuda.ops")
+        found = tuple(getattr(module, name, None) for name in ("_dequantize_4bit_impl", "_dequantize_blockwise_impl"))
+        try:
+            ok = all(callable(fn) and list(inspect.signature(fn).parameters) == params for fn, params in zip(found, _IMPL_PARAMETERS))
+        except (TypeError, ValueError):
+            ok = False
+        _CUDA_IMPLS.append(found if ok else None)
+    return _CUDA_IMPLS[0]
+
+
+def _dequantize_ops() -> tuple[Any, Any] | None:
+    """``(dequantize_4bit, dequantize_blockwise)`` of ``torch.ops.bitsandbytes`` (their ``default`` overloads), or None."""
+    if not _DEQUANTIZE:
+        _bnb()  # importing bitsandbytes registers its ops
+        try:
+            ops = (torch.ops.bitsandbytes.dequantize_4bit.default, torch.ops.bitsandbytes.dequantize_blockwise.default)
+        except (AttributeError, RuntimeError):  # torch raises either for an op nobody registered
+            ops = None
+        _DEQUANTIZE.append(ops)
+    return _DEQUANTIZE[0]
 
 
 def frozen_nf4_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
