@@ -163,7 +163,13 @@ def folds(layer: LoRALinear, x: torch.Tensor, four_bit: bool, base: nn.Module | 
         return True
     if not four_bit or tokens < 2 or x.device.type not in LAUNCH_BOUND_DEVICES:
         return False
-    if tokens * layer.in_features * layer.out_features > layer.fold_below_macs or torch.compiler.is_compiling():
+    limit = layer.fold_below_macs
+    if type(limit) is not int or limit < 0:
+        raise ValueError(
+            f"`LoRALinear.fold_below_macs` must be a non-negative int (tokens x in x out multiply-adds), got {limit!r}. "
+            "Set it to e.g. 2**35, or to 0 to turn the small-batch fold off."
+        )
+    if tokens * layer.in_features * layer.out_features > limit or torch.compiler.is_compiling():
         return False
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         return False

@@ -10,6 +10,7 @@ small-batch kernel and CUDA graph capture, is in ``tests/gpu/test_gpu_lean_4bit.
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -172,3 +173,11 @@ def test_a_hooked_base_is_called_not_folded(launch_bound_cpu, dequantized) -> No
     with torch.no_grad():
         out = layer(torch.randn(4, 96))
     assert seen == [(4, 64)] and dequantized == [] and out.shape == (4, 64)
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "auto", True, None])
+def test_a_bad_fold_limit_is_refused_with_the_fix(launch_bound_cpu, value) -> None:
+    layer = lora(four_bit(compute_dtype="float32"))
+    layer.fold_below_macs = value
+    with torch.no_grad(), pytest.raises(ValueError, match=r"`LoRALinear.fold_below_macs` must be a non-negative int .* got " + re.escape(repr(value)) + r".*0 to turn"):
+        layer(torch.randn(4, 96))
