@@ -129,8 +129,9 @@ class LoRALinear(nn.Module):
 
     #: Inference on a GPU, 4-bit base: up to this many ``tokens * in_features * out_features`` multiply-adds the
     #: update is added to the weight bitsandbytes dequantizes anyway, saving a kernel launch where the host, not the
-    #: GPU, sets the pace (``_routes.folds``). The default covers 512 tokens through every Llama-2-7B projection;
-    #: 0 turns it off (set it on the class, or on one layer).
+    #: GPU, sets the pace (``_routes.folds``). The default covers 512 tokens through every Llama-2-7B projection
+    #: (measured on an H200, where that forward is host-bound); the fold adds a pass over the weight, so lower it where
+    #: the GPU rather than the host bounds small batches. 0 turns it off (set it on the class, or on one layer).
     fold_below_macs: int = 2**35
 
     def __init__(
