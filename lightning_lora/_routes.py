@@ -22,6 +22,7 @@ is a plain check made each call: hooks, adapters, merging, dtypes and torch.func
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -140,7 +141,7 @@ def unfused_training(layer: LoRALinear, adapter: Adapter, x: torch.Tensor, a: to
 LAUNCH_BOUND_DEVICES = ("cuda",)
 
 
-def folds(layer: LoRALinear, x: torch.Tensor, four_bit: bool, base: nn.Module | None = None, dtype: torch.dtype | None = None) -> bool:
+def folds(layer: LoRALinear, x: torch.Tensor, four_bit: bool, base: nn.Module | None = None) -> bool:
     """Whether ``no_grad`` adds the update to the weight (True) rather than to the output, for input ``x``.
 
     By memory traffic: with many tokens, adding the update to the output costs a read and a write of the whole
@@ -155,27 +156,31 @@ def folds(layer: LoRALinear, x: torch.Tensor, four_bit: bool, base: nn.Module | 
     ``tokens * in * out`` is at most ``layer.fold_below_macs`` (the matmul is then short next to the launches),
     not inside a compiled graph (inductor fuses the update itself) and not while a CUDA graph is captured (its
     replay has no launch cost to save, and the extra pass over the weight would be paid on every replay).
-    ``base``, ``dtype``: the layer's ``base_layer`` and the dtype it computes ``x`` in, where the caller has them.
+    Neither rule applies while autograd records a gradient to ``x`` (a frozen adapter, the input needing gradients:
+    attributions, trained embeddings): ``linear`` would keep the whole folded weight for the backward, where the
+    output route keeps the adapter's small matrices. ``base``: the layer's ``base_layer``, where the caller has it.
     """
+    limit = layer.fold_below_macs
+    if not isinstance(limit, numbers.Integral) or isinstance(limit, bool) or limit < 0:
+        raise ValueError(
+            f"`LoRALinear.fold_below_macs` must be a non-negative int (tokens x in x out multiply-adds), got {limit!r}. "
+            "Set it to e.g. 2**35, or to 0 to turn the small-batch fold off."
+        )
+    if x.requires_grad and torch.is_grad_enabled():
+        return False
     tokens = x.numel() // layer.in_features
     fold_cost = (2 if four_bit else 3) * layer.in_features * layer.out_features
     if tokens * (layer.in_features + 2 * layer.out_features) > fold_cost:
         return True
     if not four_bit or tokens < 2 or x.device.type not in LAUNCH_BOUND_DEVICES:
         return False
-    limit = layer.fold_below_macs
-    if type(limit) is not int or limit < 0:
-        raise ValueError(
-            f"`LoRALinear.fold_below_macs` must be a non-negative int (tokens x in x out multiply-adds), got {limit!r}. "
-            "Set it to e.g. 2**35, or to 0 to turn the small-batch fold off."
-        )
     if tokens * layer.in_features * layer.out_features > limit or torch.compiler.is_compiling():
         return False
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
     base = member(layer, "base_layer") if base is None else base
-    dtype = _compute_dtype(x, _base_compute_dtype(base, x, True)) if dtype is None else dtype
-    return quantization.gemm_4bit_dequantizes(base, x, dtype)
+    # bitsandbytes casts x to the layer's compute dtype before its op (autocast does not reach it): ask with that.
+    return quantization.gemm_4bit_dequantizes(base, x, _base_compute_dtype(base, x, True))
 
 
 def no_grad(layer: LoRALinear, adapter: Adapter, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -189,10 +194,10 @@ def no_grad(layer: LoRALinear, adapter: Adapter, x: torch.Tensor, a: torch.Tenso
     four_bit = quantization.is_4bit(base)
     dropout = member(adapter, "dropout")
     dropout_active = layer.training and not isinstance(dropout, nn.Identity)
-    dtype = _compute_dtype(x, _base_compute_dtype(base, x, four_bit))  # what the base computes in
-    fold = not dropout_active and folds(layer, x, four_bit, base, dtype)
+    fold = not dropout_active and folds(layer, x, four_bit, base)
     stock = (fold or four_bit) and fusable(layer, adapter, base)  # the base computes what its class computes, unhooked
     if fold and stock:
+        dtype = _compute_dtype(x, _base_compute_dtype(base, x, four_bit))
         weight = quantization.dequantize_4bit_no_grad(base, dtype) if four_bit else None
         if weight is None:
             weight = _frozen_weight(base, dtype, layer.fan_in_fan_out)

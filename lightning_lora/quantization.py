@@ -417,8 +417,8 @@ def dequantize_4bit_no_grad(module: nn.Module, dtype: torch.dtype) -> torch.Tens
     if weight.device.type == "cpu" and (not module.training or getattr(state, "packing_format_for_cpu", False)):
         return None
     shape = state.shape
-    if len(shape) != 2 or weight.dim() != 2 or weight.shape[-1] != 1:
-        return None
+    if tuple(shape) != (module.out_features, module.in_features) or weight.dim() != 2 or weight.shape[-1] != 1:
+        return None  # quantized transposed, or not the layer's (out, in) matrix
     impls = _cuda_dequantize_impls() if weight.is_cuda else None
     absmax = state.absmax
     if state.nested:
@@ -438,30 +438,44 @@ def dequantize_4bit_no_grad(module: nn.Module, dtype: torch.dtype) -> torch.Tens
 
 
 def gemm_4bit_dequantizes(module: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether bitsandbytes computes a 4-bit layer's no-grad forward of ``x`` (cast to ``dtype``) by dequantizing
-    the whole weight then multiplying, rather than with a kernel that reads the 4-bit weight itself.
+    """Whether bitsandbytes computes a 4-bit layer's no-grad forward of ``x`` (cast to ``dtype``: the layer's
+    ``compute_dtype``, which autocast leaves alone) by dequantizing the whole weight then multiplying, rather than
+    with a kernel that reads the 4-bit weight itself.
 
     bitsandbytes 0.50's ``gemm_4bit`` asks its own per-GPU heuristic for up to 1,536 rows (one H200, a 4096 x
-    4096 weight: its kernel at up to 7 rows, dequantize + matmul from 8); that heuristic is asked here too. Where
-    bitsandbytes does not expose it (other releases, other backends), only one row is taken to skip the
-    dequantize (``matmul_4bit``'s GEMV kernel).
+    4096 weight in bf16: its kernel at up to 7 rows, dequantize + matmul from 8); that heuristic is asked here too
+    (``_gemm_4bit_heuristic``). Where bitsandbytes does not expose it (other releases, other backends), only one row
+    is taken to skip the dequantize (``matmul_4bit``'s GEMV kernel).
     """
     rows = x.numel() // x.shape[-1]
     if rows <= 1:
         return False
-    ops = sys.modules.get("bitsandbytes.backends.cuda.ops") if x.is_cuda else None
-    custom = getattr(ops, "_gemm_4bit_use_custom_fn", None)
-    max_rows = getattr(ops, "_gemm_4bit_custom_max_m", None)
-    state = getattr(member(module, "weight"), "quant_state", None)
-    if custom is None or not isinstance(max_rows, int) or state is None or len(state.shape) != 2:
+    heuristic = _gemm_4bit_heuristic(x)
+    if heuristic is None:
         return True
-    out_features, in_features = state.shape
-    if rows > max_rows or in_features % state.blocksize:
+    custom, max_rows, device_index = heuristic
+    state = getattr(member(module, "weight"), "quant_state", None)
+    blocksize = state.blocksize if state is not None else getattr(member(module, "weight"), "blocksize", 64)
+    out_features, in_features = module.out_features, module.in_features
+    if rows > max_rows or in_features % blocksize:
         return True
     try:
-        return not custom(x.device.index if x.device.index is not None else torch.cuda.current_device(), dtype, rows, out_features, in_features)
+        return not custom(device_index, dtype, rows, out_features, in_features)
     except Exception:  # a heuristic of another signature: assume the fused kernel, which leaves the output route
         return False
+
+
+def _gemm_4bit_heuristic(x: torch.Tensor) -> tuple[Any, int, int] | None:
+    """``(use_custom(device_index, dtype, rows, out, in), max_rows, device_index)`` of bitsandbytes' CUDA ``gemm_4bit``
+    for ``x``'s device, or None (not CUDA, or a bitsandbytes without them)."""
+    if not x.is_cuda:
+        return None
+    ops = sys.modules.get("bitsandbytes.backends.cuda.ops")
+    custom = getattr(ops, "_gemm_4bit_use_custom_fn", None)
+    max_rows = getattr(ops, "_gemm_4bit_custom_max_m", None)
+    if not callable(custom) or type(max_rows) is not int:
+        return None
+    return custom, max_rows, x.device.index if x.device.index is not None else torch.cuda.current_device()
 
 
 _DEQUANTIZE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -90,10 +90,17 @@ def test_lean_dequantize_equals_bitsandbytes_bit_for_bit(mode, double_quant, sto
 def test_lean_dequantize_refuses_where_it_would_read_another_layout() -> None:
     base = four_bit()
     assert dequantize_4bit_no_grad(base, torch.float64) is None  # bitsandbytes writes 16- and 32-bit floats only
-    with torch.no_grad():
-        base.eval()(torch.randn(2, 96))  # the CPU's eval-mode forward repacks the weight
+    base.eval()  # on CPU an eval-mode forward would repack the weight (the library keeps it from doing so)
     assert dequantize_4bit_no_grad(base, torch.bfloat16) is None
+    base.train()
+    base.weight.quant_state.packing_format_for_cpu = True  # repacked (by bitsandbytes, before the library's layer)
+    assert dequantize_4bit_no_grad(base, torch.bfloat16) is None
+    base.weight.quant_state.packing_format_for_cpu = False
+    assert dequantize_4bit_no_grad(base, torch.bfloat16) is not None
     torch.testing.assert_close(dequantize_weight(base, dtype=torch.float32), dequantize_weight(four_bit(), dtype=torch.float32))
+    transposed = four_bit()
+    transposed.weight.quant_state.shape = torch.Size((96, 64))  # quantized from W^T: not the layer's (out, in)
+    assert dequantize_4bit_no_grad(transposed, torch.bfloat16) is None
     fresh = four_bit()
     fresh.weight.quant_state = None  # FSDP drops it from the parameter; the layer restores it in its forward
     assert dequantize_4bit_no_grad(fresh, torch.bfloat16) is None
@@ -176,8 +183,83 @@ def test_a_hooked_base_is_called_not_folded(launch_bound_cpu, dequantized) -> No
 
 
 @pytest.mark.parametrize("value", [-1, 1.5, "auto", True, None])
-def test_a_bad_fold_limit_is_refused_with_the_fix(launch_bound_cpu, value) -> None:
-    layer = lora(four_bit(compute_dtype="float32"))
+@pytest.mark.parametrize("float_base", [False, True])
+def test_a_bad_fold_limit_is_refused_with_the_fix(value, float_base) -> None:
+    # Refused on any device and base (CPU is not launch-bound): a setting made on one machine fails there, not later.
+    layer = LoRALinear(nn.Linear(96, 64), r=8, alpha=16) if float_base else lora(four_bit(compute_dtype="float32"))
     layer.fold_below_macs = value
     with torch.no_grad(), pytest.raises(ValueError, match=r"`LoRALinear.fold_below_macs` must be a non-negative int .* got " + re.escape(repr(value)) + r".*0 to turn"):
         layer(torch.randn(4, 96))
+
+
+def test_an_integer_fold_limit_of_any_integer_type_is_taken(launch_bound_cpu, dequantized) -> None:
+    import numpy
+
+    layer = lora(four_bit(compute_dtype="float32"))
+    layer.fold_below_macs = numpy.int64(4 * 96 * 64)
+    with torch.no_grad():
+        layer(torch.randn(4, 96))
+        assert len(dequantized) == 1
+        layer(torch.randn(5, 96))
+    assert len(dequantized) == 1
+
+
+def test_no_fold_while_autograd_records_a_gradient_to_the_input(launch_bound_cpu, dequantized) -> None:
+    """A frozen adapter with an input that needs gradients (attributions, trained embeddings): the fold would keep
+    the whole (out, in) folded weight for the backward; the output route keeps the adapter's small matrices."""
+    layer = lora(four_bit(compute_dtype="float32"))
+    layer.requires_grad_(False)
+    saved = []
+    for tokens in (4, 400):  # the launch rule and the memory-traffic rule
+        x = torch.randn(tokens, 96, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            out = layer(x)
+        assert dequantized == [], tokens
+        assert (64, 96) not in saved and (96, 64) not in saved, saved
+        out.sum().backward()
+        with torch.no_grad():
+            folded = layer(x)  # without autograd the fold is taken again, and computes the same
+        torch.testing.assert_close(out.detach(), folded, rtol=1e-5, atol=1e-5 * folded.abs().max().item())
+        dequantized.clear()
+        assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_bitsandbytes_heuristic_is_asked_with_the_layers_compute_dtype(launch_bound_cpu, monkeypatch) -> None:
+    """bitsandbytes casts x to the layer's compute dtype before its op (autocast does not reach it): the fold asks its
+    heuristic with that dtype, and follows it: its own kernel (no dequantize) means no fold."""
+    asked = []
+
+    def heuristic(device_index, dtype, rows, out_features, in_features):
+        asked.append((dtype, rows, out_features, in_features))
+        return rows < 6  # "its own kernel up to 5 rows"
+
+    assert quantization._gemm_4bit_heuristic(torch.randn(2, 128)) is None  # not CUDA: bitsandbytes' CUDA heuristic does not apply
+    monkeypatch.setattr(quantization, "_gemm_4bit_heuristic", lambda x: (heuristic, 16, 0))
+    torch.manual_seed(0)
+    config = QuantizationConfig(mode="nf4", compute_dtype="float32")
+    base = quantize_linear(nn.Linear(128, 64, bias=False), config, device="cpu").train()  # in: a multiple of the 64-blocks
+    layer = lora(base)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _routes.folds(layer, torch.randn(5, 128), four_bit=True)
+        assert _routes.folds(layer, torch.randn(6, 128), four_bit=True)
+        assert _routes.folds(layer, torch.randn(17, 128), four_bit=True)  # past its rows: always dequantize + matmul
+    assert asked == [(torch.float32, 5, 64, 128), (torch.float32, 6, 64, 128)]
+    assert quantization.gemm_4bit_dequantizes(base, torch.randn(1, 128), torch.float32) is False  # one row: GEMV
+    assert quantization.gemm_4bit_dequantizes(four_bit(), torch.randn(4, 96), torch.float32) is True  # 96 % 64: its fallback
+    monkeypatch.setattr(quantization, "_gemm_4bit_heuristic", lambda x: (lambda *args: 1 / 0, 16, 0))
+    assert quantization.gemm_4bit_dequantizes(base, torch.randn(8, 128), torch.float32) is False  # a heuristic that fails: no fold
+    monkeypatch.setattr(quantization, "_gemm_4bit_heuristic", lambda x: None)
+    assert quantization.gemm_4bit_dequantizes(base, torch.randn(2, 128), torch.float32) is True  # none exposed: dequantize from 2 rows
+
+
+def test_fold_under_autocast_with_a_float32_compute_dtype(launch_bound_cpu, dequantized) -> None:
+    """The fold computes in autocast's dtype (like the memory-traffic fold and the training routes), returns x's."""
+    layer = lora(four_bit(compute_dtype="float32", bias=True))
+    x = torch.randn(4, 96)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        folded = layer(x)
+        assert dequantized == [torch.bfloat16]
+        layer.fold_below_macs = 0
+        unfolded = layer(x)
+    assert folded.dtype == torch.float32
+    torch.testing.assert_close(folded, unfolded.float(), rtol=2e-2, atol=2e-2 * unfolded.abs().max().item())
