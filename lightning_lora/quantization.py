@@ -402,9 +402,9 @@ def dequantize_4bit_no_grad(module: nn.Module, dtype: torch.dtype) -> torch.Tens
     """The (out, in) weight a stock 4-bit layer computes with, dequantized straight into ``dtype`` by bitsandbytes'
     ops called directly, as its ``gemm_4bit`` does before its matmul: ``bnb.functional.dequantize_4bit`` with the
     quant state's dtype set to ``dtype``, bit for bit (``dequantize_weight`` rounds through the quant state's own
-    dtype first: the same where ``dtype`` is that one), with less Python around the same two or three kernels (on CUDA bitsandbytes' own functions behind the ops:
-    ``_cuda_dequantize_impls``; ``tests/test_host_fold.py`` and ``tests/gpu/test_gpu_lean_4bit.py`` compare them). A fresh tensor:
-    the caller may write into it. None (use ``dequantize_weight``) where the weight lost its quant state (FSDP),
+    dtype first: the same where ``dtype`` is that one), with less Python around the same two or three kernels (on
+    CUDA bitsandbytes' own functions behind the ops: ``_cuda_dequantize_impls``; ``tests/test_host_fold.py`` and
+    ``tests/gpu/test_gpu_lean_4bit.py`` compare them). A fresh tensor: the caller may write into it. None (use ``dequantize_weight``) where the weight lost its quant state (FSDP),
     the CPU's eval-mode repack applies or has happened, the weight was quantized transposed, ``dtype`` is not a
     float bitsandbytes writes, or bitsandbytes lacks the ops.
     """
@@ -498,6 +498,8 @@ def _cuda_dequantize_impls() -> tuple[Any, Any] | None:
         import inspect
 
         module = sys.modules.get("bitsandbytes.backends.cuda.ops")
+        if module is None:  # not loaded yet: the ops for now, look again next call
+            return None
         found = tuple(getattr(module, name, None) for name in ("_dequantize_4bit_impl", "_dequantize_blockwise_impl"))
         try:
             ok = all(callable(fn) and list(inspect.signature(fn).parameters) == params for fn, params in zip(found, _IMPL_PARAMETERS))
