@@ -35,22 +35,45 @@ PRELUDE = textwrap.dedent(
 )
 
 
+# Runs the scripts named after the output path, one after another after the prelude, each in a namespace of its own
+# (the prelude's names); prints "RESULT <name> <the script's last line>", or the script's traceback as {"error": ...}.
+RUNNER = textwrap.dedent(
+    """
+    import contextlib, io, sys, traceback
+    for name in sys.argv[2:]:
+        out = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out):
+                exec(SCRIPTS[name], dict(globals()))
+            print("RESULT", name, out.getvalue().strip().splitlines()[-1], flush=True)
+        except Exception:
+            print("RESULT", name, json.dumps({"error": traceback.format_exc()}), flush=True)
+    """
+)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    """The four scripts below (each its own process: one gloo rank each), started side by side."""
+    """The four scripts below, two to a process (one gloo rank each), the two processes started side by side: a
+    process is mostly imports, so two scripts in one cost little more than one."""
     full = tmp_path_factory.mktemp("fsdp1") / "full.pt"
-    scripts = {"restore": [CODE], "strategy": [CODE_STRATEGY], "as_lightning": [CODE_AS_LIGHTNING],
-               "round_trip": [CODE_FULL_ROUND_TRIP, str(full)]}
-    return run_side_by_side({name: [sys.executable, "-c", *args] for name, args in scripts.items()}, timeout=300)
+    scripts = {"restore": CODE, "strategy": CODE_STRATEGY, "as_lightning": CODE_AS_LIGHTNING, "round_trip": CODE_FULL_ROUND_TRIP}
+    code = PRELUDE + f"SCRIPTS = {scripts!r}\n" + RUNNER
+    processes = {"restore+strategy": ["restore", "strategy"], "as_lightning+round_trip": ["as_lightning", "round_trip"]}
+    results = run_side_by_side({key: [sys.executable, "-c", code, str(full), *names] for key, names in processes.items()}, timeout=300)
+    return {name: results[key] for key, names in processes.items() for name in names}
 
 
 def _output(runs: dict, name: str) -> dict:
     result = runs[name]
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    lines = [line.split(" ", 2)[2] for line in result.stdout.splitlines() if line.startswith(f"RESULT {name} ")]
+    assert lines, f"exit code {result.returncode}: " + result.stderr[-3000:]
+    out = json.loads(lines[0])
+    assert "error" not in out, out.get("error")
+    return out
 
 
-CODE = PRELUDE + textwrap.dedent(
+CODE = textwrap.dedent(
     """
     model = lora_llama()
     before = sorted(model.state_dict())
@@ -91,7 +114,7 @@ def test_restore_unsharded_params_gives_the_whole_state_dict_after_a_step(runs) 
     assert out["restored"] > 0 and out["same_keys"] is True
 
 
-CODE_STRATEGY = PRELUDE + textwrap.dedent(
+CODE_STRATEGY = textwrap.dedent(
     """
     import types
     from torch import nn
@@ -151,7 +174,7 @@ def test_one_rank_fsdp1_checkpoints_the_adapter_and_what_lies_outside_the_backbo
 
 # As FSDPStrategy runs it on the GPU: bf16 mixed precision, non-reentrant activation checkpointing of the decoder
 # layers, AdamW steps; the state dict must hold every tensor the unwrapped model had, frozen ones unchanged.
-CODE_AS_LIGHTNING = PRELUDE + textwrap.dedent(
+CODE_AS_LIGHTNING = textwrap.dedent(
     """
     import functools
     from torch.distributed.fsdp import MixedPrecision
@@ -213,7 +236,7 @@ def test_one_rank_state_dict_without_fsdp_hooks_as_lightning_runs_it(runs) -> No
 
 # A whole-model checkpoint of a trained one-rank FSDP1 model, read back lazily (as FSDPStrategy.load_checkpoint
 # does) into another FSDP1-wrapped model: every packed 4-bit byte and quant-state entry restored, in place.
-CODE_FULL_ROUND_TRIP = PRELUDE + textwrap.dedent(
+CODE_FULL_ROUND_TRIP = textwrap.dedent(
     """
     import sys
     from lightning.fabric.utilities.load import _lazy_load

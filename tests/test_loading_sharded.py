@@ -26,6 +26,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from _models import tiny_llama, token_batch
+from _processes import Queue, free_ports
 from _sharded_worker import LORA, QUANT, layer_hashes
 from lightning_lora import LoRAConfig, QuantizationConfig
 from lightning_lora.inject import lora_state
@@ -197,18 +198,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(world: int, args: list[str], layers: int, cuda: bool = False, timeout: int = 600) -> None:
+def _torchrun(world: int, args: list[str], layers: int, cuda: bool = False, port: int | None = None) -> tuple[list[str], dict[str, str]]:
+    """The command and environment that run ``_sharded_worker.py`` on ``world`` gloo ranks."""
     env = {**os.environ, "LL_WORKER_LAYERS": str(layers), "OMP_NUM_THREADS": "1", "LL_WORKER_CUDA": "1" if cuda else "0"}
     for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(TESTS / "_sharded_worker.py"), *args]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+           f"--master_port={port or _free_port()}", str(TESTS / "_sharded_worker.py"), *args]
+    return cmd, env
+
+
+def _assert_ran(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
 def check_sharded_builds(tmp_path: Path, world: int, layers: int, device: str = "cpu") -> None:
     """``world`` gloo ranks (all on cuda:0 with device='cuda') build FSDP2 and FSDP1 models, random and from a checkpoint, like the 1-rank build."""
+    expected, (cmd, env) = prepare_sharded_builds(tmp_path, world, layers, device)
+    _assert_ran(subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600))
+    check_built(**expected)
+
+
+def prepare_sharded_builds(tmp_path: Path, world: int, layers: int, device: str = "cpu", port: int | None = None) -> tuple[dict, tuple]:
+    """The checkpoint and the 1-rank references (``check_built``'s arguments), and the torchrun launch (command, env) to check."""
     config = _config(layers)
     state = _plain_checkpoint(tmp_path / "ckpt", config)
     references = {"random": _reference(config, device=device), "ckpt": _reference(config, tmp_path / "ckpt", device=device)}
@@ -216,8 +228,12 @@ def check_sharded_builds(tmp_path: Path, world: int, layers: int, device: str = 
     out = tmp_path / "out"
     out.mkdir()
     pairs = ["fsdp2", "random", "fsdp2", str(tmp_path / "ckpt"), "fsdp1", "random", "fsdp1", str(tmp_path / "ckpt")]
-    _torchrun(world, [str(out), *pairs], layers, cuda=device == "cuda")
+    expected = dict(out=out, world=world, layers=layers, device=device, references=references, state=state)
+    return expected, _torchrun(world, [str(out), *pairs], layers, cuda=device == "cuda", port=port)
 
+
+def check_built(out: Path, world: int, layers: int, device: str, references: dict, state: dict[str, torch.Tensor]) -> None:
+    """What the ranks of ``prepare_sharded_builds``'s launch wrote to ``out`` against the 1-rank builds."""
     for shard in ("fsdp2", "fsdp1"):
         for source, ref in references.items():
             ranks = [torch.load(out / f"{shard}-{source}-rank{r}.pt", weights_only=False) for r in range(world)]
@@ -257,13 +273,45 @@ def _part_index(key: str, layers: int) -> int:
     return int(key.split(".")[2]) if key.startswith("model.layers.") else layers
 
 
-def test_two_ranks_build_and_keep_only_their_shard_fsdp1_and_fsdp2(tmp_path):
-    check_sharded_builds(tmp_path, world=2, layers=2)
+# The launches of this module's multi-rank tests (name: the test that reads it), the longest first.
+_LAUNCHES = {
+    "four": "test_four_ranks_build_and_keep_only_their_shard_fsdp1_and_fsdp2",
+    "lightning": "test_model_parallel_strategy_builds_sharded_in_configure_model_and_trains",
+    "two": "test_two_ranks_build_and_keep_only_their_shard_fsdp1_and_fsdp2",
+}
+
+
+@pytest.fixture(scope="module")
+def launches(request, tmp_path_factory) -> dict[str, tuple]:
+    """The launches this session's tests read, in one queue, as many at a time as there are cores (a Lightning launch
+    leaves a core idle while its first rank imports alone, a torchrun launcher while its ranks import). Each:
+    (what its test checks the result against, the finished process)."""
+    wanted = [name for name, test in _LAUNCHES.items()
+              if any(item.module is request.module and item.originalname == test for item in request.session.items)]  # fmt: skip
+    queue, expected = Queue(), {}
+    for name, port in zip(wanted, free_ports(len(wanted))):
+        tmp = tmp_path_factory.mktemp(name)
+        if name == "lightning":
+            expected[name], (cmd, env) = _lightning_fsdp2(tmp, port)
+        else:
+            world, layers = (4, 6) if name == "four" else (2, 2)
+            expected[name], (cmd, env) = prepare_sharded_builds(tmp, world, layers, port=port)
+        queue.add(name, cmd, env=env)
+    results = queue.run(timeout=600)
+    return {name: (expected[name], results[name]) for name in wanted}
+
+
+def test_two_ranks_build_and_keep_only_their_shard_fsdp1_and_fsdp2(launches):
+    expected, result = launches["two"]
+    _assert_ran(result)
+    check_built(**expected)
 
 
 @pytest.mark.slow
-def test_four_ranks_build_and_keep_only_their_shard_fsdp1_and_fsdp2(tmp_path):
-    check_sharded_builds(tmp_path, world=4, layers=6)
+def test_four_ranks_build_and_keep_only_their_shard_fsdp1_and_fsdp2(launches):
+    expected, result = launches["four"]
+    _assert_ran(result)
+    check_built(**expected)
 
 
 # -- through Lightning -------------------------------------------------------------------------------------
@@ -348,17 +396,22 @@ if trainer.is_global_zero:
 '''
 
 
-def test_model_parallel_strategy_builds_sharded_in_configure_model_and_trains(tmp_path):
+def _lightning_fsdp2(tmp_path: Path, port: int) -> tuple[Path, tuple[list[str], dict[str, str]]]:
+    """Where ``_LIGHTNING_FSDP2`` writes its result, and its launch (command, env)."""
+    script = tmp_path / "fsdp2_lightning.py"
+    script.write_text(_LIGHTNING_FSDP2)
+    env = {**os.environ, "LL_TESTS_DIR": str(TESTS), "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    env.pop("LOCAL_RANK", None)
+    return tmp_path / "out.pt", ([sys.executable, str(script), str(tmp_path / "out.pt")], env)
+
+
+def test_model_parallel_strategy_builds_sharded_in_configure_model_and_trains(launches):
     # Two gloo ranks on CPU: configure_model builds each rank's shard, LoRACallback takes the model's config.
     from lightning_lora.sharding import packed_4bit_bytes
 
-    script = tmp_path / "fsdp2_lightning.py"
-    script.write_text(_LIGHTNING_FSDP2)
-    env = {**os.environ, "LL_TESTS_DIR": str(TESTS), "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
-    env.pop("LOCAL_RANK", None)
-    result = subprocess.run([sys.executable, str(script), str(tmp_path / "out.pt")], env=env, capture_output=True, text=True, timeout=600)
+    out, result = launches["lightning"]
     assert result.returncode == 0, result.stderr[-5000:]
-    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    got = torch.load(out, weights_only=True)
     reference = build_lora_model(tiny_llama().config, LORA, QUANT, device="cpu", seed=5)
     expected = packed_4bit_bytes(reference)
     assert got["step"] == 3 and got["config"] == LORA.to_dict()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
+from lightning_lora import measure as measure_module
 from lightning_lora.estimate import estimate_memory
 from lightning_lora.measure import MeasuredMemory, _device, _make_spec, measure_memory
 
@@ -22,8 +22,27 @@ RUN = dict(r=16, batch_size=1, seq_len=32, activation_checkpointing=True, steps=
 LORA_TENSORS = 2 * 7 * 2  # layers x projections x (A, B)
 
 
+_MEASURED: dict[str, MeasuredMemory] = {}  # a measurement's spec (as JSON) -> what its subprocess measured
+_measure_in_a_subprocess = measure_module._measure
+
+
+def _measure_once(spec: dict, timeout: float | None) -> MeasuredMemory:
+    """``measure._measure``, run once per spec and module: `estimate --measure` below asks for a set-up the fixture measured."""
+    key = json.dumps(spec, sort_keys=True)
+    if key not in _MEASURED:
+        _MEASURED[key] = _measure_in_a_subprocess(spec, timeout)
+    return _MEASURED[key]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _each_set_up_measured_once():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(measure_module, "_measure", _measure_once)
+        yield
+
+
 @pytest.fixture(scope="module")
-def measured() -> dict[tuple[str, int], MeasuredMemory]:
+def measured(_each_set_up_measured_once) -> dict[tuple[str, int], MeasuredMemory]:
     # Each measurement is its own subprocess (mostly imports, on one core): two at a time use both cores of CI.
     runs = [(s, w) for s in ("fsdp2", "fsdp") for w in (2, 4)]
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -100,44 +119,44 @@ def test_without_a_gpu_the_default_device_says_what_to_do():
 
 def test_fully_shard_lora_gives_the_embedding_and_head_groups_of_their_own():
     # In the root group they would stay gathered through backward; tied, they must share the root's group.
-    code = """
-import torch, torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule
-from torch.testing._internal.distributed.fake_pg import FakeStore
-from transformers import LlamaConfig, LlamaForCausalLM
-from lightning_lora.sharding import fully_shard_lora
-dist.init_process_group("fake", rank=0, world_size=2, store=FakeStore())
-mesh = init_device_mesh("cpu", (2,))
-for tied in (False, True):
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                         vocab_size=128, tie_word_embeddings=tied))
-    fully_shard_lora(model, mesh=mesh)
-    groups = sorted(n for n, m in model.named_modules() if isinstance(m, FSDPModule))
-    print(tied, groups)
-dist.destroy_process_group()
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    lines = out.stdout.strip().splitlines()
-    assert lines[0] == "False ['', 'lm_head', 'model.embed_tokens', 'model.layers.0', 'model.layers.1']"
-    assert lines[1] == "True ['', 'model.layers.0', 'model.layers.1']"
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_lora.sharding import fully_shard_lora
+
+    groups = {}
+    dist.init_process_group("fake", rank=0, world_size=2, store=FakeStore())  # rank 0 of 2, no other process
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        for tied in (False, True):
+            model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                                 vocab_size=128, tie_word_embeddings=tied))
+            fully_shard_lora(model, mesh=mesh)
+            groups[tied] = sorted(n for n, m in model.named_modules() if isinstance(m, FSDPModule))
+    finally:
+        dist.destroy_process_group()
+    assert groups[False] == ["", "lm_head", "model.embed_tokens", "model.layers.0", "model.layers.1"]
+    assert groups[True] == ["", "model.layers.0", "model.layers.1"]
 
 
 # --- lightning-lora estimate --measure ------------------------------------------------------------------
 
 
-def test_cli_estimate_measure_prints_the_measurement_beside_the_formula(tmp_path, capsys):
-    import json
-
+def test_cli_estimate_measure_prints_the_measurement_beside_the_formula(measured, tmp_path, capsys):
     from lightning_lora import cli
 
     (tmp_path / "config.json").write_text(json.dumps(TINY))
     common = ["estimate", "--model", str(tmp_path), "--r", "16", "--seq-len", "32", "--activation-checkpointing"]
+    # The set-up of measured[("fsdp2", 2)]: its measurement is reused, and it is the one printed (another set-up's
+    # numbers, e.g. from a flag the CLI dropped, would be measured anew and differ).
     cli.main([*common, "--strategy", "fsdp2", "--num-gpus", "2", "--measure", "--measure-device", "cpu"])
     out = capsys.readouterr().out
     assert "total (peak per GPU)" in out  # the formula's table first
     assert "Measured as rank 0 of 2 (fsdp2, fake process group) on cpu" in out
+    assert measured[("fsdp2", 2)].table() in out
     assert "estimate, without the CUDA context" in out and "against the measured peak" in out
     with pytest.raises(SystemExit):
         cli.main([*common, "--measure"])  # strategy 'single': nothing to simulate

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import textwrap
 
+import pytest
+
 import lightning_lora
+from _processes import run_side_by_side
 
 # Top-level modules of lightning_lora that import Lightning: the wing, the CLI and its ready-made modules,
 # and the deprecated paths of moved wing modules. Everything else is the core.
@@ -16,61 +18,70 @@ LIGHTNING_SIDE = {"lightning", "data", "callback", "mixin", "checkpoint_io", "_g
 LAZY_SIDE = {"cli", "tasks"}
 
 
-def _run(code: str) -> dict:
-    """Run ``code`` in a fresh interpreter; it prints one JSON object as its last line."""
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def fresh_runs() -> dict:
+    """Each script below in its own fresh interpreter, started side by side (each is mostly imports, on one core)."""
+    return run_side_by_side({name: [sys.executable, "-c", textwrap.dedent(code)] for name, code in FRESH.items()}, timeout=300)
+
+
+def _run(fresh_runs: dict, name: str) -> dict:
+    """What script ``name`` printed: one JSON object as its last line."""
+    result = fresh_runs[name]
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_the_core_imports_and_works_without_lightning():
-    out = _run(
-        """
-        import sys
-        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-            sys.modules[name] = None  # `import lightning` now raises ImportError
-        import importlib, json, pkgutil, tempfile, warnings
-        import torch
-        from torch import nn
-        import lightning_lora
+CORE_WITHOUT_LIGHTNING = (
+    """
+    import sys
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        sys.modules[name] = None  # `import lightning` now raises ImportError
+    import importlib, json, pkgutil, tempfile, warnings
+    import torch
+    from torch import nn
+    import lightning_lora
 
-        side = %r
-        names = sorted(m.name for m in pkgutil.iter_modules(lightning_lora.__path__))
-        imported, refused = [], []
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            for name in names:
-                try:
-                    importlib.import_module("lightning_lora." + name)
-                    imported.append(name)
-                except ImportError:
-                    refused.append(name)
+    side = %r
+    names = sorted(m.name for m in pkgutil.iter_modules(lightning_lora.__path__))
+    imported, refused = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in names:
+            try:
+                importlib.import_module("lightning_lora." + name)
+                imported.append(name)
+            except ImportError:
+                refused.append(name)
 
-        from lightning_lora import LoRAConfig, QuantizationConfig, adapter_state_dict, inject_lora, load_adapter, save_adapter
+    from lightning_lora import LoRAConfig, QuantizationConfig, adapter_state_dict, inject_lora, load_adapter, save_adapter
 
-        def build():
-            torch.manual_seed(0)
-            return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
 
-        config = LoRAConfig(r=4, alpha=8, target_modules=["0", "2"], modules_to_save=["4"])
-        model = inject_lora(build(), config, QuantizationConfig(mode="nf4"))
-        with torch.no_grad():
-            for tensor in adapter_state_dict(model).values():
-                tensor.add_(torch.randn(tensor.shape) * 0.1)
-        x = torch.randn(3, 32)
-        loss = model(x).square().sum()
-        loss.backward()
-        grads = sorted(n for n, p in model.named_parameters() if p.grad is not None)
-        directory = tempfile.mkdtemp()
-        save_adapter(model, directory)
-        fresh = inject_lora(build(), config, QuantizationConfig(mode="nf4"))
-        load_adapter(fresh, directory)
-        same = torch.equal(fresh(x), model(x))
-        print(json.dumps({"imported": imported, "refused": refused, "grads": grads, "same": same,
-                          "lightning_loaded": sorted(k for k, v in sys.modules.items() if k.startswith("lightning.") and v is not None)}))
-        """
-        % sorted(LIGHTNING_SIDE)
-    )
+    config = LoRAConfig(r=4, alpha=8, target_modules=["0", "2"], modules_to_save=["4"])
+    model = inject_lora(build(), config, QuantizationConfig(mode="nf4"))
+    with torch.no_grad():
+        for tensor in adapter_state_dict(model).values():
+            tensor.add_(torch.randn(tensor.shape) * 0.1)
+    x = torch.randn(3, 32)
+    loss = model(x).square().sum()
+    loss.backward()
+    grads = sorted(n for n, p in model.named_parameters() if p.grad is not None)
+    directory = tempfile.mkdtemp()
+    save_adapter(model, directory)
+    fresh = inject_lora(build(), config, QuantizationConfig(mode="nf4"))
+    load_adapter(fresh, directory)
+    same = torch.equal(fresh(x), model(x))
+    print(json.dumps({"imported": imported, "refused": refused, "grads": grads, "same": same,
+                      "lightning_loaded": sorted(k for k, v in sys.modules.items() if k.startswith("lightning.") and v is not None)}))
+    """
+    % sorted(LIGHTNING_SIDE)
+)
+
+
+def test_the_core_imports_and_works_without_lightning(fresh_runs):
+    out = _run(fresh_runs, "core_without_lightning")
     core = {"_io", "_matching", "_routes", "adapter_io", "blocks", "compiling", "config", "export", "inject", "layers", "merge",
             "quantization", "sharding", "loading", "estimate"}  # fmt: skip
     assert core <= set(out["imported"])
@@ -81,18 +92,19 @@ def test_the_core_imports_and_works_without_lightning():
     assert out["same"] is True
 
 
-def test_import_lightning_lora_imports_no_heavy_module():
-    out = _run(
-        """
-        import json, sys, time
-        start = time.perf_counter()
-        import lightning_lora
-        seconds = time.perf_counter() - start
-        heavy = ("torch", "lightning", "bitsandbytes", "transformers", "safetensors", "jsonargparse")
-        print(json.dumps({"loaded": sorted(m for m in heavy if m in sys.modules), "seconds": seconds,
-                          "own": sorted(m for m in sys.modules if m.startswith("lightning_lora"))}))
-        """
-    )
+LIGHT_IMPORT = """
+    import json, sys, time
+    start = time.perf_counter()
+    import lightning_lora
+    seconds = time.perf_counter() - start
+    heavy = ("torch", "lightning", "bitsandbytes", "transformers", "safetensors", "jsonargparse")
+    print(json.dumps({"loaded": sorted(m for m in heavy if m in sys.modules), "seconds": seconds,
+                      "own": sorted(m for m in sys.modules if m.startswith("lightning_lora"))}))
+    """
+
+
+def test_import_lightning_lora_imports_no_heavy_module(fresh_runs):
+    out = _run(fresh_runs, "light_import")
     assert out["loaded"] == []
     assert out["own"] == ["lightning_lora", "lightning_lora._version"]
 
@@ -145,26 +157,30 @@ MOVED = {
 }
 
 
-def test_deprecated_paths_warn_and_give_the_same_objects():
-    out = _run(
-        """
-        import importlib, json, warnings
-        moved = %r
-        report = {}
-        for old, names in moved.items():
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                module = importlib.import_module(old)
-            ours = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning) and old in str(w.message)]
-            same = {}
-            for name, target in names.items():
-                new_module, new_name = target.split(":")
-                same[name] = getattr(module, name) is getattr(importlib.import_module(new_module), new_name)
-            report[old] = {"warnings": ours, "same": same, "all": sorted(getattr(module, "__all__", []))}
-        print(json.dumps(report))
-        """
-        % MOVED
-    )
+DEPRECATED_PATHS = (
+    """
+    import importlib, json, warnings
+    moved = %r
+    report = {}
+    for old, names in moved.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module = importlib.import_module(old)
+        ours = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning) and old in str(w.message)]
+        same = {}
+        for name, target in names.items():
+            new_module, new_name = target.split(":")
+            same[name] = getattr(module, name) is getattr(importlib.import_module(new_module), new_name)
+        report[old] = {"warnings": ours, "same": same, "all": sorted(getattr(module, "__all__", []))}
+    print(json.dumps(report))
+    """
+    % MOVED
+)
+FRESH = {"core_without_lightning": CORE_WITHOUT_LIGHTNING, "light_import": LIGHT_IMPORT, "deprecated_paths": DEPRECATED_PATHS}
+
+
+def test_deprecated_paths_warn_and_give_the_same_objects(fresh_runs):
+    out = _run(fresh_runs, "deprecated_paths")
     for old, names in MOVED.items():
         assert len(out[old]["warnings"]) == 1, (old, out[old]["warnings"])
         assert out[old]["warnings"][0].startswith(f"`{old}` is deprecated: import from `lightning_lora.")
