@@ -12,6 +12,7 @@
 #   benchmarks/one_gpu_checks.sh peft     OUT   # 7B QLoRA vs PEFT, training (issue 15: the same figures as 2026-12-01-qlora-compile after the move)
 #   benchmarks/one_gpu_checks.sh adapters OUT   # adapter-breadth GPU tests: DoRA, named adapters, inits, MoE experts, tokens, LoRA+
 #   benchmarks/one_gpu_checks.sh step     OUT   # issue 17.2: 16-layer 7B step, ours vs PEFT eager and compiled, profiled by kernel family
+#   benchmarks/one_gpu_checks.sh inplace  OUT   # issue 17.2: the in-place compiled LoRA route's tests, the 16-layer step with and without it
 #   benchmarks/one_gpu_checks.sh lean     OUT   # issue 17.4: the direct 4-bit route's GPU test, host cost per layer call (call_overhead.py,
 #                                               # host_overhead.py's CUDA rows), 16-layer
 #                                               # inference overhead, then the padded-batch profile (LL_TOKENIZER as for packing)
@@ -78,6 +79,25 @@ case "$part" in
   step)
     timeout 540 python3 benchmarks/profile_step.py --layers 16 --skip inference --out "$out/profile.json" > "$out/profile.log" 2>&1
     tail -12 "$out/profile.log"
+    ;;
+  inplace)
+    # issue 17.2: the compiled nf4 LoRA route that adds the update in place (no copy of the base output), its GPU
+    # tests, and the 16-layer step with and without it (and with 2026-12-02's graph break per layer)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -s -m gpu tests/gpu/test_gpu_nf4_kernel.py > "$out/pytest.log" 2>&1
+    tail -3 "$out/pytest.log"
+    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_compiled_nf4_lora.py > "$out/pytest-route.log" 2>&1
+    tail -3 "$out/pytest-route.log"
+    (cd benchmarks && timeout 330 python3 step_levers.py --parts model --variants kernel_addmm kernel_inplace peft kernel_inplace_again kernel_addmm_breaks \
+      --out "$out/levers.json" --max-seconds 300 > "$out/levers.log" 2>&1)
+    tail -7 "$out/levers.log"
+    ;;
+  inplace-ab)
+    # the in-place route against the functional addmm in alternating order (the GPU's clocks drift over a call)
+    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_compiled_nf4_lora.py > "$out/pytest-route.log" 2>&1
+    tail -3 "$out/pytest-route.log"
+    (cd benchmarks && timeout 400 python3 step_levers.py --parts model --variants kernel_inplace kernel_addmm kernel_inplace_2 kernel_addmm_2 kernel_inplace_3 kernel_addmm_3 \
+      --out "$out/levers.json" --max-seconds 370 > "$out/levers.log" 2>&1)
+    tail -8 "$out/levers.log"
     ;;
   lean)
     timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_gpu_lean_4bit.py > "$out/pytest.log" 2>&1

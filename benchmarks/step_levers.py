@@ -8,10 +8,12 @@ Three parts, each in this one process:
   (one Triton kernel): bit-identical output and time per call;
 * ``model``: the 16-layer 7B-shape nf4 model of ``profile_step.py``, every block compiled: ``bnb_addmm``
   (bitsandbytes dequantizes, the LoRA update added by one ``addmm`` into the base output: the library's
-  default before the nf4 kernel), ``kernel_addmm`` (the library's default: the nf4 kernel, the update added after the
-  matmul by one ``addmm``), ``kernel_plain_add`` (the update as a plain add that inductor fuses into its neighbours),
+  default before the nf4 kernel), ``kernel_addmm`` (the nf4 kernel, the update added after the matmul by one
+  functional ``addmm``, which copies the base output first: the default before 2026-12-03), ``kernel_inplace`` (the
+  library's default: ``quantization.frozen_nf4_lora_linear``, the update added in place by one opaque op), ``kernel_plain_add`` (the update as a plain add that inductor fuses into its neighbours),
   PEFT compiled the same way, and eager variants
-  (``eager_`` prefix: not compiled, where the library never uses the kernel; ``unfused``: the plain-ops route
+  (``breaks`` in a name: the 4-bit weight's ``as_subclass`` traced as on 2026-12-02, a graph break in every LoRA
+  layer; ``eager_`` prefix: not compiled, where the library never uses the kernel; ``unfused``: the plain-ops route
   instead of the fused autograd node):
   tokens/s, peak memory, GPU ms per step by kernel family, and the step's wall time less its GPU time (the time
   the GPU waits for the host). ``--trace`` writes a chrome trace of one step of the last variant of ours. A name
@@ -151,8 +153,15 @@ def model_part(layers: int, steps: int, variants: list[str], trace: str | None, 
     from lightning_lora.compiling import compile_blocks
     from lightning_lora.layers import lora_layers
 
+    from lightning_lora import quantization
+
     results = {}
     original, enabled = _routes.unfused_training, nf4_kernel.ENABLED
+    in_place, packed_tensor = quantization.frozen_nf4_lora_linear, quantization.packed_tensor
+
+    def packed_tensor_before_2026_12_03(weight):  # noqa: ANN001, ANN202 - as_subclass even while compiling
+        classes = quantization._bnb_classes()
+        return weight.as_subclass(torch.Tensor) if classes and type(weight) is classes[2] else weight
     for variant in variants:
         if time.perf_counter() > deadline:
             results[variant] = {"skipped": "past the deadline"}
@@ -165,6 +174,11 @@ def model_part(layers: int, steps: int, variants: list[str], trace: str | None, 
                 model = inject_lora(quantized_llama(layers), LoRAConfig(r=R, alpha=ALPHA, target_modules=TARGETS))
                 _routes.unfused_training = plain_add_training if variant.endswith("plain_add") else original
                 nf4_kernel.ENABLED = "bnb" not in variant
+                # ``addmm`` variants: the update added by a functional addmm (a copy of the base output first),
+                # the library's compiled route before ``frozen_nf4_lora_linear``; ``inplace``: that route.
+                quantization.frozen_nf4_lora_linear = (lambda *args: None) if "addmm" in variant else in_place
+                # ``breaks``: the weight's ``as_subclass`` traced as on 2026-12-02, which dynamo cannot trace (a graph break per layer)
+                quantization.packed_tensor = packed_tensor_before_2026_12_03 if "breaks" in variant else packed_tensor
             if "unfused" in variant:  # the plain-ops route (bitsandbytes computes the base then)
                 for layer in lora_layers(model).values():
                     layer.fused = False
@@ -172,7 +186,7 @@ def model_part(layers: int, steps: int, variants: list[str], trace: str | None, 
             if not variant.startswith("eager"):
                 compile_blocks(model, **({"mode": "reduce-overhead"} if "cudagraph" in variant else {}))
             row = timed_steps(model, steps, warmup=3)
-            row.update(profile_step(model, top=12))
+            row.update(profile_step(model, top=40))
             row["host_wait_ms"] = row["step_s"] * 1e3 - row["gpu_ms_per_step"]
             if trace and variant == (trace_variant or [v for v in variants if v != "peft"][-1]):
                 from compare_peft import train_step
@@ -190,6 +204,7 @@ def model_part(layers: int, steps: int, variants: list[str], trace: str | None, 
         finally:
             _routes.unfused_training = original
             nf4_kernel.ENABLED = enabled
+            quantization.frozen_nf4_lora_linear, quantization.packed_tensor = in_place, packed_tensor
             compare_peft.MARK_CUDAGRAPH_STEPS = False
         results[variant] = row
         print(variant, json.dumps({k: v for k, v in row.items() if k != "top_kernels"}), flush=True)
@@ -205,7 +220,7 @@ def main() -> None:
     parser.add_argument("--parts", nargs="*", default=["gemm", "dequant", "model"])
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--variants", nargs="*", default=["bnb_addmm", "kernel_addmm", "kernel_plain_add", "peft"])
+    parser.add_argument("--variants", nargs="*", default=["bnb_addmm", "kernel_addmm", "kernel_inplace", "peft"])
     parser.add_argument("--trace", default=None)
     parser.add_argument("--trace-variant", default=None, help="the variant whose step --trace records (default: the last of ours)")
     parser.add_argument("--max-seconds", type=float, default=480)

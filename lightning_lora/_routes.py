@@ -5,7 +5,8 @@ three faster ways to compute the same thing, each for one situation:
 
 - ``fused_training``: one autograd node (``_FusedLoRA``) for a frozen float or 4-bit base;
 - ``unfused_training``: plain ops, the update added into the base output with one ``addmm``
-  (compiled graphs, 8-bit bases, hooks on the base layer, ``layer.fused = False``);
+  (compiled graphs, 8-bit bases, hooks on the base layer, ``layer.fused = False``); in a compiled graph, a frozen
+  nf4 base on CUDA without dropout takes ``quantization.frozen_nf4_lora_linear`` (the update added in place);
 - ``no_grad``: without autograd, the update added to the output in place, or folded into the
   (dequantized) weight when that is cheaper in memory traffic or, at small batch on a GPU, in kernel launches.
 
@@ -124,8 +125,12 @@ def fused_training(layer: LoRALinear, adapter: Adapter, x: torch.Tensor, a: torc
 def unfused_training(layer: LoRALinear, adapter: Adapter, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     base = layer.base_layer
     # In a compiled graph, a stock frozen nf4 base on CUDA: dequantized by one Triton kernel (None: the layer computes itself).
-    compiled_4bit = torch.compiler.is_compiling() and quantization.is_4bit(base)
-    out = quantization.frozen_nf4_linear(base, x) if compiled_4bit and fusable(layer, adapter) else None
+    compiled_4bit = torch.compiler.is_compiling() and quantization.is_4bit(base) and fusable(layer, adapter)
+    if compiled_4bit and isinstance(member(adapter, "dropout"), nn.Identity):
+        out = quantization.frozen_nf4_lora_linear(base, x, a, b, adapter.scale)  # the update added in place
+        if out is not None:
+            return out
+    out = quantization.frozen_nf4_linear(base, x) if compiled_4bit else None
     if out is None:
         out = base(x)
     if a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):

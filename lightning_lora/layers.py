@@ -327,7 +327,8 @@ class LoRALinear(nn.Module):
         if not torch.is_grad_enabled() or not (a.requires_grad or b.requires_grad):
             return _routes.no_grad(self, adapter, x, a, b)
         # Compiled graphs get the plain ops: inductor fuses them itself, and the custom autograd node
-        # traced into a compiled graph on CUDA lost gradients (benchmarks/profile_step.py checks this).
+        # traced into a compiled graph on CUDA lost gradients (benchmarks/profile_step.py checks this). A compiled nf4
+        # base takes its own small node instead (``unfused_training`` says when; its gradients are checked on CUDA).
         if not torch.compiler.is_compiling() and _routes.fusable(self, adapter):
             return _routes.fused_training(self, adapter, x, a, b)
         return _routes.unfused_training(self, adapter, x, a, b)

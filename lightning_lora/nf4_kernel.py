@@ -9,6 +9,11 @@ with the multiply and the add rounded separately, as bitsandbytes' separate kern
 ``mul.rn.f32``, which the compiler never fuses into an FMA). ``tests/gpu/test_gpu_nf4_kernel.py`` compares it with
 bitsandbytes on CUDA.
 
+Next to it, ``linear_plus_update`` (no Triton in it): ``x @ W^T (+ bias) + scale * h @ B^T`` as one opaque op that
+adds the LoRA update into the base output in place. In a functional graph the same ``addmm`` first copies the base
+output into a new buffer (one device-to-device copy per LoRA layer and step); ``quantization.frozen_nf4_lora_linear``
+uses it for a compiled nf4 layer with its LoRA update.
+
 ``LIGHTNING_LORA_NF4_KERNEL=0`` in the environment (or ``nf4_kernel.ENABLED = False`` before the first compiled
 step) turns it off. On one H200 it took a compiled 16-layer 7B QLoRA step from 151.4 to 127.7 ms at the same peak
 memory (``benchmarks/results/2026-12-02-step-levers-h200/``). Only CUDA tensors with Triton importable, the nf4 code, an even number of values
@@ -27,12 +32,19 @@ import torch
 ENABLED = os.environ.get("LIGHTNING_LORA_NF4_KERNEL", "1") != "0"
 _OP: list[Any] = []  # the registered op, built on first use (Triton is imported then, not at import time)
 _UNAVAILABLE: list[bool] = []  # [True] once building failed
+_LINEAR: list[Any] = []  # ``linear_plus_update``'s op, registered by ``prepare`` (it needs no Triton)
 _BLOCK = [1024]  # packed bytes per program (2,048 output values); a list so that benchmarks can try others
 
 
 def prepare() -> bool:
-    """Import Triton and register the kernel's op once; whether that worked. ``compile_blocks`` calls it, so that a
-    compiled graph finds the op registered (registering it while dynamo traces would break the graph)."""
+    """Register ``linear_plus_update``'s op, import Triton and register the kernel's op, each once; whether the
+    kernel's worked. ``compile_blocks`` calls it, so that a compiled graph finds the ops registered (registering one
+    while dynamo traces would break the graph)."""
+    if not _LINEAR:
+        try:
+            _LINEAR.append(_build_linear())
+        except Exception:  # a torch whose custom-op API refuses it: the compiled route keeps the functional addmm
+            _LINEAR.append(None)
     if not _OP and not _UNAVAILABLE:
         try:
             _OP.append(_build())
@@ -54,6 +66,40 @@ def usable(packed: torch.Tensor, quant_state: Any) -> bool:
     if not _OP and torch.compiler.is_compiling():
         return False  # not registered before the trace began: bitsandbytes' path, no graph break
     return prepare()
+
+
+def _build_linear() -> Any:
+    try:  # registered already (by this module before a reload): torch keeps one op per name
+        return torch.ops.lightning_lora.linear_plus_update.default
+    except (AttributeError, RuntimeError):
+        pass
+
+    @torch.library.custom_op("lightning_lora::linear_plus_update", mutates_args=())
+    def linear_plus_update(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor,
+                           b: torch.Tensor, scale: float) -> torch.Tensor:  # fmt: skip
+        out = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+        return out.addmm_(h, b.t(), alpha=scale)  # in place: the buffer is the op's own
+
+    @linear_plus_update.register_fake
+    def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+    return linear_plus_update
+
+
+def linear_plus_update_ready() -> bool:
+    """Whether ``linear_plus_update``'s op is registered (``prepare`` registers it)."""
+    return len(_LINEAR) > 0 and _LINEAR[0] is not None
+
+
+def linear_plus_update(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor, b: torch.Tensor,
+                       scale: float) -> torch.Tensor:  # fmt: skip
+    """``x @ weight^T (+ bias) + scale * h @ b^T`` for 2-D ``x`` (tokens, in), ``weight`` (out, in), ``h`` (tokens, r),
+    ``b`` (out, r), all of one dtype, with no autograd (call it inside an ``autograd.Function``); ``prepare`` first."""
+    if not linear_plus_update_ready():
+        raise RuntimeError("Call `nf4_kernel.prepare()` before `linear_plus_update` (compile_blocks does); "
+                           "check `linear_plus_update_ready()`.")  # fmt: skip
+    return _LINEAR[0](x, weight, bias, h, b, scale)
 
 
 def _build() -> Any:

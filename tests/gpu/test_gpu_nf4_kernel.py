@@ -4,7 +4,8 @@
 The kernel must give bitsandbytes' dequantized weight bit for bit (every block size, scales nested or not, every
 output dtype, every storage dtype); a frozen nf4 layer through ``quantization.frozen_nf4_linear`` in a compiled
 graph (no graph break) the layer's own output and input gradient, without keeping the dequantized weight until
-backward; and a compiled LoRA model the gradients it had with bitsandbytes' dequantize.
+backward; a compiled LoRA model the gradients it had with bitsandbytes' dequantize; and the compiled LoRA route
+that adds the update in place those of the functional ``addmm``, without its copy of the base output.
 """
 
 from __future__ import annotations
@@ -132,7 +133,9 @@ def test_compiled_layers_do_not_keep_dequantized_weights_until_backward() -> Non
     assert peaks["kernel"] <= peaks["bnb"] + 16 * 2**20, peaks
 
 
-def _lora_grads(compiled: bool, kernel: bool, monkeypatch) -> tuple[dict, float, int]:
+def _lora_grads(compiled: bool, kernel: bool, monkeypatch, copies: list | None = None) -> tuple[dict, float, int]:
+    """The LoRA gradients of a 2-layer nf4 Llama after one step, the loss, and how many times the kernel was called
+    while tracing. ``copies``: a list that gets the number of device-to-device copies in a second, profiled step."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lightning_lora import LoRAConfig, QuantizationConfig, inject_lora, nf4_kernel
@@ -161,7 +164,39 @@ def _lora_grads(compiled: bool, kernel: bool, monkeypatch) -> tuple[dict, float,
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
-    return {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}, loss.item(), len(calls)
+    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    if copies is not None:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                model(input_ids=ids, labels=ids).loss.backward()
+            torch.cuda.synchronize()
+        copies.append(sum(e.count for e in prof.key_averages() if "Memcpy DtoD" in e.key))
+    return grads, loss.item(), len(calls)
+
+
+def test_compiled_update_added_in_place_without_a_copy(monkeypatch) -> None:
+    """The compiled route (``quantization.frozen_nf4_lora_linear``) gives the gradients of the functional ``addmm``
+    it replaces, without that addmm's device-to-device copy of the base output (one per LoRA layer and step)."""
+    from lightning_lora import quantization
+
+    in_place = quantization.frozen_nf4_lora_linear
+    taken = []
+    monkeypatch.setattr(quantization, "frozen_nf4_lora_linear", lambda *args: None)
+    copies: list[int] = []
+    before, before_loss, _ = _lora_grads(compiled=True, kernel=True, monkeypatch=monkeypatch, copies=copies)
+    monkeypatch.setattr(quantization, "frozen_nf4_lora_linear", lambda *args: taken.append(1) or in_place(*args))
+    got, loss, _ = _lora_grads(compiled=True, kernel=True, monkeypatch=monkeypatch, copies=copies)
+    layers = 2 * 7
+    print(f"device-to-device copies per step: functional addmm {copies[0]}, in place {copies[1]}")
+    assert len(taken) >= 7  # traced through the route (once per projection of the compiled block at least)
+    assert copies[0] >= layers and copies[1] <= copies[0] - layers, copies
+    assert abs(loss - before_loss) <= 1e-3 * abs(before_loss)
+    worst = max(float((got[n] - before[n]).norm() / before[n].norm()) for n in got)
+    print(f"worst relative gradient difference against the functional addmm: {worst:.4f}")
+    assert got.keys() == before.keys() and all(got[n].abs().sum() > 0 for n in got)
+    assert worst <= 0.02, worst
 
 
 def test_compiled_lora_model_gradients_unchanged(monkeypatch) -> None:

@@ -1,0 +1,167 @@
+"""The compiled nf4 LoRA route (``quantization.frozen_nf4_lora_linear``): the update added into the base output in
+place by ``nf4_kernel.linear_plus_update``, the same output and gradients as eager, and where it is not taken.
+
+On CPU the Triton dequantize is not available, so these tests stand bitsandbytes' own dequantize in for it (the
+route's mechanics: the op, its fake, the autograd node, the guards); ``tests/gpu/test_gpu_nf4_kernel.py`` runs the
+route with the kernel on CUDA.
+"""
+
+from __future__ import annotations
+
+import bitsandbytes.functional as BF
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+from lightning_lora import LoRAConfig, QuantizationConfig, inject_lora, nf4_kernel
+from lightning_lora.layers import lora_layers
+
+ROWS = 1600  # more than the 1,536 rows where bitsandbytes may take its own small-batch kernel
+
+
+@pytest.fixture
+def kernel_stand_in(monkeypatch):
+    """The kernel's two entry points, with bitsandbytes' dequantize in the Triton kernel's place (CPU)."""
+    assert nf4_kernel.prepare() in (True, False)
+    assert nf4_kernel.linear_plus_update_ready()
+    monkeypatch.setattr(nf4_kernel, "usable", lambda packed, state: True)
+    monkeypatch.setattr(nf4_kernel, "dequantize", lambda packed, state, dtype, pass_id=0: BF.dequantize_4bit(packed, state).to(dtype))
+
+
+class _Block(nn.Module):
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        self.up = nn.Linear(64, 96, bias=bias)
+        self.down = nn.Linear(96, 64, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+def _model(bias: bool = False, dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(0)
+    model = inject_lora(_Block(bias), LoRAConfig(r=8, alpha=16, target_modules=["up", "down"], dropout=dropout),
+                        QuantizationConfig(mode="nf4", compute_dtype="bfloat16"))  # fmt: skip
+    model = model.to(torch.bfloat16) if bias else model
+    for layer in lora_layers(model).values():
+        nn.init.normal_(layer.lora_b.weight, std=0.1)  # B is zero at init: make the update and A's gradient nonzero
+    x = torch.randn(2, ROWS // 2, 64, dtype=torch.bfloat16)
+    model(x)  # bitsandbytes sets the layers' compute dtype on their first call
+    return model
+
+
+def _grads(model: nn.Module, fn, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    out = fn(x)
+    out.float().square().mean().backward()
+    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    grads["x"] = x.grad.float().clone()
+    return out.detach().float(), grads
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, tol: float) -> bool:
+    return float((got - want).norm() / want.norm().clamp_min(1e-12)) <= tol
+
+
+def test_op_schema_fake_and_autograd_registration() -> None:
+    nf4_kernel.prepare()
+    op = torch.ops.lightning_lora.linear_plus_update.default
+    torch.manual_seed(1)
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w, h, b = (torch.randn(s, dtype=dtype) for s in ((64, 32), (96, 32), (64, 8), (96, 8)))
+        for bias in (None, torch.randn(96, dtype=dtype)):
+            torch.library.opcheck(op, (x, w, bias, h, b, 0.5), test_utils=("test_schema", "test_faketensor"))
+            want = x @ w.t() + (0 if bias is None else bias) + 0.5 * h @ b.t()
+            got = nf4_kernel.linear_plus_update(x, w, bias, h, b, 0.5)
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            assert got.dtype == dtype and _close(got.float(), want.float(), tol)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_compiled_route_equals_eager_and_adds_in_place(kernel_stand_in, bias) -> None:
+    model = _model(bias=bias)
+    x = torch.randn(2, ROWS // 2, 64, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(3))
+    want_out, want = _grads(model, model, x)  # eager: the fused autograd node
+    backend = AotEagerAndRecordGraphs()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    got_out, got = _grads(model, compiled, x)
+    forward = "\n".join(g.code for g in backend.fw_graphs)
+    assert forward.count("lightning_lora.linear_plus_update") == 2, forward  # both layers took the route
+    assert "aten.addmm" not in forward, forward  # no functional addmm (it copies the base output first)
+    assert _close(got_out, want_out, 1e-2)
+    assert got.keys() == want.keys() and len(got) == 5
+    for name in got:
+        assert got[name].abs().sum() > 0, name  # no lost gradient
+        assert _close(got[name], want[name], 2e-2), (name, float((got[name] - want[name]).norm() / want[name].norm()))
+
+
+def test_compiled_route_with_inductor_equals_eager(kernel_stand_in) -> None:
+    model = _model()
+    x = torch.randn(2, ROWS // 2, 64, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(4))
+    want_out, want = _grads(model, model, x)
+    got_out, got = _grads(model, torch.compile(model, fullgraph=True), x)
+    assert _close(got_out, want_out, 1e-2)
+    for name in want:
+        assert _close(got[name], want[name], 2e-2), name
+
+
+@pytest.mark.parametrize("case", ["dropout", "autocast_fp16", "x_float32", "few_rows"])
+def test_compiled_route_not_taken_where_the_plain_ops_must_cast_or_drop(kernel_stand_in, case) -> None:
+    model = _model(dropout=0.1 if case == "dropout" else 0.0)
+    rows = 1024 if case == "few_rows" else ROWS
+    x = torch.randn(2, rows // 2, 64, dtype=torch.float32 if case == "x_float32" else torch.bfloat16)
+    backend = AotEagerAndRecordGraphs()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.float16, enabled=case == "autocast_fp16"):
+        compiled(x.requires_grad_(True)).float().sum().backward()
+    forward = "\n".join(g.code for g in backend.fw_graphs)
+    assert "linear_plus_update" not in forward, forward
+
+
+def test_grads_flow_only_where_asked(kernel_stand_in) -> None:
+    """A frozen input (first layer of a model) gets no input gradient: the weight is not dequantized in backward."""
+    model = _model()
+    calls = []
+    stand_in = nf4_kernel.dequantize
+
+    def counting(packed, state, dtype, pass_id=0):
+        calls.append(pass_id)
+        return stand_in(packed, state, dtype, pass_id)
+
+    nf4_kernel.dequantize = counting  # restored by the fixture's monkeypatch
+    x = torch.randn(2, ROWS // 2, 64, dtype=torch.bfloat16)
+    torch.compile(model.up, backend="aot_eager", fullgraph=True)(x).float().sum().backward()
+    assert model.up.lora_a.weight.grad is not None and model.up.lora_b.weight.grad is not None
+    assert 1 not in calls  # traced once: forward's dequantize only
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("grad", [True, False])
+def test_compiled_nf4_llama_blocks_trace_as_one_graph_each(grad, device) -> None:
+    """Every route a compiled nf4 LoRA block takes (training, and no-grad inference) traces without a graph break:
+    ``fullgraph=True`` raises at the first one (a 4-bit weight's ``as_subclass`` once broke every layer)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_lora.compiling import compile_blocks
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=128, max_position_embeddings=1024)  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.config.use_cache = False
+    model = inject_lora(model, LoRAConfig(r=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+                        QuantizationConfig(mode="nf4", compute_dtype="bfloat16"), device=device)  # fmt: skip
+    ids = torch.randint(0, 128, (2, 900), generator=torch.Generator().manual_seed(1)).to(device)  # 1,800 rows
+    model(input_ids=ids[:, :8])  # bitsandbytes sets the compute dtypes on the first call
+    torch._dynamo.reset()
+    compile_blocks(model, backend="eager", fullgraph=True)
+    with torch.set_grad_enabled(grad):
+        out = model(input_ids=ids, labels=ids)
+        if grad:
+            out.loss.backward()
+    assert torch.isfinite(out.loss)
+    if grad:
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_b" in n)  # B is zero at init: A gets no gradient yet
