@@ -1,0 +1,206 @@
+"""More cases of the compiled nf4 LoRA route (``quantization.frozen_nf4_lora_linear``) for cases
+``tests/test_compiled_nf4_lora.py`` does not cover: bit-for-bit equality with the functional ``addmm`` route it
+replaces (frozen A or B, frozen input, 2-D and non-contiguous inputs, bias, autocast), switching adapters and scales
+after compiling, dynamic shapes, and the fallbacks when the op cannot be registered or the module is reloaded.
+
+As there, bitsandbytes' CPU dequantize stands in for the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+
+import bitsandbytes.functional as BF
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+from lightning_lora import LoRAConfig, QuantizationConfig, inject_lora, nf4_kernel, quantization
+from lightning_lora.layers import lora_layers
+
+ROWS = 1600  # more than the 1,536 rows below which the route is not taken
+
+
+@pytest.fixture
+def kernel_stand_in(monkeypatch):
+    assert nf4_kernel.prepare() in (True, False)
+    assert nf4_kernel.linear_plus_update_ready()
+    monkeypatch.setattr(nf4_kernel, "usable", lambda packed, state: True)
+    monkeypatch.setattr(nf4_kernel, "dequantize", lambda packed, state, dtype, pass_id=0: BF.dequantize_4bit(packed, state).to(dtype))
+
+
+class _Block(nn.Module):
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        self.up = nn.Linear(64, 96, bias=bias)
+        self.down = nn.Linear(96, 64, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+def _model(bias: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    model = inject_lora(_Block(bias), LoRAConfig(r=8, alpha=16, target_modules=["up", "down"]),
+                        QuantizationConfig(mode="nf4", compute_dtype="bfloat16"))  # fmt: skip
+    model = model.to(torch.bfloat16) if bias else model
+    for layer in lora_layers(model).values():
+        nn.init.normal_(layer.lora_b.weight, std=0.1)
+    model(torch.randn(2, ROWS // 2, 64, dtype=torch.bfloat16))  # bitsandbytes sets the compute dtype
+    return model
+
+
+def _grads(model, fn, x, x_grad=True, ctx=contextlib.nullcontext):
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(x_grad)
+    with ctx():
+        out = fn(x)
+    out.float().square().mean().backward()
+    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    if x_grad:
+        grads["x"] = x.grad.float().clone()
+    return out.detach().float(), grads
+
+
+def _compiled(model, backend, **kwargs):
+    torch._dynamo.reset()
+    return torch.compile(model, backend=backend, fullgraph=True, **kwargs)
+
+
+def _forward_code(backend) -> str:
+    return "\n".join(g.code for g in backend.fw_graphs)
+
+
+def _rel(got, want) -> float:
+    return float((got - want).norm() / want.norm().clamp_min(1e-12))
+
+
+CASES = ["a_frozen", "b_frozen", "x_no_grad", "b_frozen_x_no_grad", "two_d", "non_contiguous", "bias", "autocast_bf16"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_route_equals_the_functional_addmm_bit_for_bit(kernel_stand_in, monkeypatch, case) -> None:
+    """The in-place route computes what the plain ops (``frozen_nf4_linear`` + ``addmm``) computed, to the bit."""
+    model = _model(bias=case == "bias")
+    for layer in lora_layers(model).values():
+        if case.startswith("a_frozen"):
+            layer.lora_a.weight.requires_grad_(False)
+        if case.startswith("b_frozen"):
+            layer.lora_b.weight.requires_grad_(False)
+    gen = torch.Generator().manual_seed(5)
+    if case == "two_d":
+        x = torch.randn(ROWS, 64, dtype=torch.bfloat16, generator=gen)
+    elif case == "non_contiguous":
+        x = torch.randn(ROWS // 2, 2, 64, dtype=torch.bfloat16, generator=gen).transpose(0, 1)
+    else:
+        x = torch.randn(2, ROWS // 2, 64, dtype=torch.bfloat16, generator=gen)
+    x_grad = "x_no_grad" not in case
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if case == "autocast_bf16" else contextlib.nullcontext
+
+    in_place = quantization.frozen_nf4_lora_linear
+    monkeypatch.setattr(quantization, "frozen_nf4_lora_linear", lambda *args: None)
+    old_backend = AotEagerAndRecordGraphs()
+    old_out, old = _grads(model, _compiled(model, old_backend), x, x_grad, ctx)
+    monkeypatch.setattr(quantization, "frozen_nf4_lora_linear", in_place)
+    new_backend = AotEagerAndRecordGraphs()
+    new_out, new = _grads(model, _compiled(model, new_backend), x, x_grad, ctx)
+
+    assert "linear_plus_update" not in _forward_code(old_backend)
+    assert _forward_code(new_backend).count("lightning_lora.linear_plus_update") == 2  # both layers took the route
+    assert torch.equal(new_out, old_out)
+    assert new.keys() == old.keys() and len(new) == (4 if case == "x_no_grad" else 2 if case == "b_frozen_x_no_grad" else 3 if "frozen" in case else 5)
+    for name in new:
+        assert new[name].abs().sum() > 0, name
+        assert torch.equal(new[name], old[name]), (name, _rel(new[name], old[name]))
+
+
+def test_switching_adapter_and_scale_after_compiling(kernel_stand_in) -> None:
+    """Another active adapter, or a new scale, recompiles: no adapter's tensors or scale stay baked into the graph."""
+    model = _model()
+    for layer in lora_layers(model).values():
+        layer.add_adapter("other", r=4, alpha=3.0, dtype=torch.bfloat16)
+        nn.init.normal_(layer.adapters["other"].lora_b.weight, std=0.1)
+    backend = AotEagerAndRecordGraphs()
+    compiled = _compiled(model, backend)
+    x = torch.randn(2, ROWS // 2, 64, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(6))
+
+    def check(tag: str) -> None:
+        want_out, want = _grads(model, model, x)
+        got_out, got = _grads(model, compiled, x)
+        assert "linear_plus_update" in _forward_code(backend), tag
+        assert got.keys() == want.keys(), tag
+        assert _rel(got_out, want_out) <= 1e-2, tag
+        for name in want:
+            assert got[name].abs().sum() > 0 and _rel(got[name], want[name]) <= 2e-2, (tag, name)
+
+    check("default")
+    for layer in lora_layers(model).values():
+        layer.active_adapter = "other"
+    check("other")
+    for layer in lora_layers(model).values():
+        layer.active_adapter = "default"
+        layer.scale = 5.0  # e.g. a rescaled adapter
+    check("default, new scale")
+
+
+def test_dynamic_shapes_with_changing_sequence_lengths(kernel_stand_in) -> None:
+    model = _model()
+    backend = AotEagerAndRecordGraphs()
+    compiled = _compiled(model, backend, dynamic=True)
+    gen = torch.Generator().manual_seed(7)
+    for batch, seq in ((2, 800), (4, 600), (3, 700), (2, 500)):  # the last: 1,000 rows, the plain ops
+        x = torch.randn(batch, seq, 64, dtype=torch.bfloat16, generator=gen)
+        want_out, want = _grads(model, model, x)
+        got_out, got = _grads(model, compiled, x)
+        assert got_out.shape == (batch, seq, 64)
+        assert _rel(got_out, want_out) <= 1e-2
+        for name in want:
+            assert _rel(got[name], want[name]) <= 2e-2, (batch, seq, name)
+    assert "linear_plus_update" in backend.fw_graphs[0].code
+    assert "linear_plus_update" not in backend.fw_graphs[-1].code
+
+
+def test_op_that_cannot_be_registered_keeps_the_functional_route(kernel_stand_in, monkeypatch) -> None:
+    """A torch whose custom-op API refuses the op: ``prepare`` records that, and compiled graphs keep the plain ops."""
+
+    def refuse() -> None:
+        raise TypeError("unsupported annotation")
+
+    monkeypatch.setattr(nf4_kernel, "_LINEAR", [])
+    monkeypatch.setattr(nf4_kernel, "_build_linear", refuse)
+    nf4_kernel.prepare()
+    assert not nf4_kernel.linear_plus_update_ready()
+    with pytest.raises(RuntimeError, match="prepare"):
+        nf4_kernel.linear_plus_update(*(torch.ones(2, 2) for _ in range(5)), 1.0)
+    model = _model()
+    x = torch.randn(2, ROWS // 2, 64, dtype=torch.bfloat16)
+    want_out, want = _grads(model, model, x)
+    backend = AotEagerAndRecordGraphs()
+    got_out, got = _grads(model, _compiled(model, backend), x)
+    assert "linear_plus_update" not in _forward_code(backend)
+    assert _rel(got_out, want_out) <= 1e-2
+    for name in want:
+        assert _rel(got[name], want[name]) <= 2e-2, name
+
+
+def test_reload_finds_the_registered_op() -> None:
+    """A reload of ``nf4_kernel`` (as ``test_environment_switch_turns_it_off`` does) does not register the op twice:
+    ``prepare`` finds the registered one, which still computes the update."""
+    nf4_kernel.prepare()
+    registered, unavailable = list(nf4_kernel._OP), list(nf4_kernel._UNAVAILABLE)
+    try:
+        module = importlib.reload(nf4_kernel)
+        assert not module.linear_plus_update_ready()  # a fresh module: prepare registers it again
+        module.prepare()
+        assert module.linear_plus_update_ready()
+        torch.manual_seed(2)
+        x, w, h, b = (torch.randn(s) for s in ((16, 8), (12, 8), (16, 4), (12, 4)))
+        bias = torch.randn(12)
+        got = module.linear_plus_update(x, w, bias, h, b, 0.25)
+        torch.testing.assert_close(got, x @ w.t() + bias + 0.25 * h @ b.t())
+    finally:
+        importlib.reload(nf4_kernel)
+        nf4_kernel._OP[:], nf4_kernel._UNAVAILABLE[:] = registered, unavailable
+        nf4_kernel.prepare()
