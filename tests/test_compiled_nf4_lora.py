@@ -8,61 +8,16 @@ route with the kernel on CUDA.
 
 from __future__ import annotations
 
-import bitsandbytes.functional as BF
 import pytest
 import torch
-from torch import nn
+from _nf4_route import ROWS, grads, kernel_stand_in, rel  # noqa: F401 - kernel_stand_in is a fixture
+from _nf4_route import nf4_block as _model
 from torch._dynamo.testing import AotEagerAndRecordGraphs
 
 from lightning_lora import LoRAConfig, QuantizationConfig, inject_lora, nf4_kernel
-from lightning_lora.layers import lora_layers
-
-ROWS = 1600  # more than the 1,536 rows where bitsandbytes may take its own small-batch kernel
-
-
-@pytest.fixture
-def kernel_stand_in(monkeypatch):
-    """The kernel's two entry points, with bitsandbytes' dequantize in the Triton kernel's place (CPU)."""
-    assert nf4_kernel.prepare() in (True, False)
-    assert nf4_kernel.linear_plus_update_ready()
-    monkeypatch.setattr(nf4_kernel, "usable", lambda packed, state: True)
-    monkeypatch.setattr(nf4_kernel, "dequantize", lambda packed, state, dtype, pass_id=0: BF.dequantize_4bit(packed, state).to(dtype))
-
-
-class _Block(nn.Module):
-    def __init__(self, bias: bool) -> None:
-        super().__init__()
-        self.up = nn.Linear(64, 96, bias=bias)
-        self.down = nn.Linear(96, 64, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(torch.relu(self.up(x)))
-
-
-def _model(bias: bool = False, dropout: float = 0.0) -> nn.Module:
-    torch.manual_seed(0)
-    model = inject_lora(_Block(bias), LoRAConfig(r=8, alpha=16, target_modules=["up", "down"], dropout=dropout),
-                        QuantizationConfig(mode="nf4", compute_dtype="bfloat16"))  # fmt: skip
-    model = model.to(torch.bfloat16) if bias else model
-    for layer in lora_layers(model).values():
-        nn.init.normal_(layer.lora_b.weight, std=0.1)  # B is zero at init: make the update and A's gradient nonzero
-    x = torch.randn(2, ROWS // 2, 64, dtype=torch.bfloat16)
-    model(x)  # bitsandbytes sets the layers' compute dtype on their first call
-    return model
-
-
-def _grads(model: nn.Module, fn, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_(True)
-    out = fn(x)
-    out.float().square().mean().backward()
-    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
-    grads["x"] = x.grad.float().clone()
-    return out.detach().float(), grads
-
 
 def _close(got: torch.Tensor, want: torch.Tensor, tol: float) -> bool:
-    return float((got - want).norm() / want.norm().clamp_min(1e-12)) <= tol
+    return rel(got, want) <= tol
 
 
 def test_op_schema_fake_and_autograd_registration() -> None:
@@ -83,10 +38,10 @@ def test_op_schema_fake_and_autograd_registration() -> None:
 def test_compiled_route_equals_eager_and_adds_in_place(kernel_stand_in, bias) -> None:
     model = _model(bias=bias)
     x = torch.randn(2, ROWS // 2, 64, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(3))
-    want_out, want = _grads(model, model, x)  # eager: the fused autograd node
+    want_out, want = grads(model, model, x)  # eager: the fused autograd node
     backend = AotEagerAndRecordGraphs()
     compiled = torch.compile(model, backend=backend, fullgraph=True)
-    got_out, got = _grads(model, compiled, x)
+    got_out, got = grads(model, compiled, x)
     forward = "\n".join(g.code for g in backend.fw_graphs)
     assert forward.count("lightning_lora.linear_plus_update") == 2, forward  # both layers took the route
     assert "aten.addmm" not in forward, forward  # no functional addmm (it copies the base output first)
@@ -100,8 +55,8 @@ def test_compiled_route_equals_eager_and_adds_in_place(kernel_stand_in, bias) ->
 def test_compiled_route_with_inductor_equals_eager(kernel_stand_in) -> None:
     model = _model()
     x = torch.randn(2, ROWS // 2, 64, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(4))
-    want_out, want = _grads(model, model, x)
-    got_out, got = _grads(model, torch.compile(model, fullgraph=True), x)
+    want_out, want = grads(model, model, x)
+    got_out, got = grads(model, torch.compile(model, fullgraph=True), x)
     assert _close(got_out, want_out, 1e-2)
     for name in want:
         assert _close(got[name], want[name], 2e-2), name

@@ -11,57 +11,18 @@ from __future__ import annotations
 import contextlib
 import importlib
 
-import bitsandbytes.functional as BF
 import pytest
 import torch
+from _nf4_route import ROWS, grads, kernel_stand_in, nf4_block, rel  # noqa: F401 - kernel_stand_in is a fixture
 from torch import nn
 from torch._dynamo.testing import AotEagerAndRecordGraphs
 
-from lightning_lora import LoRAConfig, QuantizationConfig, inject_lora, nf4_kernel, quantization
+from lightning_lora import nf4_kernel, quantization
 from lightning_lora.layers import lora_layers
-
-ROWS = 1600  # more than the 1,536 rows below which the route is not taken
-
-
-@pytest.fixture
-def kernel_stand_in(monkeypatch):
-    assert nf4_kernel.prepare() in (True, False)
-    assert nf4_kernel.linear_plus_update_ready()
-    monkeypatch.setattr(nf4_kernel, "usable", lambda packed, state: True)
-    monkeypatch.setattr(nf4_kernel, "dequantize", lambda packed, state, dtype, pass_id=0: BF.dequantize_4bit(packed, state).to(dtype))
-
-
-class _Block(nn.Module):
-    def __init__(self, bias: bool) -> None:
-        super().__init__()
-        self.up = nn.Linear(64, 96, bias=bias)
-        self.down = nn.Linear(96, 64, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(torch.relu(self.up(x)))
 
 
 def _model(bias: bool = False) -> nn.Module:
-    torch.manual_seed(0)
-    model = inject_lora(_Block(bias), LoRAConfig(r=8, alpha=16, target_modules=["up", "down"]),
-                        QuantizationConfig(mode="nf4", compute_dtype="bfloat16"))  # fmt: skip
-    model = model.to(torch.bfloat16) if bias else model
-    for layer in lora_layers(model).values():
-        nn.init.normal_(layer.lora_b.weight, std=0.1)
-    model(torch.randn(2, ROWS // 2, 64, dtype=torch.bfloat16))  # bitsandbytes sets the compute dtype
-    return model
-
-
-def _grads(model, fn, x, x_grad=True, ctx=contextlib.nullcontext):
-    model.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_(x_grad)
-    with ctx():
-        out = fn(x)
-    out.float().square().mean().backward()
-    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
-    if x_grad:
-        grads["x"] = x.grad.float().clone()
-    return out.detach().float(), grads
+    return nf4_block(bias)
 
 
 def _compiled(model, backend, **kwargs):
@@ -73,7 +34,7 @@ def _forward_code(backend) -> str:
     return "\n".join(g.code for g in backend.fw_graphs)
 
 
-def _rel(got, want) -> float:
+def rel(got, want) -> float:
     return float((got - want).norm() / want.norm().clamp_min(1e-12))
 
 
@@ -102,10 +63,10 @@ def test_route_equals_the_functional_addmm_bit_for_bit(kernel_stand_in, monkeypa
     in_place = quantization.frozen_nf4_lora_linear
     monkeypatch.setattr(quantization, "frozen_nf4_lora_linear", lambda *args: None)
     old_backend = AotEagerAndRecordGraphs()
-    old_out, old = _grads(model, _compiled(model, old_backend), x, x_grad, ctx)
+    old_out, old = grads(model, _compiled(model, old_backend), x, x_grad, ctx)
     monkeypatch.setattr(quantization, "frozen_nf4_lora_linear", in_place)
     new_backend = AotEagerAndRecordGraphs()
-    new_out, new = _grads(model, _compiled(model, new_backend), x, x_grad, ctx)
+    new_out, new = grads(model, _compiled(model, new_backend), x, x_grad, ctx)
 
     assert "linear_plus_update" not in _forward_code(old_backend)
     assert _forward_code(new_backend).count("lightning_lora.linear_plus_update") == 2  # both layers took the route
@@ -113,7 +74,7 @@ def test_route_equals_the_functional_addmm_bit_for_bit(kernel_stand_in, monkeypa
     assert new.keys() == old.keys() and len(new) == (4 if case == "x_no_grad" else 2 if case == "b_frozen_x_no_grad" else 3 if "frozen" in case else 5)
     for name in new:
         assert new[name].abs().sum() > 0, name
-        assert torch.equal(new[name], old[name]), (name, _rel(new[name], old[name]))
+        assert torch.equal(new[name], old[name]), (name, rel(new[name], old[name]))
 
 
 def test_switching_adapter_and_scale_after_compiling(kernel_stand_in) -> None:
@@ -127,13 +88,13 @@ def test_switching_adapter_and_scale_after_compiling(kernel_stand_in) -> None:
     x = torch.randn(2, ROWS // 2, 64, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(6))
 
     def check(tag: str) -> None:
-        want_out, want = _grads(model, model, x)
-        got_out, got = _grads(model, compiled, x)
+        want_out, want = grads(model, model, x)
+        got_out, got = grads(model, compiled, x)
         assert "linear_plus_update" in _forward_code(backend), tag
         assert got.keys() == want.keys(), tag
-        assert _rel(got_out, want_out) <= 1e-2, tag
+        assert rel(got_out, want_out) <= 1e-2, tag
         for name in want:
-            assert got[name].abs().sum() > 0 and _rel(got[name], want[name]) <= 2e-2, (tag, name)
+            assert got[name].abs().sum() > 0 and rel(got[name], want[name]) <= 2e-2, (tag, name)
 
     check("default")
     for layer in lora_layers(model).values():
@@ -152,12 +113,12 @@ def test_dynamic_shapes_with_changing_sequence_lengths(kernel_stand_in) -> None:
     gen = torch.Generator().manual_seed(7)
     for batch, seq in ((2, 800), (4, 600), (3, 700), (2, 500)):  # the last: 1,000 rows, the plain ops
         x = torch.randn(batch, seq, 64, dtype=torch.bfloat16, generator=gen)
-        want_out, want = _grads(model, model, x)
-        got_out, got = _grads(model, compiled, x)
+        want_out, want = grads(model, model, x)
+        got_out, got = grads(model, compiled, x)
         assert got_out.shape == (batch, seq, 64)
-        assert _rel(got_out, want_out) <= 1e-2
+        assert rel(got_out, want_out) <= 1e-2
         for name in want:
-            assert _rel(got[name], want[name]) <= 2e-2, (batch, seq, name)
+            assert rel(got[name], want[name]) <= 2e-2, (batch, seq, name)
     assert "linear_plus_update" in backend.fw_graphs[0].code
     assert "linear_plus_update" not in backend.fw_graphs[-1].code
 
@@ -176,13 +137,13 @@ def test_op_that_cannot_be_registered_keeps_the_functional_route(kernel_stand_in
         nf4_kernel.linear_plus_update(*(torch.ones(2, 2) for _ in range(5)), 1.0)
     model = _model()
     x = torch.randn(2, ROWS // 2, 64, dtype=torch.bfloat16)
-    want_out, want = _grads(model, model, x)
+    want_out, want = grads(model, model, x)
     backend = AotEagerAndRecordGraphs()
-    got_out, got = _grads(model, _compiled(model, backend), x)
+    got_out, got = grads(model, _compiled(model, backend), x)
     assert "linear_plus_update" not in _forward_code(backend)
-    assert _rel(got_out, want_out) <= 1e-2
+    assert rel(got_out, want_out) <= 1e-2
     for name in want:
-        assert _rel(got[name], want[name]) <= 2e-2, name
+        assert rel(got[name], want[name]) <= 2e-2, name
 
 
 def test_reload_finds_the_registered_op() -> None:
