@@ -10,7 +10,8 @@ Three parts, each in this one process:
   (bitsandbytes dequantizes, the LoRA update added by one ``addmm`` into the base output: the library's
   default before the nf4 kernel), ``kernel_addmm`` (the nf4 kernel, the update added after the matmul by one
   functional ``addmm``, which copies the base output first: the default before 2026-12-03), ``kernel_inplace`` (the
-  library's default: ``quantization.frozen_nf4_lora_linear``, the update added in place by one opaque op), ``kernel_plain_add`` (the update as a plain add that inductor fuses into its neighbours),
+  library's default: ``_routes.frozen_nf4_lora_linear``, the update added in place by one opaque op), ``kernel_plain_add`` (the update as a
+  plain add that inductor fuses into its neighbours),
   PEFT compiled the same way, and eager variants
   (``breaks`` in a name: the 4-bit weight's ``as_subclass`` traced as on 2026-12-02, a graph break in every LoRA
   layer; ``eager_`` prefix: not compiled, where the library never uses the kernel; ``unfused``: the plain-ops route
@@ -149,19 +150,18 @@ def model_part(layers: int, steps: int, variants: list[str], trace: str | None, 
     from compare_peft import ALPHA, TARGETS, R, peft_model, quantized_llama
     from profile_step import profile_step, timed_steps
 
-    from lightning_lora import LoRAConfig, _routes, inject_lora, nf4_kernel
+    from lightning_lora import LoRAConfig, _routes, inject_lora, nf4_kernel, quantization
     from lightning_lora.compiling import compile_blocks
     from lightning_lora.layers import lora_layers
 
-    from lightning_lora import quantization
-
     results = {}
     original, enabled = _routes.unfused_training, nf4_kernel.ENABLED
-    in_place, packed_tensor = quantization.frozen_nf4_lora_linear, quantization.packed_tensor
+    in_place, packed_tensor = _routes.frozen_nf4_lora_linear, quantization.packed_tensor
 
     def packed_tensor_before_2026_12_03(weight):  # noqa: ANN001, ANN202 - as_subclass even while compiling
         classes = quantization._bnb_classes()
         return weight.as_subclass(torch.Tensor) if classes and type(weight) is classes[2] else weight
+
     for variant in variants:
         if time.perf_counter() > deadline:
             results[variant] = {"skipped": "past the deadline"}
@@ -176,7 +176,7 @@ def model_part(layers: int, steps: int, variants: list[str], trace: str | None, 
                 nf4_kernel.ENABLED = "bnb" not in variant
                 # ``addmm`` variants: the update added by a functional addmm (a copy of the base output first),
                 # the library's compiled route before ``frozen_nf4_lora_linear``; ``inplace``: that route.
-                quantization.frozen_nf4_lora_linear = (lambda *args: None) if "addmm" in variant else in_place
+                _routes.frozen_nf4_lora_linear = (lambda *args: None) if "addmm" in variant else in_place
                 # ``breaks``: the weight's ``as_subclass`` traced as on 2026-12-02, which dynamo cannot trace (a graph break per layer)
                 quantization.packed_tensor = packed_tensor_before_2026_12_03 if "breaks" in variant else packed_tensor
             if "unfused" in variant:  # the plain-ops route (bitsandbytes computes the base then)
@@ -204,7 +204,7 @@ def model_part(layers: int, steps: int, variants: list[str], trace: str | None, 
         finally:
             _routes.unfused_training = original
             nf4_kernel.ENABLED = enabled
-            quantization.frozen_nf4_lora_linear, quantization.packed_tensor = in_place, packed_tensor
+            _routes.frozen_nf4_lora_linear, quantization.packed_tensor = in_place, packed_tensor
             compare_peft.MARK_CUDAGRAPH_STEPS = False
         results[variant] = row
         print(variant, json.dumps({k: v for k, v in row.items() if k != "top_kernels"}), flush=True)

@@ -6,7 +6,7 @@ three faster ways to compute the same thing, each for one situation:
 - ``fused_training``: one autograd node (``_FusedLoRA``) for a frozen float or 4-bit base;
 - ``unfused_training``: plain ops, the update added into the base output with one ``addmm``
   (compiled graphs, 8-bit bases, hooks on the base layer, ``layer.fused = False``); in a compiled graph, a frozen
-  nf4 base on CUDA without dropout takes ``quantization.frozen_nf4_lora_linear`` (the update added in place);
+  nf4 base on CUDA without dropout takes ``frozen_nf4_lora_linear`` (the update added in place);
 - ``no_grad``: without autograd, the update added to the output in place, or folded into the
   (dequantized) weight when that is cheaper in memory traffic or, at small batch on a GPU, in kernel launches.
 
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as module_mod  # the global module hooks live here
 
-from lightning_lora import quantization
+from lightning_lora import nf4_kernel, quantization
 from lightning_lora._members import member
 
 LoRALinear = nn.Module  # for annotations: the routes take a ``layers.LoRALinear`` (not imported: it imports this module)
@@ -127,7 +127,7 @@ def unfused_training(layer: LoRALinear, adapter: Adapter, x: torch.Tensor, a: to
     # In a compiled graph, a stock frozen nf4 base on CUDA: dequantized by one Triton kernel (None: the layer computes itself).
     compiled_4bit = torch.compiler.is_compiling() and quantization.is_4bit(base) and fusable(layer, adapter)
     if compiled_4bit and isinstance(member(adapter, "dropout"), nn.Identity):
-        out = quantization.frozen_nf4_lora_linear(base, x, a, b, adapter.scale)  # the update added in place
+        out = frozen_nf4_lora_linear(base, x, a, b, adapter.scale)  # the update added in place
         if out is not None:
             return out
     out = quantization.frozen_nf4_linear(base, x) if compiled_4bit else None
@@ -140,6 +140,60 @@ def unfused_training(layer: LoRALinear, adapter: Adapter, x: torch.Tensor, a: to
         # One kernel: out + scale * h @ B^T, written into the base output's shape.
         return torch.addmm(out.reshape(-1, layer.out_features), h.reshape(-1, adapter.r), b.t(), alpha=adapter.scale).view(out.shape)
     return out + (F.linear(h, b) * adapter.scale).to(out.dtype)
+
+
+def frozen_nf4_lora_linear(module: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """Inside a compiled graph: ``quantization.frozen_nf4_linear(module, x) + scale * (x @ a^T) @ b^T``, the update
+    added into the base output in place by one opaque op (``nf4_kernel.linear_plus_update``); None where it does not
+    apply.
+
+    ``a`` (r, in) and ``b`` (out, r) are a LoRA adapter's matrices (without dropout: ``x`` feeds both paths). Written
+    as ``torch.addmm(base_out, h, b^T)``, the functional graph copies the base output into a new buffer first (one
+    device-to-device copy of a (tokens, out) matrix per layer and step, 2.6 ms of a 16-layer 7B step on an H200:
+    ``benchmarks/results/2026-12-02-step-profile-h200/``); the op computes the same kernels without it. Backward is
+    the same computation as the plain ops' (the weight dequantized again, nothing of it kept). None, besides where
+    ``quantization.frozen_nf4_linear`` is None, where ``x`` is not in the layer's compute dtype or autocast computes in another:
+    the plain ops handle those casts.
+    """
+    layer = quantization.kernel_layer(module, x)
+    if layer is None or not nf4_kernel.linear_plus_update_ready():
+        return None
+    weight, state, bias, dtype = layer
+    if x.dtype != dtype or (torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != dtype):
+        return None
+    return _FrozenNF4LoRA.apply(x, weight, bias, state, a, b, scale)
+
+
+class _FrozenNF4LoRA(torch.autograd.Function):
+    """``x @ dequantize(W)^T (+ bias) + scale * (x @ A^T) @ B^T`` for a frozen nf4 weight and a trainable A, B."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: Any, a: torch.Tensor,
+                b: torch.Tensor, scale: float) -> torch.Tensor:  # fmt: skip
+        x2 = x.reshape(-1, x.shape[-1])
+        a_c, b_c = a.to(x.dtype), b.to(x.dtype)
+        h = torch.mm(x2, a_c.t())  # (tokens, r)
+        out = nf4_kernel.linear_plus_update(x2, nf4_kernel.dequantize(weight, state, x.dtype), bias, h, b_c, scale)
+        ctx.state, ctx.scale, ctx.a_dtype, ctx.b_dtype = state, scale, a.dtype, b.dtype
+        # x, not its 2-D view: dynamo refuses to save a view of an input made inside the node. The packed weight is
+        # the parameter itself: no memory.
+        ctx.save_for_backward(weight, x, h, a_c, b_c)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        weight, x, h, a_c, b_c = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1])
+        needs_x, _, _, _, needs_a, needs_b, _ = ctx.needs_input_grad
+        g = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
+        grad_h = torch.mm(g, b_c) * ctx.scale  # (tokens, r)
+        grad_a = torch.mm(grad_h.t(), x2).to(ctx.a_dtype) if needs_a else None
+        grad_b = (torch.mm(g.t(), h) * ctx.scale).to(ctx.b_dtype) if needs_b else None
+        grad_x = None
+        if needs_x:  # as bitsandbytes: dequantized in the weight's own dtype, then cast
+            w = nf4_kernel.dequantize(weight, ctx.state, ctx.state.dtype, pass_id=1).to(g.dtype)
+            grad_x = (torch.mm(g, w) + torch.mm(grad_h, a_c)).view(*grad.shape[:-1], x2.shape[-1])
+        return grad_x, None, None, None, grad_a, grad_b, None
 
 
 # Devices where an eager forward at small batch waits on the host's kernel launches rather than on the device.

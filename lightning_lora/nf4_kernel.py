@@ -11,7 +11,7 @@ bitsandbytes on CUDA.
 
 Next to it, ``linear_plus_update`` (no Triton in it): ``x @ W^T (+ bias) + scale * h @ B^T`` as one opaque op that
 adds the LoRA update into the base output in place. In a functional graph the same ``addmm`` first copies the base
-output into a new buffer (one device-to-device copy per LoRA layer and step); ``quantization.frozen_nf4_lora_linear``
+output into a new buffer (one device-to-device copy per LoRA layer and step); ``_routes.frozen_nf4_lora_linear``
 uses it for a compiled nf4 layer with its LoRA update.
 
 ``LIGHTNING_LORA_NF4_KERNEL=0`` in the environment (or ``nf4_kernel.ENABLED = False`` before the first compiled

@@ -542,16 +542,16 @@ def frozen_nf4_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None
     cast the layer writes into it or takes a gradient, the weight was quantized transposed, or there are at most
     1,536 rows (bitsandbytes' own fused kernel may compute those).
     """
-    layer = _kernel_layer(module, x)
+    layer = kernel_layer(module, x)
     if layer is None:
         return None
     weight, state, bias, dtype = layer
     return _FrozenNF4Linear.apply(x.to(dtype), weight, bias, state).to(x.dtype)
 
 
-def _kernel_layer(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor | None, torch.dtype] | None:
+def kernel_layer(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor | None, torch.dtype] | None:
     """``(weight, quant_state, bias, compute dtype)`` of a frozen nf4 layer whose compiled forward for ``x`` the
-    kernel can compute (``frozen_nf4_linear`` says when), else None."""
+    kernel can compute (``frozen_nf4_linear`` says when), else None. ``_routes.frozen_nf4_lora_linear`` asks it too."""
     if not torch.compiler.is_compiling():
         return None
     weight = module.weight
@@ -565,59 +565,6 @@ def _kernel_layer(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Any
     if x.shape[-1] != state.shape[1] or x.numel() // x.shape[-1] <= 1536:
         return None
     return weight, state, bias, dtype
-
-
-def frozen_nf4_lora_linear(module: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor | None:
-    """Inside a compiled graph: ``frozen_nf4_linear(module, x) + scale * (x @ a^T) @ b^T``, the update added into
-    the base output in place by one opaque op (``nf4_kernel.linear_plus_update``); None where it does not apply.
-
-    ``a`` (r, in) and ``b`` (out, r) are a LoRA adapter's matrices (without dropout: ``x`` feeds both paths). Written
-    as ``torch.addmm(base_out, h, b^T)``, the functional graph copies the base output into a new buffer first (one
-    device-to-device copy of a (tokens, out) matrix per layer and step, 2.6 ms of a 16-layer 7B step on an H200:
-    ``benchmarks/results/2026-12-02-step-profile-h200/``); the op computes the same kernels without it. Backward is
-    the same computation as the plain ops' (the weight dequantized again, nothing of it kept). None, besides where
-    ``frozen_nf4_linear`` is None, where ``x`` is not in the layer's compute dtype or autocast computes in another:
-    the plain ops handle those casts.
-    """
-    layer = _kernel_layer(module, x)
-    if layer is None or not nf4_kernel.linear_plus_update_ready():
-        return None
-    weight, state, bias, dtype = layer
-    if x.dtype != dtype or (torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != dtype):
-        return None
-    return _FrozenNF4LoRA.apply(x, weight, bias, state, a, b, scale)
-
-
-class _FrozenNF4LoRA(torch.autograd.Function):
-    """``x @ dequantize(W)^T (+ bias) + scale * (x @ A^T) @ B^T`` for a frozen nf4 weight and a trainable A, B."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: Any, a: torch.Tensor,
-                b: torch.Tensor, scale: float) -> torch.Tensor:  # fmt: skip
-        x2 = x.reshape(-1, x.shape[-1])
-        a_c, b_c = a.to(x.dtype), b.to(x.dtype)
-        h = torch.mm(x2, a_c.t())  # (tokens, r)
-        out = nf4_kernel.linear_plus_update(x2, nf4_kernel.dequantize(weight, state, x.dtype), bias, h, b_c, scale)
-        ctx.state, ctx.scale, ctx.a_dtype, ctx.b_dtype = state, scale, a.dtype, b.dtype
-        # x, not its 2-D view: dynamo refuses to save a view of an input made inside the node. The packed weight is
-        # the parameter itself: no memory.
-        ctx.save_for_backward(weight, x, h, a_c, b_c)
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        weight, x, h, a_c, b_c = ctx.saved_tensors
-        x2 = x.reshape(-1, x.shape[-1])
-        needs_x, _, _, _, needs_a, needs_b, _ = ctx.needs_input_grad
-        g = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
-        grad_h = torch.mm(g, b_c) * ctx.scale  # (tokens, r)
-        grad_a = torch.mm(grad_h.t(), x2).to(ctx.a_dtype) if needs_a else None
-        grad_b = (torch.mm(g.t(), h) * ctx.scale).to(ctx.b_dtype) if needs_b else None
-        grad_x = None
-        if needs_x:  # as bitsandbytes: dequantized in the weight's own dtype, then cast
-            w = nf4_kernel.dequantize(weight, ctx.state, ctx.state.dtype, pass_id=1).to(g.dtype)
-            grad_x = (torch.mm(g, w) + torch.mm(grad_h, a_c)).view(*grad.shape[:-1], x2.shape[-1])
-        return grad_x, None, None, None, grad_a, grad_b, None
 
 
 class _FrozenNF4Linear(torch.autograd.Function):

@@ -1,4 +1,4 @@
-"""Shared by the tests of the compiled nf4 LoRA route (``quantization.frozen_nf4_lora_linear``) on CPU: bitsandbytes'
+"""Shared by the tests of the compiled nf4 LoRA route (``_routes.frozen_nf4_lora_linear``) on CPU: bitsandbytes'
 dequantize standing in for the Triton kernel, a two-layer block, and its gradients."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The compiled nf4 LoRA route (``quantization.frozen_nf4_lora_linear``): the update added into the base output in
+"""The compiled nf4 LoRA route (``_routes.frozen_nf4_lora_linear``): the update added into the base output in
 place by ``nf4_kernel.linear_plus_update``, the same output and gradients as eager, and where it is not taken.
 
 On CPU the Triton dequantize is not available, so these tests stand bitsandbytes' own dequantize in for it (the

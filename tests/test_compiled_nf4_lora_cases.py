@@ -1,4 +1,4 @@
-"""More cases of the compiled nf4 LoRA route (``quantization.frozen_nf4_lora_linear``) for cases
+"""More cases of the compiled nf4 LoRA route (``_routes.frozen_nf4_lora_linear``) for cases
 ``tests/test_compiled_nf4_lora.py`` does not cover: bit-for-bit equality with the functional ``addmm`` route it
 replaces (frozen A or B, frozen input, 2-D and non-contiguous inputs, bias, autocast), switching adapters and scales
 after compiling, dynamic shapes, and the fallbacks when the op cannot be registered or the module is reloaded.
@@ -17,7 +17,7 @@ from _nf4_route import ROWS, grads, kernel_stand_in, nf4_block, rel  # noqa: F40
 from torch import nn
 from torch._dynamo.testing import AotEagerAndRecordGraphs
 
-from lightning_lora import nf4_kernel, quantization
+from lightning_lora import _routes, nf4_kernel
 from lightning_lora.layers import lora_layers
 
 
@@ -60,11 +60,11 @@ def test_route_equals_the_functional_addmm_bit_for_bit(kernel_stand_in, monkeypa
     x_grad = "x_no_grad" not in case
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if case == "autocast_bf16" else contextlib.nullcontext
 
-    in_place = quantization.frozen_nf4_lora_linear
-    monkeypatch.setattr(quantization, "frozen_nf4_lora_linear", lambda *args: None)
+    in_place = _routes.frozen_nf4_lora_linear
+    monkeypatch.setattr(_routes, "frozen_nf4_lora_linear", lambda *args: None)
     old_backend = AotEagerAndRecordGraphs()
     old_out, old = grads(model, _compiled(model, old_backend), x, x_grad, ctx)
-    monkeypatch.setattr(quantization, "frozen_nf4_lora_linear", in_place)
+    monkeypatch.setattr(_routes, "frozen_nf4_lora_linear", in_place)
     new_backend = AotEagerAndRecordGraphs()
     new_out, new = grads(model, _compiled(model, new_backend), x, x_grad, ctx)
 

@@ -177,16 +177,16 @@ def _lora_grads(compiled: bool, kernel: bool, monkeypatch, copies: list | None =
 
 
 def test_compiled_update_added_in_place_without_a_copy(monkeypatch) -> None:
-    """The compiled route (``quantization.frozen_nf4_lora_linear``) gives the gradients of the functional ``addmm``
+    """The compiled route (``_routes.frozen_nf4_lora_linear``) gives the gradients of the functional ``addmm``
     it replaces, without that addmm's device-to-device copy of the base output (one per LoRA layer and step)."""
-    from lightning_lora import quantization
+    from lightning_lora import _routes
 
-    in_place = quantization.frozen_nf4_lora_linear
+    in_place = _routes.frozen_nf4_lora_linear
     taken = []
-    monkeypatch.setattr(quantization, "frozen_nf4_lora_linear", lambda *args: None)
+    monkeypatch.setattr(_routes, "frozen_nf4_lora_linear", lambda *args: None)
     copies: list[int] = []
     before, before_loss, _ = _lora_grads(compiled=True, kernel=True, monkeypatch=monkeypatch, copies=copies)
-    monkeypatch.setattr(quantization, "frozen_nf4_lora_linear", lambda *args: taken.append(1) or in_place(*args))
+    monkeypatch.setattr(_routes, "frozen_nf4_lora_linear", lambda *args: taken.append(1) or in_place(*args))
     got, loss, _ = _lora_grads(compiled=True, kernel=True, monkeypatch=monkeypatch, copies=copies)
     layers = 2 * 7
     print(f"device-to-device copies per step: functional addmm {copies[0]}, in place {copies[1]}")
