@@ -97,7 +97,7 @@ def to_peft_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def from_peft_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
+    out, sources = {}, {}
     for key, value in state_dict.items():
         if not key.startswith(_PEFT_PREFIX):
             raise ValueError(f"Adapter key {key!r} does not start with {_PEFT_PREFIX!r}: this is not a PEFT LoRA adapter file.")
@@ -110,7 +110,14 @@ def from_peft_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
         name = re.sub(r"\.lora_B(\.[^.]+)?\.weight$", ".lora_b.weight", name)
         name = re.sub(r"\.token_adapter\.trainable_tokens_delta(\.[^.]+)?$", ".trainable_tokens_delta", name)
         name = re.sub(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$", ".lora_magnitude", name)
+        if name in out:
+            raise ValueError(
+                f"Adapter keys {sources[name]!r} and {key!r} both hold {name!r} (one with PEFT's adapter name in it, "
+                "one without, or two adapter names): the file holds more than one adapter's tensors in one file. "
+                "Save each adapter in its own folder (PEFT's save_pretrained does), then load them one by one."
+            )
         out[name] = value
+        sources[name] = key
     return out
 
 

@@ -282,16 +282,24 @@ def _require_every_name_matches(model: nn.Module, target_modules: list[str] | st
 
 
 def drop_unmatched_names(model: nn.Module, config: LoRAConfig) -> LoRAConfig:
-    """``config`` without the ``target_modules`` names that match no module of ``model``: PEFT's rule, for configs
-    read from adapter files (PEFT saves the list as the user wrote it, e.g. names of other architectures, and
-    loads it anyway). Configs a user writes go through the strict check of ``find_targets`` instead."""
-    if config.target_modules is None or isinstance(config.target_modules, str):
-        return config  # experts only (target_parameters) or a pattern: nothing to drop
-    paths = [name for name, _ in _named_base_modules(model) if name]
-    kept = [t for t in config.target_modules if any(matches_suffix(path, t) for path in paths)]
-    if not kept or len(kept) == len(config.target_modules):
-        return config  # nothing to drop, or nothing left: find_targets reports it
-    return dataclasses.replace(config, target_modules=kept)
+    """``config`` without the ``target_modules`` and ``modules_to_save`` names that match no module of ``model``:
+    PEFT's rule, for configs read from adapter files. PEFT saves ``target_modules`` as the user wrote it (e.g. names
+    of other architectures), and for a classification task adds every architecture's head to ``modules_to_save``
+    (``['classifier', 'score']``), and loads such files anyway. A saved module's weights stay checked: a name
+    dropped here whose weights the file holds is refused as an unexpected key. Configs a user writes go through the
+    strict checks of ``find_targets`` and ``find_modules_to_save`` instead."""
+    changes = {}
+    if config.target_modules is not None and not isinstance(config.target_modules, str):  # not experts only, not a pattern
+        paths = [name for name, _ in _named_base_modules(model) if name]
+        kept = [t for t in config.target_modules if any(matches_suffix(path, t) for path in paths)]
+        if kept and len(kept) < len(config.target_modules):  # nothing left: find_targets reports it
+            changes["target_modules"] = kept
+    if config.modules_to_save:
+        names = [name for name, _ in model.named_modules() if name]
+        kept = [p for p in config.modules_to_save if any(matches_any(name, [p]) for name in names)]
+        if len(kept) < len(config.modules_to_save):
+            changes["modules_to_save"] = kept or None
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 def find_targets(model: nn.Module, config: LoRAConfig, skip: list[str] = ()) -> list[str]:

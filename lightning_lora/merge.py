@@ -101,7 +101,7 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
             layer.enabled = enabled
 
 
-def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def merged_state_dict(model: nn.Module, dtype: torch.dtype | str | None = None) -> dict[str, torch.Tensor]:
     """The state dict of the plain (LoRA-free, unquantized) model with every update merged in.
 
     Keys are those of the original model, so the result loads with ``strict=True`` into a fresh
@@ -143,8 +143,20 @@ def warn_diverged_ties(model: nn.Module, state: dict[str, torch.Tensor], caller:
         )
 
 
+def _merged_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``dtype`` of ``merged_state_dict`` / ``save_merged``: None, a floating torch dtype, or its name."""
+    if isinstance(dtype, str):
+        dtype = _DTYPES.get(_dtype_name(dtype), dtype)
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.is_complex):
+        raise ValueError(
+            f"`dtype`={dtype!r}: merged weights are stored in a real floating dtype. Pass torch.bfloat16, torch.float16 "
+            "or torch.float32 (or its name), or None for the model's own dtype."
+        )
+    return dtype
+
+
 @torch.no_grad()
-def _merged_state(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def _merged_state(model: nn.Module, dtype: torch.dtype | str | None = None) -> dict[str, torch.Tensor]:
     is_adapter = require_lora_state(model, "merged_state_dict").is_adapter_param  # any adapter's tensor
     layers = lora_layers(model)
     quantized = {name: module for name, module in model.named_modules() if quantization.is_quantized(module)}
@@ -154,6 +166,7 @@ def _merged_state(model: nn.Module, dtype: torch.dtype | None = None) -> dict[st
         for name, module in adapter_modules(model).items()
         if isinstance(module, TrainableTokens) or (isinstance(module, ParamLoRA) and not name.endswith(".base_layer"))
     }
+    dtype = _merged_dtype(dtype)
     if dtype is None:
         dtype = next(
             (p.dtype for n, p in model.named_parameters() if p.is_floating_point() and not is_adapter(unwrapped_name(n))),

@@ -129,6 +129,11 @@ class LoRACallback(Callback):
             trainable_token_indices=trainable_token_indices,
             use_dora=use_dora,
         )
+        if not isinstance(from_backbone, bool):
+            raise TypeError(
+                f"`from_backbone` must be True or False, got {from_backbone!r}: a truthy string or number would drop the "
+                "LoRA settings given here and take the adapter from the backbone."
+            )
         if not isinstance(convert_init_on_export, bool):
             raise TypeError(f"`convert_init_on_export` must be True or False, got {convert_init_on_export!r}.")
         if convert_init_on_export and (from_backbone or not init_changes_base(lora_config.init)):
