@@ -140,7 +140,8 @@ class LoRAConfig:
             _check_patterns(name, list(pattern_map), suffix_keys=True)
             for key, value in pattern_map.items():
                 if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-                    raise ValueError(f"`{name}[{key!r}]` must be a positive number, got {value!r}.")
+                    what = "a positive integer (a rank)" if kind is int else "a positive number"
+                    raise ValueError(f"`{name}[{key!r}]` must be {what}, got {value!r}.")
                 if not math.isfinite(value):
                     raise ValueError(f"`{name}[{key!r}]` must be finite, got {value!r}. Set it to a positive number such as 16.")
         if isinstance(self.target_modules, tuple):

@@ -237,7 +237,7 @@ CASES = [
     Case("target-empty", _lora(target_modules=[]), ValueError, ["`target_modules`", "[]", "use"]),
     Case("target-bad-regex", _lora(target_modules="q_proj("), ValueError, ["`target_modules`", "'q_proj('", "Escape"]),
     Case("target-not-str", _lora(target_modules=[3]), TypeError, ["`target_modules`", "[3]", "pass"]),
-    Case("rank-pattern-zero", _lora(rank_pattern={"q_proj": 0}), ValueError, ["`rank_pattern['q_proj']`", "got 0", "must be a positive number"]),
+    Case("rank-pattern-zero", _lora(rank_pattern={"q_proj": 0}), ValueError, ["`rank_pattern['q_proj']`", "got 0", "must be a positive integer"]),
     Case("rank-pattern-list", _lora(rank_pattern=["q_proj"]), TypeError, ["`rank_pattern`", "['q_proj']", "pass"]),
     # QuantizationConfig
     Case("quant-mode", _quant(mode="int4"), ValueError, ["`mode`", "'int4'", "one of ('nf4', 'fp4', 'int8')"]),

@@ -107,8 +107,8 @@ def test_lora_config_rejects_empty_and_invalid_patterns():
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("rank_pattern", {"q_proj": 0}, "`rank_pattern['q_proj']` must be a positive number, got 0."),
-        ("rank_pattern", {"q_proj": 2.0}, "`rank_pattern['q_proj']` must be a positive number, got 2.0."),
+        ("rank_pattern", {"q_proj": 0}, "`rank_pattern['q_proj']` must be a positive integer (a rank), got 0."),
+        ("rank_pattern", {"q_proj": 2.0}, "`rank_pattern['q_proj']` must be a positive integer (a rank), got 2.0."),
         ("alpha_pattern", {"v_proj": -8}, "`alpha_pattern['v_proj']` must be a positive number, got -8."),
     ],
 )

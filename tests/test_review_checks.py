@@ -120,3 +120,15 @@ def test_merged_weights_take_a_dtype_name():
 def test_from_backbone_must_be_a_bool(value):
     with pytest.raises(TypeError, match="`from_backbone` must be True or False"):
         LoRACallback(r=4, target_modules=["q_proj"], from_backbone=value)
+
+
+@pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern"])
+@pytest.mark.parametrize("value", ["abc", 5, [], [("q_proj", 4)]])
+def test_callback_patterns_that_are_not_dicts_are_refused_by_name(field, value):
+    with pytest.raises(TypeError, match=f"`{field}` must be a dict"):
+        LoRACallback(r=4, target_modules=["q_proj"], **{field: value})
+
+
+def test_a_float_rank_in_rank_pattern_is_called_a_rank():
+    with pytest.raises(ValueError, match="must be a positive integer"):
+        LoRAConfig(r=4, target_modules=["q_proj"], rank_pattern={"q_proj": 8.0})

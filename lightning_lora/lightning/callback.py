@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -13,6 +14,14 @@ from lightning_lora._io import require_directory_path
 from lightning_lora.config import BiasMode, InitMode, LoRAConfig, QuantizationConfig, init_changes_base
 from lightning_lora.lightning.controller import LoRAController, serving_options
 
+
+
+def _as_dict(pattern_map: Any) -> Any:
+    """A mapping as a dict (LightningCLI gives its own mapping types), None as {}; anything else as given, for
+    ``LoRAConfig`` to refuse with its message."""
+    if pattern_map is None:
+        return {}
+    return dict(pattern_map) if isinstance(pattern_map, Mapping) else pattern_map
 
 class LoRACallback(Callback):
     """Inject LoRA (optionally on a 4-bit or 8-bit backbone), keep checkpoints adapter-only, export the adapter.
@@ -123,8 +132,8 @@ class LoRACallback(Callback):
             modules_to_save=modules_to_save,
             init=init,
             use_rslora=use_rslora,
-            rank_pattern=dict(rank_pattern or {}),
-            alpha_pattern=dict(alpha_pattern or {}),
+            rank_pattern=_as_dict(rank_pattern),
+            alpha_pattern=_as_dict(alpha_pattern),
             target_parameters=target_parameters,
             trainable_token_indices=trainable_token_indices,
             use_dora=use_dora,
