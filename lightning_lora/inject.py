@@ -14,7 +14,17 @@ import torch
 from torch import nn
 
 from lightning_lora import inits, quantization
-from lightning_lora._matching import matches_any, matches_suffix, output_head_names, path_under, pattern_value, replace_modules, unwrapped_name
+from lightning_lora import _regex
+from lightning_lora._matching import (
+    matches_any,
+    matches_suffix,
+    output_head_names,
+    path_under,
+    pattern_value,
+    replace_modules,
+    suffix_regex,
+    unwrapped_name,
+)
 from lightning_lora.config import LoRAConfig, QuantizationConfig, init_changes_base
 from lightning_lora.layers import DEFAULT_ADAPTER, LoRALinear, base_features, check_adapter_name, is_supported_base, lora_layers
 from lightning_lora.param_lora import ParamLoRA, ParamPlan, find_parameter_targets, plan_parameters
@@ -199,7 +209,46 @@ def plan_injection(
             "their layers hold a single, unnamed adapter. Use adapter_name='default' and one adapter in the model, "
             "or adapt these parameters / tokens in a model of their own."
         )
+    _warn_unused_names(model, config, layers, parameters, to_save)
     return InjectionPlan(config, layers, to_save, quantize, parameters, tokens, adapter_name)
+
+
+def _warn_unused_names(model: nn.Module, config: LoRAConfig, layers: dict, parameters: dict, to_save: list[str]) -> None:
+    """Warn about names that change nothing (a typo, most often), as PEFT does: ``exclude_modules`` entries that match
+    no module, ``rank_pattern`` / ``alpha_pattern`` keys that match no adapted layer, and layers ``target_modules``
+    names that ``modules_to_save`` takes (trained in full, without LoRA)."""
+    modules = {name: module for name, module in _named_base_modules(model) if name}
+    paths = list(modules)
+    exclude = config.exclude_modules
+    for entry in [exclude] if isinstance(exclude, str) else (exclude or []):
+        if not any(matches_any(path, entry if isinstance(exclude, str) else [entry]) for path in paths):  # str: one regex
+            warnings.warn(
+                f"`exclude_modules` entry {entry!r} matches no module of {type(model).__name__}: it excludes nothing. "
+                "Fix the name (a suffix such as 'v_proj', or one regex) or drop it.",
+                UserWarning,
+                stacklevel=4,
+            )
+    adapted = [*layers, *parameters]
+    for field_name, pattern_map in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
+        for key in pattern_map:
+            if not any(_regex.fullmatch(suffix_regex(key), path) for path in adapted):
+                warnings.warn(
+                    f"`{field_name}` key {key!r} matches no adapted layer, so it changes nothing (adapted: "
+                    f"{sorted({path.rpartition('.')[2] for path in adapted})}). Fix the key: a suffix of a layer's path "
+                    "or a regex that fully matches one.",
+                    UserWarning,
+                    stacklevel=4,
+                )
+    if to_save and isinstance(config.target_modules, (list, str)) and config.target_modules != "all-linear":
+        taken = [path for path in paths if path_under(path, to_save) and is_supported_base(modules[path]) and matches_any(path, config.target_modules)]
+        if taken:
+            warnings.warn(
+                f"`modules_to_save`={list(to_save)!r} takes layers that `target_modules` names ({taken[:3]!r}"
+                f"{' ...' if len(taken) > 3 else ''}): they are trained in full and get no LoRA. Drop them from one of "
+                "the two lists.",
+                UserWarning,
+                stacklevel=4,
+            )
 
 
 def _check_tied(model: nn.Module, to_save: list[str]) -> None:

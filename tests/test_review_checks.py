@@ -132,3 +132,30 @@ def test_callback_patterns_that_are_not_dicts_are_refused_by_name(field, value):
 def test_a_float_rank_in_rank_pattern_is_called_a_rank():
     with pytest.raises(ValueError, match="must be a positive integer"):
         LoRAConfig(r=4, target_modules=["q_proj"], rank_pattern={"q_proj": 8.0})
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"target_modules": ["q_proj", "v_proj"], "exclude_modules": ["v_prj"]}, r"`exclude_modules` entry 'v_prj' matches no module"),
+        ({"target_modules": ["q_proj", "v_proj"], "exclude_modules": r".*\.v_prj"}, r"`exclude_modules` entry '.*\\\\.v_prj' matches no module"),
+        ({"target_modules": ["q_proj"], "rank_pattern": {"q_prj": 2}}, r"`rank_pattern` key 'q_prj' matches no adapted layer"),
+        ({"target_modules": ["q_proj"], "alpha_pattern": {"v_proj": 2.0}}, r"`alpha_pattern` key 'v_proj' matches no adapted layer"),
+        ({"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["layers.0.self_attn"]}, r"trained in full and get no LoRA"),
+    ],
+)
+def test_names_that_change_nothing_warn(options, message):
+    with pytest.warns(UserWarning, match=message):
+        inject_lora(_llama(), LoRAConfig(r=4, alpha=8, **options))
+
+
+def test_names_that_all_take_effect_do_not_warn():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inject_lora(
+            _llama(),
+            LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], exclude_modules=[r"layers.1.self_attn.v_proj"],
+                       rank_pattern={"q_proj": 2}, alpha_pattern={r"layers\.0\..*": 4.0}, modules_to_save=["lm_head"]),
+        )
