@@ -25,7 +25,7 @@ from torch import nn
 from lightning_lora._io import atomic_directory, require_directory_path
 from lightning_lora._matching import path_under
 from lightning_lora.adapter_io import adapter_state_dict, check_adapter_values, is_transformers_model, transformers_models
-from lightning_lora.merge import _merged_dtype, _merged_state, diverged_ties, require_lora_computing, warn_diverged_ties
+from lightning_lora.merge import _merged_state, diverged_ties, float_dtype, require_lora_computing, warn_diverged_ties
 
 MERGED_WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_FILES = (
@@ -60,7 +60,7 @@ def save_merged(
     call inside ``disable_lora`` / ``per_sample_adapters`` (the model computes without the merged update there).
     """
     directory = require_directory_path(directory, parameter)
-    dtype = _merged_dtype(dtype)
+    dtype = None if dtype is None else float_dtype(dtype)
     require_lora_computing(model, "save_merged")
     check_adapter_values(adapter_state_dict(model), "the adapter to merge", what="Refusing to write merged weights; nothing was written")
     state = _merged_state(model, dtype=dtype)

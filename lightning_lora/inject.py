@@ -218,10 +218,9 @@ def _warn_unused_names(model: nn.Module, config: LoRAConfig, layers: dict, param
     no module, ``rank_pattern`` / ``alpha_pattern`` keys that match no adapted layer, and layers ``target_modules``
     names that ``modules_to_save`` takes (trained in full, without LoRA)."""
     modules = {name: module for name, module in _named_base_modules(model) if name}
-    paths = list(modules)
     exclude = config.exclude_modules
     for entry in [exclude] if isinstance(exclude, str) else (exclude or []):
-        if not any(matches_any(path, entry if isinstance(exclude, str) else [entry]) for path in paths):  # str: one regex
+        if not any(matches_any(path, entry if isinstance(exclude, str) else [entry]) for path in modules):  # str: one regex
             warnings.warn(
                 f"`exclude_modules` entry {entry!r} matches no module of {type(model).__name__}: it excludes nothing. "
                 "Fix the name (a suffix such as 'v_proj', or one regex) or drop it.",
@@ -240,7 +239,7 @@ def _warn_unused_names(model: nn.Module, config: LoRAConfig, layers: dict, param
                     stacklevel=4,
                 )
     if to_save and isinstance(config.target_modules, (list, str)) and config.target_modules != "all-linear":
-        taken = [path for path in paths if path_under(path, to_save) and is_supported_base(modules[path]) and matches_any(path, config.target_modules)]
+        taken = [path for path in modules if path_under(path, to_save) and is_supported_base(modules[path]) and matches_any(path, config.target_modules)]
         if taken:
             warnings.warn(
                 f"`modules_to_save`={list(to_save)!r} takes layers that `target_modules` names ({taken[:3]!r}"

@@ -143,15 +143,13 @@ def warn_diverged_ties(model: nn.Module, state: dict[str, torch.Tensor], caller:
         )
 
 
-def _merged_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """``dtype`` of ``merged_state_dict`` / ``save_merged``: None, a floating torch dtype, or its name."""
+def float_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``dtype`` (a floating torch dtype or its name, e.g. 'bfloat16') as a torch dtype; anything else raises. The
+    ``dtype`` argument of ``cast_adapters``, ``merged_state_dict`` and ``save_merged``."""
     if isinstance(dtype, str):
         dtype = _DTYPES.get(_dtype_name(dtype), dtype)
-    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.is_complex):
-        raise ValueError(
-            f"`dtype`={dtype!r}: merged weights are stored in a real floating dtype. Pass torch.bfloat16, torch.float16 "
-            "or torch.float32 (or its name), or None for the model's own dtype."
-        )
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:  # complex dtypes are not floating here
+        raise ValueError(f"`dtype` must be a floating torch dtype such as torch.bfloat16, got {dtype!r}.")
     return dtype
 
 
@@ -166,8 +164,9 @@ def _merged_state(model: nn.Module, dtype: torch.dtype | str | None = None) -> d
         for name, module in adapter_modules(model).items()
         if isinstance(module, TrainableTokens) or (isinstance(module, ParamLoRA) and not name.endswith(".base_layer"))
     }
-    dtype = _merged_dtype(dtype)
-    if dtype is None:
+    if dtype is not None:
+        dtype = float_dtype(dtype)
+    else:
         dtype = next(
             (p.dtype for n, p in model.named_parameters() if p.is_floating_point() and not is_adapter(unwrapped_name(n))),
             torch.float32,
@@ -210,10 +209,7 @@ def cast_adapters(model: nn.Module, dtype: torch.dtype | str) -> nn.Module:
     """
     require_lora_state(model, "cast_adapters")
     require_unmerged(model, "cast_adapters")  # a rounded delta would not subtract what merge added
-    if isinstance(dtype, str):
-        dtype = _DTYPES.get(_dtype_name(dtype), dtype)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"`dtype` must be a floating torch dtype such as torch.bfloat16, got {dtype!r}.")
+    dtype = float_dtype(dtype)
     for layer in lora_layers(model).values():
         for _, adapter in layer.adapter_items():
             adapter.lora_a.to(dtype)

@@ -100,9 +100,9 @@ def test_the_same_file_with_only_peft_adapter_names_loads(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.complex64, "int8", "bf16x", 3])
 def test_merged_weights_refuse_a_dtype_that_is_not_real_floating(tmp_path, dtype):
     model = inject_lora(_llama(), LoRAConfig(r=4, alpha=8, target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="`dtype`="):
+    with pytest.raises(ValueError, match="`dtype` must be a floating torch dtype"):
         merged_state_dict(model, dtype=dtype)
-    with pytest.raises(ValueError, match="`dtype`="):
+    with pytest.raises(ValueError, match="`dtype` must be a floating torch dtype"):
         save_merged(model, tmp_path / "merged", dtype=dtype)
     assert not (tmp_path / "merged").exists()
 

@@ -15,13 +15,13 @@ from lightning_lora.config import BiasMode, InitMode, LoRAConfig, QuantizationCo
 from lightning_lora.lightning.controller import LoRAController, serving_options
 
 
-
 def _as_dict(pattern_map: Any) -> Any:
     """A mapping as a dict (LightningCLI gives its own mapping types), None as {}; anything else as given, for
     ``LoRAConfig`` to refuse with its message."""
     if pattern_map is None:
         return {}
     return dict(pattern_map) if isinstance(pattern_map, Mapping) else pattern_map
+
 
 class LoRACallback(Callback):
     """Inject LoRA (optionally on a 4-bit or 8-bit backbone), keep checkpoints adapter-only, export the adapter.
