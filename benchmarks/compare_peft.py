@@ -46,7 +46,7 @@ def quantized_llama(layers: int, mode: str = "nf4") -> torch.nn.Module:
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
-    quantize_model(model, QuantizationConfig(mode=mode, compute_dtype="bfloat16"), device="cuda")
+    quantize_model(model, QuantizationConfig(mode=mode, compute_dtype=None if mode == "int8" else "bfloat16"), device="cuda")
     model.config.use_cache = False
     return model
 

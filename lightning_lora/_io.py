@@ -80,9 +80,26 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     atomic_write(path, write)
 
 
+def require_path_argument(path: object, parameter: str, *, none_allowed: bool = False) -> None:
+    """Refuse a directory argument that is not a path (a str or os.PathLike naming a str path), or is the empty
+    string: ``Path("")`` is the current directory, so a write there would land beside whatever it holds."""
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise TypeError(
+            f"`{parameter}` must be a directory path (a str or os.PathLike){' or None' if none_allowed else ''}, got {path!r}; "
+            "pass the directory to write, e.g. 'runs/exp1/export'."
+        )
+    if os.fspath(path) == "":
+        raise ValueError(
+            f"`{parameter}`='' is an empty path, which would write into the current directory: pass the directory to write, "
+            "e.g. 'runs/exp1/export' (or '.' if the current directory is meant)."
+        )
+
+
 def require_directory_path(path: str | os.PathLike, parameter: str) -> Path:
-    """``path`` as a Path, after refusing one that exists as something other than a directory, or that
-    cannot be created (a parent is a file, or is not writable). Checks only: creates nothing."""
+    """``path`` as a Path, after refusing a non-path or empty argument (``require_path_argument``) and a path that
+    exists as something other than a directory, or that cannot be created (a parent is a file, or is not
+    writable). Checks only: creates nothing."""
+    require_path_argument(path, parameter)
     path = Path(path)
     if (path.exists() or path.is_symlink()) and not path.is_dir():
         raise ValueError(

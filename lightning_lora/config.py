@@ -72,8 +72,9 @@ class LoRAConfig:
     dropout: float = field(default=0.0, metadata={"peft": "lora_dropout"})
     """Dropout on the LoRA input, in [0, 1)."""
     target_modules: list[str] | str | None = field(default="all-linear", metadata={"peft": "target_modules", "adapter": True})
-    """Module names matched as a dotted-path suffix, one regex matched against the full path, or 'all-linear'
-    (None: no module, when ``target_parameters`` names what to adapt)."""
+    """Module names matched as a dotted-path suffix, one regex matched against the full path, or 'all-linear': every
+    linear layer but the output head (the output embeddings, and modules named lm_head, classifier, score, qa_outputs
+    or embed_out, whatever the task). None: no module, when ``target_parameters`` names what to adapt."""
     exclude_modules: list[str] | str | None = field(default=None, metadata={"peft": "exclude_modules", "adapter": True})
     """Modules never adapted, in the same forms as ``target_modules``."""
     bias: BiasMode = field(default="none", metadata={"peft": "bias", "adapter": True})
@@ -238,7 +239,8 @@ class QuantizationConfig:
     """
 
     mode: QuantMode = "nf4"
-    """'nf4' or 'fp4' (4-bit, QLoRA) or 'int8' (LLM.int8())."""
+    """'nf4' or 'fp4' (4-bit, QLoRA) or 'int8' (LLM.int8()). ``double_quant``, ``compute_dtype`` and
+    ``quant_storage`` are 4-bit only: with int8 they must keep their defaults (another value would change nothing)."""
     double_quant: bool = True
     """Quantize the 4-bit block scales too (saves ~0.37 bit per parameter)."""
     compute_dtype: str | None = None
@@ -249,8 +251,8 @@ class QuantizationConfig:
     """Storage dtype of packed 4-bit weights; set it to the FSDP dtype ('bfloat16') when sharding with FSDP1."""
 
     def __post_init__(self) -> None:
-        if self.mode not in _QUANT_MODES:
-            raise ValueError(f"`mode` must be one of {_QUANT_MODES}, got {self.mode!r}.")
+        given = {name: getattr(self, name) for name in _FOUR_BIT_ONLY}  # as written, for the messages
+        check_quant_mode(self.mode, "mode")
         if not isinstance(self.double_quant, bool):
             raise TypeError(f"`double_quant` must be True or False, got {self.double_quant!r}.")
         if self.compute_dtype is not None and _dtype_name(self.compute_dtype) not in tuple(_DTYPES):
@@ -263,6 +265,7 @@ class QuantizationConfig:
         if isinstance(self.skip_modules, str):
             self.skip_modules = [self.skip_modules]
         _check_patterns("skip_modules", self.skip_modules)
+        _refuse_unused(self, given, self.mode, "mode")
 
     def resolved_compute_dtype(self, device: torch.device | str | None) -> torch.dtype:
         if self.compute_dtype is not None:
@@ -278,6 +281,63 @@ class QuantizationConfig:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild_config, ("QuantizationConfig", self.to_dict()))
+
+
+# The options only bitsandbytes' 4-bit layers (Linear4bit / Params4bit) read, and why the 8-bit ones ignore each.
+_FOUR_BIT_ONLY = {
+    "double_quant": "it quantizes the block scales of 4-bit weights, and LLM.int8() keeps one float scale per row",
+    "compute_dtype": "Linear8bitLt computes in the dtype of its input",
+    "quant_storage": "int8 weights are always stored as int8",
+}
+
+
+def check_quant_mode(value: Any, parameter: str, allow_none: bool = False) -> None:
+    """Refuse a quantization mode other than 'nf4', 'fp4', 'int8' (and None when ``allow_none``). Matching is exact, as
+    for every other option of this library: 'NF4' is refused with the spelling to use rather than taken."""
+    if (value is None and allow_none) or (isinstance(value, str) and value in _QUANT_MODES):
+        return
+    hint = ""
+    if isinstance(value, str) and value.strip().lower() in _QUANT_MODES:
+        hint = f" Use {value.strip().lower()!r}: mode names are lowercase."
+    raise ValueError(f"`{parameter}` must be one of {_QUANT_MODES}{' or None' if allow_none else ''}, got {value!r}.{hint}")
+
+
+def quantization_from_options(
+    quantize: Any, double_quant: Any = True, compute_dtype: Any = None, quant_storage: Any = "uint8", parameter: str = "quantize"
+) -> QuantizationConfig | None:
+    """The QuantizationConfig of flat options (``LoRACallback``'s), None when ``quantize`` (named ``parameter``) is None.
+
+    Every option is checked whether or not it is used, and one set away from its default where it would change nothing
+    is refused: a 4-bit option with int8 (as ``QuantizationConfig`` does), or any of them without quantization.
+    """
+    check_quant_mode(quantize, parameter, allow_none=True)
+    given = {"double_quant": double_quant, "compute_dtype": compute_dtype, "quant_storage": quant_storage}
+    checked = QuantizationConfig(mode="nf4", **given)  # the type and value checks, named by the same fields
+    _refuse_unused(checked, given, quantize, parameter)
+    return None if quantize is None else QuantizationConfig(mode=quantize, **given)
+
+
+def _refuse_unused(config: QuantizationConfig, given: dict[str, Any], mode: str | None, mode_parameter: str) -> None:
+    """Refuse a 4-bit-only option away from its default when ``mode`` ('int8', or None: nothing is quantized) ignores
+    it. ``config`` holds the options checked and normalised ('bf16' -> 'bfloat16'), ``given`` them as written."""
+    if mode not in (None, "int8"):
+        return
+    for name, reason in _FOUR_BIT_ONLY.items():
+        default = _QUANT_DEFAULTS[name]
+        if getattr(config, name) == default:
+            continue
+        if mode is None:
+            raise ValueError(
+                f"`{name}`={given[name]!r} has no effect with `{mode_parameter}`=None: nothing is quantized. Drop it "
+                f"(leave it at {default!r}), or set `{mode_parameter}` to 'nf4' or 'fp4' to quantize the backbone."
+            )
+        raise ValueError(
+            f"`{name}`={given[name]!r} has no effect for int8 (`{mode_parameter}`='int8'): {reason}. Drop it "
+            f"(leave it at {default!r}), or use `{mode_parameter}`='nf4' / 'fp4' for 4-bit quantization."
+        )
+
+
+_QUANT_DEFAULTS = {f.name: f.default for f in fields(QuantizationConfig)}
 
 
 def _rebuild_config(kind: str, fields: dict[str, Any]) -> LoRAConfig | QuantizationConfig:

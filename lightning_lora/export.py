@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lightning_lora._io import atomic_directory, require_directory_path
+from lightning_lora._io import atomic_directory, require_directory_path, require_path_argument
 from lightning_lora._matching import path_under
 from lightning_lora.adapter_io import adapter_state_dict, check_adapter_values, is_transformers_model, transformers_models
 from lightning_lora.merge import _merged_state, diverged_ties, float_dtype, require_lora_computing, warn_diverged_ties
@@ -79,6 +79,7 @@ def save_merged(
 
 def copy_tokenizer_files(source: str | os.PathLike, target: str | os.PathLike) -> list[str]:
     """Copy the tokenizer files of ``source`` (if it is a directory) into ``target``; returns their names."""
+    require_path_argument(target, "target")
     if not os.path.isdir(source):
         return []
     copied = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(source, name))]

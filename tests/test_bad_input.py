@@ -273,7 +273,7 @@ CASES = [
     Case("load-int-tensor", _load_case(edit=_edit_tensors(lambda t: t.update({k: v.to(torch.int32) for k, v in t.items()}))), ValueError, ["torch.int32", "floating point"]),
     # Lightning: callback, mixin, checkpoints
     Case("callback-r", _callback(r=0), ValueError, ["`r`", "0", "set"]),
-    Case("callback-quantize", _callback(quantize="int4"), ValueError, ["`mode`", "'int4'", "one of ('nf4', 'fp4', 'int8')"]),
+    Case("callback-quantize", _callback(quantize="int4"), ValueError, ["`quantize`", "'int4'", "one of ('nf4', 'fp4', 'int8') or None"]),
     Case("callback-backbone-empty", _callback(backbone=""), ValueError, ["`backbone`", "''", "e.g. 'model'"]),
     Case("callback-max-nonfinite", _callback(max_nonfinite_steps=0), ValueError, ["`max_nonfinite_steps`", "0", "set"]),
     Case("callback-backbone-missing", lambda tmp: (lambda m: ((lambda: trainer(1, [LoRACallback(backbone="net")]).fit(m, token_loader(n=4))), m.model, None))(LlamaLM(build_in="init")), ValueError, ["`backbone`", "'net'", "Name the attribute"]),

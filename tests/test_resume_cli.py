@@ -12,9 +12,11 @@ run's exported adapter must be bit-identical to the uninterrupted run's.
 
 The runs of every config are queued together (``runs``) and as many run at a time as there are cores (each run
 has one thread): a run starts once the run it resumes has ended, so while one config's resumed run goes on alone
-the next config's runs use the other core. The killed and the resumed runs are `python -m lightning_lora.cli`
-processes of their own; the uninterrupted runs, only references, are the CLI's ``main`` in forks of one more process
-that imported everything once (a run is mostly the imports of its process). Each test then checks its own config's runs.
+the next config's runs use the other core. Every run is the command `python -m lightning_lora.cli fit ...`, run as a
+fork of one process that imported torch, Lightning, transformers and bitsandbytes once (``_processes.ForkServer``: a
+run is mostly those imports); each fork starts from the state a fresh interpreter has after them, so a run never sees
+another's (in one process a run after an nf4 one came out different in bf16 rounding). Each test then checks its own
+config's runs.
 """
 
 from __future__ import annotations
@@ -22,11 +24,9 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -34,7 +34,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from _processes import Queue
+from _processes import ForkServer, Queue
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -125,49 +125,15 @@ def fit(config: dict, path: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "lightning_lora.cli", "fit", "--config", str(path), *extra]
 
 
-# `lightning-lora fit --config C` (the CLI's main) for each config C given, one after another, each in a fork of this
-# process made after the imports: every run starts from the state a fresh process has (in one process a run after
-# an nf4 one came out different in bf16 rounding), without paying the imports again. Each run's output comes after
-# its line "REFERENCE C", and "REFERENCE C ended" follows only when it ended without an error.
-_REFERENCES = textwrap.dedent(
-    """
-    import os, sys, traceback
-    import bitsandbytes, lightning.pytorch, transformers
-    import lightning_lora.lightning
-    from lightning_lora import cli, tasks
-    for config in sys.argv[1:]:
-        print("REFERENCE", config, flush=True)
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.chdir(os.path.dirname(config))
-                cli.main(["fit", "--config", config])
-                code = 0
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0:
-            print("REFERENCE", config, "ended", flush=True)
-    """
-)
-
-
-def _reference_output(out: str, config: Path) -> tuple[int, str]:
-    """(0 if the uninterrupted run of ``config`` ended, else 1; its part of ``out``) from the ``_REFERENCES`` process."""
-    pieces = re.split(r"^REFERENCE (\S+)\n", out, flags=re.M)  # [before, config, its output, config, its output, ...]
-    part = dict(zip(pieces[1::2], pieces[2::2])).get(str(config), out)
-    return (0 if f"REFERENCE {config} ended" in part.splitlines() else 1), part
+# What every run imports: the CLI's runs are forks of one process that imported these once (a run is mostly them).
+PREIMPORT = ["bitsandbytes", "lightning.pytorch", "transformers", "jsonargparse", "lightning_lora.lightning", "lightning_lora.tasks"]
 
 
 def _signal(config_path: Path) -> str:
     return "SIGINT" if config_path.name == "tiny-llama-cpu.yaml" else "SIGKILL"
 
 
-def _queue_config(queue: Queue, config_path: Path, tmp: Path) -> dict:
+def _queue_config(queue: Queue, forks: ForkServer, config_path: Path, tmp: Path) -> dict:
     """Queue ``config_path``'s three runs in ``tmp``; the dict returned is filled in as they end."""
     shipped = yaml.safe_load(config_path.read_text())
     data = write_data(tmp)
@@ -183,11 +149,11 @@ def _queue_config(queue: Queue, config_path: Path, tmp: Path) -> dict:
         found["checkpoint"] = torch.load(checkpoint, weights_only=True) if checkpoint.exists() else None
         found["exported"] = (first / "export").exists()
 
-    run = dict(env=ENV, cwd=tmp, stderr=subprocess.STDOUT)
+    run = dict(env=ENV, cwd=tmp, forks=forks)
     queue.add(f"{config_path.stem}/killed", fit(dying, tmp / "dying.yaml"), then=seen_before_the_resume, **run)
-    fit(shrink(shipped, data, tmp / "reference"), tmp / "reference.yaml")  # run by the fixture's _REFERENCES process
     resumed = fit(killed_config, tmp / "killed.yaml", "--ckpt_path", "last")
     queue.add(f"{config_path.stem}/resumed", resumed, after=f"{config_path.stem}/killed", **run)
+    queue.add(f"{config_path.stem}/reference", fit(shrink(shipped, data, tmp / "reference"), tmp / "reference.yaml"), **run)
     return found
 
 
@@ -201,16 +167,13 @@ def runs(request, tmp_path_factory) -> dict[str, dict]:
     chosen = [c for c in CONFIGS if c in selected]
     tmps = {c.stem: tmp_path_factory.mktemp(c.stem) for c in chosen}
     queue = Queue()  # every config's runs: the next config's use the core a resumed run leaves free
-    # First the uninterrupted runs, all in one process: the longest command of the queue.
-    references = {c.stem: tmps[c.stem] / "reference.yaml" for c in chosen}  # written by _queue_config
-    queue.add("references", [sys.executable, "-c", _REFERENCES, *map(str, references.values())], env=ENV, stderr=subprocess.STDOUT)
-    found = {c.stem: _queue_config(queue, c, tmps[c.stem]) for c in chosen}
-    ended = queue.run(timeout=600)
+    with ForkServer(PREIMPORT, env=ENV) as forks:
+        found = {c.stem: _queue_config(queue, forks, c, tmps[c.stem]) for c in chosen}
+        ended = queue.run(timeout=600)
     for stem, runs_of_config in found.items():
-        for kind in ("killed", "resumed"):
+        for kind in ("killed", "resumed", "reference"):
             result = ended[f"{stem}/{kind}"]
             runs_of_config[kind] = (result.returncode, result.stdout)  # stdout and stderr together
-        runs_of_config["reference"] = _reference_output(ended["references"].stdout, references[stem])
     return found
 
 

@@ -1,17 +1,25 @@
 """Checks a review found missing (2026-12-03): PEFT classification files, colliding keys, the merged dtype, and
-``LoRACallback(from_backbone=...)``."""
+``LoRACallback(from_backbone=...)``; then input handling: ``quantize`` named as such, 4-bit options that int8 or no
+quantization would ignore, directory arguments that are not paths or are empty, and what "all-linear" leaves out."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from lightning_lora import LoRACallback, LoRAConfig, adapter_state_dict, inject_lora, load_adapter, merged_state_dict, save_adapter
+from lightning_lora import (
+    LoRACallback, LoRAConfig, LoRAMixin, QuantizationConfig, adapter_state_dict, inject_lora, load_adapter, merged_state_dict,
+    save_adapter,
+)
 from lightning_lora.export import save_merged
 
 
@@ -159,3 +167,194 @@ def test_names_that_all_take_effect_do_not_warn():
             LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], exclude_modules=[r"layers.1.self_attn.v_proj"],
                        rank_pattern={"q_proj": 2}, alpha_pattern={r"layers\.0\..*": 4.0}, modules_to_save=["lm_head"]),
         )
+
+
+# -- a second review (input handling): quantize names, options a mode ignores, directory arguments, "all-linear" --
+
+
+@pytest.mark.parametrize(
+    ("value", "hint"),
+    [("NF4", " Use 'nf4': mode names are lowercase."), ("Int8", " Use 'int8': mode names are lowercase."), ("int4", ""), (4, "")],
+)
+def test_a_bad_quantize_is_refused_by_the_callbacks_name(value, hint):
+    expected = f"`quantize` must be one of ('nf4', 'fp4', 'int8') or None, got {value!r}.{hint}"
+    with pytest.raises(ValueError) as info:
+        LoRACallback(r=4, target_modules=["q_proj"], quantize=value)
+    assert str(info.value) == expected
+    with pytest.raises(ValueError) as info:  # checked too when from_backbone then drops it, as the LoRA options are
+        LoRACallback(quantize=value, from_backbone=True)
+    assert str(info.value) == expected
+
+
+def test_a_mode_in_another_case_is_refused_with_the_spelling_to_use():
+    with pytest.raises(ValueError) as info:
+        QuantizationConfig(mode="FP4")
+    assert str(info.value) == "`mode` must be one of ('nf4', 'fp4', 'int8'), got 'FP4'. Use 'fp4': mode names are lowercase."
+
+
+_FOUR_BIT_OPTIONS = [
+    ("compute_dtype", "bfloat16"), ("compute_dtype", torch.float16), ("double_quant", False), ("quant_storage", "bfloat16"),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), _FOUR_BIT_OPTIONS)
+def test_a_4bit_option_is_refused_with_int8(field, value):
+    given = re.escape(f"`{field}`={value!r}")
+    with pytest.raises(ValueError, match=rf"^{given} has no effect for int8 \(`mode`='int8'\): .* Drop it"):
+        QuantizationConfig(mode="int8", **{field: value})
+    with pytest.raises(ValueError, match=rf"^{given} has no effect for int8 \(`quantize`='int8'\): .* Drop it"):
+        LoRACallback(r=4, target_modules=["q_proj"], quantize="int8", **{field: value})
+
+
+def test_int8_takes_the_defaults_of_the_4bit_options_and_4bit_modes_take_any():
+    pytest.importorskip("bitsandbytes")
+    from lightning_lora.quantization import is_8bit, quantize_linear
+
+    explicit = QuantizationConfig(mode="int8", double_quant=True, compute_dtype=None, quant_storage="uint8")
+    assert explicit == QuantizationConfig(mode="int8")
+    assert LoRACallback(r=4, target_modules=["q_proj"], quantize="int8").controller.quantization_config == explicit
+    torch.manual_seed(0)
+    layer = quantize_linear(torch.nn.Linear(64, 32), explicit, device="cpu")  # bitsandbytes' real 8-bit layer, on CPU
+    assert is_8bit(layer) and layer.weight.dtype == torch.int8 and tuple(layer.weight.shape) == (32, 64)
+    for mode in ("nf4", "fp4"):
+        config = QuantizationConfig(mode=mode, double_quant=False, compute_dtype="bf16", quant_storage="bfloat16")
+        assert (config.double_quant, config.compute_dtype, config.quant_storage) == (False, "bfloat16", "bfloat16")
+
+
+@pytest.mark.parametrize(("field", "value"), _FOUR_BIT_OPTIONS)
+def test_a_4bit_option_without_quantize_is_refused(field, value):
+    given = re.escape(f"`{field}`={value!r}")
+    with pytest.raises(ValueError, match=rf"^{given} has no effect with `quantize`=None: nothing is quantized\. Drop it"):
+        LoRACallback(r=4, target_modules=["q_proj"], **{field: value})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error", "message"),
+    [
+        ("double_quant", "yes", TypeError, "`double_quant` must be True or False, got 'yes'."),
+        ("compute_dtype", "float64", ValueError,
+         "`compute_dtype` must be one of ['bfloat16', 'float16', 'float32'] or None, got 'float64'."),
+        ("quant_storage", "int4", ValueError, "`quant_storage` must be 'uint8', 'bfloat16', 'float16' or 'float32', got 'int4'."),
+    ],
+)
+def test_a_bad_4bit_option_without_quantize_gets_its_own_message(field, value, error, message):
+    with pytest.raises(error) as info:
+        LoRACallback(r=4, target_modules=["q_proj"], **{field: value})
+    assert str(info.value) == message
+
+
+def test_defaults_without_quantize_build_no_quantization():
+    spelled_out = dict(quantize=None, double_quant=True, compute_dtype=None, quant_storage=torch.uint8)
+    assert LoRACallback(r=4, target_modules=["q_proj"], **spelled_out).controller.quantization_config is None
+    assert LoRACallback(r=4, target_modules=["q_proj"]).controller.quantization_config is None
+
+
+_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", _CONFIGS, ids=[p.stem for p in _CONFIGS])
+def test_every_shipped_config_passes_the_quantization_checks(path):
+    callbacks = [c for c in yaml.safe_load(path.read_text())["trainer"]["callbacks"] if c["class_path"].endswith("LoRACallback")]
+    assert len(callbacks) == 1
+    options = callbacks[0]["init_args"]
+    callback = LoRACallback(**options)
+    quantize = options.get("quantize")
+    assert (callback.controller.quantization_config is None) == (quantize is None)
+    if quantize is not None:
+        assert callback.controller.quantization_config.mode == quantize
+
+
+def test_the_cli_refuses_a_4bit_option_without_quantize_before_writing(tmp_path, capsys):
+    from lightning_lora import cli
+
+    config = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "tiny-llama-cpu.yaml").read_text())
+    config["trainer"]["default_root_dir"] = str(tmp_path / "run")
+    options = config["trainer"]["callbacks"][0]["init_args"]
+    assert options["quantize"] is None
+    options.update(export_dir=str(tmp_path / "export"), compute_dtype="bfloat16")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["fit", "--config", str(path)])
+    assert info.value.code == 2
+    assert "`compute_dtype`='bfloat16' has no effect with `quantize`=None" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]
+
+
+class _MixinModule(LoRAMixin, L.LightningModule):
+    lora_config = LoRAConfig(r=4, alpha=8, target_modules=["q_proj"])
+
+    def __init__(self):
+        super().__init__()
+        self.model = _llama()
+
+
+def _injected_mixin() -> _MixinModule:
+    module = _MixinModule()
+    module.lora_controller.maybe_inject(module)  # what setup does, without a Trainer
+    return module
+
+
+def _writers(model):
+    from lightning_lora.export import copy_tokenizer_files
+
+    return {
+        "save_adapter": ("directory", lambda d: save_adapter(model, d)),
+        "save_merged": ("directory", lambda d: save_merged(model, d)),
+        "LoRAMixin.save_adapter": ("directory", lambda d: _injected_mixin().save_adapter(d)),
+        "copy_tokenizer_files": ("target", lambda d: copy_tokenizer_files(".", d)),
+        "LoRACallback": ("export_dir", lambda d: LoRACallback(r=4, target_modules=["q_proj"], export_dir=d)),
+    }
+
+
+@pytest.mark.parametrize("writer", list(_writers(None)))
+@pytest.mark.parametrize("value", [5, b"out", ["out"]])
+def test_a_directory_that_is_not_a_path_is_refused_by_name(writer, value, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")  # something for copy_tokenizer_files to copy
+    model = inject_lora(_llama(), LoRAConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    parameter, write = _writers(model)[writer]
+    with pytest.raises(TypeError) as info:
+        write(value)
+    assert str(info.value).startswith(f"`{parameter}` must be a directory path (a str or os.PathLike)")
+    assert f"got {value!r}; pass the directory to write" in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json"]
+
+
+@pytest.mark.parametrize("writer", list(_writers(None)))
+def test_an_empty_directory_is_refused_and_nothing_lands_in_the_current_one(writer, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    model = inject_lora(_llama(), LoRAConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    parameter, write = _writers(model)[writer]
+    with pytest.raises(ValueError) as info:
+        write("")
+    assert str(info.value) == (
+        f"`{parameter}`='' is an empty path, which would write into the current directory: pass the directory to write, "
+        "e.g. 'runs/exp1/export' (or '.' if the current directory is meant)."
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json"]
+
+
+def test_all_linear_leaves_out_the_heads_the_readme_names_and_nothing_else():
+    """Bert: every linear but `classifier`, which PEFT leaves out with task_type="SEQ_CLS" and adapts without one."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+
+    from lightning_lora import _matching
+    from lightning_lora.inject import find_targets
+
+    model = _bert()
+    linears = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    ours = set(find_targets(model, LoRAConfig(target_modules="all-linear")))
+    assert linears - ours == {"classifier"}
+    def peft(task_type):
+        config = LoraConfig(target_modules="all-linear", task_type=task_type)
+        return set(_maybe_include_all_linear_layers(config, _bert()).target_modules)
+
+    assert ours == peft("SEQ_CLS")
+    assert peft(None) == linears
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    stated = re.search(r'`target_modules="all-linear"` adapts every .*?last\s+path component is (.*?) \(', readme, re.S)
+    assert stated is not None, "the README no longer says what 'all-linear' leaves out"
+    assert set(re.findall(r"`(\w+)`", stated.group(1))) == set(_matching._HEAD_NAMES)

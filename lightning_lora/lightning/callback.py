@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -10,8 +9,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_lora._io import require_directory_path
-from lightning_lora.config import BiasMode, InitMode, LoRAConfig, QuantizationConfig, init_changes_base
+from lightning_lora._io import require_directory_path, require_path_argument
+from lightning_lora.config import BiasMode, InitMode, LoRAConfig, init_changes_base, quantization_from_options
 from lightning_lora.lightning.controller import LoRAController, serving_options
 
 
@@ -97,8 +96,9 @@ class LoRACallback(Callback):
             use_dora: DoRA: a trained magnitude per output row rescales the adapted weight.
             adapter_name: Name of the adapter this callback injects (or adds, if the backbone has adapters already)
                 and trains; the backbone's other adapters stay frozen. Non-default names export to a subfolder.
-            quantize: Quantize the frozen backbone with bitsandbytes: 'nf4', 'fp4', 'int8', or None.
-            double_quant: Also quantize the 4-bit block scales.
+            quantize: Quantize the frozen backbone with bitsandbytes: 'nf4', 'fp4', 'int8' (lowercase), or None.
+            double_quant: Also quantize the 4-bit block scales. This and the next two options are for 'nf4' / 'fp4':
+                left at their defaults otherwise (int8 or None ignores them, so another value is refused).
             compute_dtype: Matmul dtype of 4-bit layers ('bfloat16', 'float16', 'float32'); default bf16 on GPU, fp32 on CPU.
             quant_storage: Storage dtype of packed 4-bit weights; 'bfloat16' for FSDPStrategy.
             backbone: Attribute of the LightningModule holding the model to adapt (e.g. 'model'); None = the whole module.
@@ -152,17 +152,16 @@ class LoRACallback(Callback):
                 "takes the adapter from, makes no PiSSA / OLoRA adapters). Drop convert_init_on_export, or use "
                 "init='pissa' / 'olora'."
             )
+        # Checked (under the names given here) even when from_backbone then drops it, as the LoRA config above is.
+        quantization = quantization_from_options(quantize, double_quant, compute_dtype, quant_storage)
         if from_backbone:
-            lora_config = None
-        quantization = None
-        if quantize is not None and not from_backbone:
-            quantization = QuantizationConfig(mode=quantize, double_quant=double_quant, compute_dtype=compute_dtype, quant_storage=quant_storage)
+            lora_config = quantization = None
         self.controller = LoRAController(
             lora_config, quantization, backbone, adapter_only_checkpoint, skip_nonfinite, max_nonfinite_steps, compile_blocks,
             lora_plus_ratio=lora_plus_ratio, adapter_name=adapter_name, chunked_ce=chunked_ce,
         )
-        if export_dir is not None and (not isinstance(export_dir, (str, os.PathLike)) or not str(export_dir)):
-            raise TypeError(f"`export_dir` must be a directory path or None, got {export_dir!r}; pass e.g. 'runs/exp1/export'.")
+        if export_dir is not None:
+            require_path_argument(export_dir, "export_dir", none_allowed=True)
         if not isinstance(merge_on_export, bool):
             raise TypeError(f"`merge_on_export` must be True or False, got {merge_on_export!r}.")
         self.serving_options = serving_options(serving_targets, strict_serving, vllm_max_lora_rank)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_lora._io import require_path_argument
 from lightning_lora.adapter_io import load_adapter, save_adapter
 from lightning_lora.config import LoRAConfig, QuantizationConfig
 from lightning_lora.inject import trainable_parameters
@@ -141,6 +142,7 @@ class LoRAMixin:
         ``serving_targets`` ('vllm', 'llama.cpp'): first say which will refuse or mis-scale it (``strict_serving``: raise).
         ``convert_to_lora``: a PiSSA / OLoRA adapter as plain LoRA on the original base (``save_adapter``'s option).
         """
+        require_path_argument(directory, "directory")  # on every rank, before the gather: not only where it writes
         options = serving_options(serving_targets, strict_serving, vllm_max_lora_rank)
         trainer = getattr(self, "_trainer", None)
         tensors = strategies.gather_adapter_state_dict(trainer, self.lora_model)

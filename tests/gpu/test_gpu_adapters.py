@@ -36,7 +36,8 @@ def _base(mode):
 
     model = tiny_llama().to(DEVICE)
     if mode is not None:
-        quantize_model(model, QuantizationConfig(mode=mode, compute_dtype="bfloat16"), device=DEVICE)
+        # compute_dtype is a 4-bit option: int8 refuses it (Linear8bitLt computes in its input's dtype)
+        quantize_model(model, QuantizationConfig(mode=mode, compute_dtype=None if mode == "int8" else "bfloat16"), device=DEVICE)
     return model
 
 

@@ -26,4 +26,8 @@ class KillAfterStep(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if trainer.global_step >= self.step:
+            if self.signal == signals.SIGINT and signals.getsignal(signals.SIGINT) is signals.SIG_IGN:
+                # Started in the background by a shell without job control, the process inherited SIGINT ignored
+                # (Python then installs no KeyboardInterrupt handler): Ctrl-C reaches a foreground process's handler.
+                signals.signal(signals.SIGINT, signals.default_int_handler)
             os.kill(os.getpid(), self.signal)
