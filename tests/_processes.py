@@ -181,7 +181,11 @@ class ForkServer:
 
     def server_failure(self) -> str | None:
         """The server's output if it has ended (a failed import), else None."""
-        return None if self._server.poll() is None else _read(self._log)
+        if self._server.poll() is None:
+            return None
+        if not self._log.closed:
+            self._failure = _read(self._log)
+        return self._failure
 
     def __enter__(self) -> ForkServer:
         return self
@@ -206,6 +210,8 @@ class _Forked:
             if os.path.exists(self._out + ".rc"):
                 with open(self._out + ".rc") as f:
                     self.returncode = int(f.read())
+                for side in (".rc", ".pid"):  # the server's notes on this child: nothing is left beside the output
+                    os.unlink(self._out + side)
             elif (failure := self._server.server_failure()) is not None:
                 raise RuntimeError(f"The fork server ended before running {self.args!r}:\n{failure[-3000:]}")
         return self.returncode

@@ -25,7 +25,6 @@ import copy
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
