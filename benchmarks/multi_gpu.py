@@ -225,7 +225,28 @@ def plan(specs: list[dict], gpus: int, cpu: bool, shared_gpu: bool) -> list[dict
     return groups
 
 
-def launch(group: dict, work: Path, cpu: bool, timeout: float) -> dict:
+def start_torchrun(rank_cmd: list[str], *, world: int, nodes: int, gpus_per_node: bool, env: dict[str, str], port: int, log, timeout: float) -> list:
+    """Run ``rank_cmd`` (one rank's command line after the interpreter) on ``world`` ranks: ``nodes`` torchrun
+    launchers on localhost (one process each when nodes > 1, ``CUDA_VISIBLE_DEVICES`` = its node with
+    ``gpus_per_node``), their output in ``log``. The launchers' return codes (see ``_wait_all_or_first_failure``)."""
+    run = [sys.executable, "-m", "torch.distributed.run", "--master_addr=127.0.0.1", f"--master_port={port}"]
+    procs = []
+    if nodes > 1:
+        for node in range(nodes):
+            node_env = dict(env)
+            if gpus_per_node:
+                node_env["CUDA_VISIBLE_DEVICES"] = str(node)
+            cmd = [*run, f"--nnodes={nodes}", f"--node_rank={node}", "--nproc_per_node=1", *rank_cmd]
+            procs.append(subprocess.Popen(cmd, env=node_env, stdout=log, stderr=subprocess.STDOUT))
+    else:
+        procs.append(subprocess.Popen([*run, "--nnodes=1", "--node_rank=0", f"--nproc_per_node={world}", *rank_cmd], env=env, stdout=log,
+                                      stderr=subprocess.STDOUT))
+    return _wait_all_or_first_failure(procs, timeout)
+
+
+def launch(group: dict, work: Path, cpu: bool, timeout: float, start=start_torchrun) -> dict:
+    """Run one group of ``plan`` on its ranks through ``start`` (``start_torchrun``'s signature; a test may start
+    the same ranks another way); what it ran, its return code and its log's tail."""
     world, style, specs = group["world"], group["style"], group["specs"]
     for spec in specs:
         (work / f"{spec['slug']}.json").unlink(missing_ok=True)
@@ -237,24 +258,13 @@ def launch(group: dict, work: Path, cpu: bool, timeout: float) -> dict:
     nodes = world if style.startswith("nodes") else 1
     ctx = dict(cpu=cpu, shared_gpu=shared and not cpu, num_nodes=nodes, backend="gloo" if (shared or cpu) else None, timeout=timeout)
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK")}
-    env.update(MASTER_PORT=str(_free_port()), PYTHONUNBUFFERED="1", CUBLAS_WORKSPACE_CONFIG=env.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8"))
+    port = _free_port()
+    env.update(MASTER_PORT=str(port), PYTHONUNBUFFERED="1", CUBLAS_WORKSPACE_CONFIG=env.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8"))
     rank_cmd = [__file__, "--rank-group", str(work / f"{key}.json"), "--work", str(work), "--ctx", json.dumps(ctx)]
-    run = [sys.executable, "-m", "torch.distributed.run", "--master_addr=127.0.0.1", f"--master_port={env['MASTER_PORT']}"]
-    total = timeout * len(specs) + 120
     t0 = time.perf_counter()
     with open(work / f"{key}.log", "w") as out:
-        procs = []
-        if nodes > 1:
-            for node in range(nodes):
-                node_env = dict(env)
-                if style == "nodes-gpus":
-                    node_env["CUDA_VISIBLE_DEVICES"] = str(node)
-                cmd = [*run, f"--nnodes={nodes}", f"--node_rank={node}", "--nproc_per_node=1", *rank_cmd]
-                procs.append(subprocess.Popen(cmd, env=node_env, stdout=out, stderr=subprocess.STDOUT))
-        else:
-            procs.append(subprocess.Popen([*run, "--nnodes=1", "--node_rank=0", f"--nproc_per_node={world}", *rank_cmd], env=env, stdout=out,
-                                          stderr=subprocess.STDOUT))
-        codes = _wait_all_or_first_failure(procs, total)
+        codes = start(rank_cmd, world=world, nodes=nodes, gpus_per_node=style == "nodes-gpus", env=env, port=port, log=out,
+                      timeout=timeout * len(specs) + 120)
     log = (work / f"{key}.log").read_text(errors="replace")
     return {"group": key, "returncode": 0 if all(c == 0 for c in codes) else codes, "wall_seconds": time.perf_counter() - t0,
             "scenarios": [s["name"] for s in specs], "log_tail": log[-3000:]}
@@ -412,7 +422,7 @@ def versions() -> dict:
     return out
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--suite", choices=["shared", "two-gpu", "70b"], default=None, help="a named set of scenarios")
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4], help="rank counts of --suite shared")
@@ -430,7 +440,16 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=1e9, help="start no group after this many seconds")
     parser.add_argument("--rank-group", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--ctx", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    drive(parser().parse_args())
+
+
+def drive(args: argparse.Namespace, start=start_torchrun) -> dict:
+    """What ``main`` does with its parsed arguments; ``start`` starts each launch's ranks (see ``launch``). The report
+    written to ``--out`` (none for one rank of a launch)."""
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.rank_group:  # one rank of a launch
@@ -441,7 +460,7 @@ def main() -> None:
             # An orderly shutdown: a rank that exits with the process group alive can abort in gloo's threads.
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
-        return
+        return {}
 
     gpus = 0 if args.cpu else torch.cuda.device_count()
     name = args.suite or ("two-gpu" if gpus >= 2 and not args.shared_gpu else "shared")
@@ -459,7 +478,7 @@ def main() -> None:
             info = {"group": "not run", "returncode": f"--deadline of {args.deadline:.0f} s had passed"}
         else:
             print(f"== {len(group['specs'])} scenarios on {group['world']} ranks ({group['style']}): {' '.join(s['name'] for s in group['specs'])}", flush=True)
-            info = launch(group, work, args.cpu, args.timeout)
+            info = launch(group, work, args.cpu, args.timeout, start)
             print(json.dumps({k: info[k] for k in ("group", "returncode", "wall_seconds")}), flush=True)
             if info["returncode"] != 0:
                 print(info["log_tail"][-2000:], flush=True)
@@ -467,6 +486,7 @@ def main() -> None:
         report = _report(args, groups, specs, skipped, work)  # after every launch: a run cut short keeps what it measured
     print(report["table"])
     print(json.dumps(report["summary"], indent=1))
+    return report
 
 
 def _report(args, groups: list, specs: dict, skipped: dict, work: Path) -> dict:

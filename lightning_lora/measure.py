@@ -180,11 +180,19 @@ def compare_with_estimate(model_config: Any, estimate_kwargs: dict[str, Any], *,
 def _measure(spec: dict[str, Any], timeout: float | None) -> MeasuredMemory:
     """Run one measurement (a spec from ``_make_spec``) in a fresh Python process and parse its result."""
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "lightning_lora.measure", json.dumps(spec)], capture_output=True, text=True, timeout=timeout
-        )
+        proc = subprocess.run(_command(spec), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as err:
         raise RuntimeError(f"The measurement did not finish within `timeout`={timeout!r} s; give it more time or a smaller model.") from err
+    return _read_result(proc)
+
+
+def _command(spec: dict[str, Any]) -> list[str]:
+    """The measurement's own process: ``python -m lightning_lora.measure SPEC``."""
+    return [sys.executable, "-m", "lightning_lora.measure", json.dumps(spec)]
+
+
+def _read_result(proc: subprocess.CompletedProcess) -> MeasuredMemory:
+    """The measurement a finished ``python -m lightning_lora.measure SPEC`` printed, or its error raised."""
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(_RESULT_MARK):
             payload = json.loads(line[len(_RESULT_MARK) :])

@@ -35,12 +35,14 @@ def test_python_yaml_tags_are_refused_before_anything_runs(tmp_path: Path, capsy
     assert not marker.exists()
 
 
-def test_a_gloo_run_leaves_its_process_group_before_returning(tmp_path: Path) -> None:
+def test_a_gloo_run_leaves_its_process_group_before_returning(tmp_path: Path, fork_server) -> None:
     # Left to interpreter exit, a gloo rank whose peer had gone could abort (SIGABRT) after a finished run
-    # (examples/multi_gpu/one_gpu.sh). One DDP rank under gloo, in its own process: after `fit` returns the group is gone.
-    import subprocess
+    # (examples/multi_gpu/one_gpu.sh). One DDP rank under gloo, in its own process (a fork of the session's warm
+    # process): after `fit` returns the group is gone.
     import sys
     import textwrap
+
+    from _processes import Queue
 
     config = tiny_config(tmp_path)
     code = textwrap.dedent(
@@ -53,6 +55,8 @@ def test_a_gloo_run_leaves_its_process_group_before_returning(tmp_path: Path) ->
         print("GROUP", dist.is_initialized())
         """
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    queue = Queue()
+    queue.add("fit", [sys.executable, "-c", code], cwd=tmp_path, forks=fork_server, env=fork_server.env)
+    result = queue.run(timeout=300)["fit"]
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "GROUP False"

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from _processes import free_ports, run_side_by_side
+from _processes import Queue, free_ports
 from lightning_lora.adapter_io import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_adapter
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
@@ -17,14 +16,15 @@ MODES = ["none", "nf4", "nf4-compiled"]  # compiled: compile_blocks=True under D
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
-    """One two-process DDP run per mode, each in its own directory; the three are started side by side."""
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    dirs = {mode: tmp_path_factory.mktemp(f"ddp-{mode}") for mode in MODES}
-    envs = {mode: {**env, "MASTER_PORT": str(port)} for mode, port in zip(MODES, free_ports(len(MODES)))}
-    commands = {mode: [sys.executable, str(SCRIPT), str(dirs[mode]), mode] for mode in MODES}
-    results = run_side_by_side(commands, timeout=600, env=envs)
+def runs(tmp_path_factory, fork_server) -> dict:
+    """One two-process DDP run per mode, each in its own directory, side by side. Each run's ranks are forks of the
+    session's warm process, started with the variables Lightning's launcher sets (the launcher itself runs in
+    test_dora's two-rank runs)."""
+    queue, dirs = Queue(), {mode: tmp_path_factory.mktemp(f"ddp-{mode}") for mode in MODES}
+    for mode, port in zip(MODES, free_ports(len(MODES))):
+        queue.add_ranks(mode, [sys.executable, str(SCRIPT), str(dirs[mode]), mode], world=2, port=port, style="lightning",
+                        forks=fork_server, env=fork_server.env)
+    results = queue.run(timeout=600)
     return {mode: (dirs[mode], results[mode]) for mode in MODES}
 
 

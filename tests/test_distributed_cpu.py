@@ -11,8 +11,6 @@
 from __future__ import annotations
 
 import functools
-import json
-import os
 import shutil
 import subprocess
 import sys
@@ -230,28 +228,29 @@ def _needs(item) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def fsdp2_runs(request, tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+def fsdp2_runs(request, tmp_path_factory, fork_server) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
     """The launches of ``_FSDP2_SCRIPT`` this session's tests read, each with its output directory: ``full-*``
     (six eager steps, a checkpoint every three), ``compile-uint8`` (the same with compiled blocks) and ``resume-*``
-    (a copy of the full run's directory, resumed from its step-3 checkpoint). One queue: launches that do not wait
-    for each other run side by side (a two-rank Lightning launch leaves a core idle while its second rank imports)."""
+    (a copy of the full run's directory, resumed from its step-3 checkpoint). Each launch's two ranks are forks of
+    the session's warm process, started with the variables Lightning's launcher sets (the launcher itself runs in
+    test_dora's two-rank runs); launches that do not wait for each other run side by side."""
     wanted = set().union(*(_needs(item) for item in request.session.items if item.module is request.module))
     root = tmp_path_factory.mktemp("fsdp2")
     script = root / "fsdp2_train.py"
     script.write_text(_FSDP2_SCRIPT)
     names = [name for name in _LAUNCHES if name in wanted]
     queue = Queue()
+    env = fork_server.environment(LL_TESTS_DIR=str(Path(__file__).parent))
     for name, port in zip(names, free_ports(len(names))):
         args, resumes = _LAUNCHES[name]
-        env = {**os.environ, "LL_TESTS_DIR": str(Path(__file__).parent), "MASTER_PORT": str(port)}
-        env.pop("LOCAL_RANK", None)
         if resumes is None:
             (root / name).mkdir()
         # A resumed run writes beside a copy of the uninterrupted one (which other tests read as it was), made as
         # soon as that one ends.
         resumed_by = [other for other in names if _LAUNCHES[other][1] == name]
         copy = functools.partial(shutil.copytree, root / name, root / resumed_by[0]) if resumed_by else None
-        queue.add(name, [sys.executable, str(script), str(root / name), *args], after=resumes, then=copy, env=env)
+        queue.add_ranks(name, [sys.executable, str(script), str(root / name), *args], world=2, port=port, style="lightning",
+                        after=resumes, then=copy, forks=fork_server, env=env)
     results = queue.run(timeout=600)
     return {name: (root / name, results[name]) for name in names}
 

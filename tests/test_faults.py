@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from _lightning import LlamaLM, token_loader, trainer
+from _processes import ForkServer
 from _models import assert_unchanged, model_snapshot, randomize_adapter, tiny_llama
 from lightning_lora import LoRACallback, LoRAConfig, adapter_state_dict, inject_lora, load_adapter, save_adapter
 from lightning_lora.adapter_io import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
@@ -28,7 +30,7 @@ SCRIPT = TESTS / "scripts" / "fault_train.py"
 ENV = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{TESTS.parent}"}
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+def _wait_for(path: Path, proc, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert proc.poll() is None, f"the writer exited ({proc.returncode}) before {path.name} appeared"
@@ -36,18 +38,31 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> Non
         time.sleep(0.05)
 
 
-def _kill(proc: subprocess.Popen) -> None:
+def _kill(proc) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
 
 
-def _train(out: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(SCRIPT), str(out), *args], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def _train(forks: ForkServer, out: Path, *args: str):
+    """``fault_train.py OUT args`` as a fork of the session's warm process (Popen's pid/poll/wait), its output in
+    the file ``proc.log``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = out.parent / f"{out.name}.{next(_RUNS)}.log"
+    proc = forks.start([sys.executable, str(SCRIPT), str(out), *args], str(log), env=forks.env)
+    proc.log = log
+    return proc
 
 
-def test_sigkill_mid_epoch_then_resume_gives_the_bit_identical_adapter(tmp_path):
-    reference = _train(tmp_path / "reference")
-    killed = _train(tmp_path / "killed", "--step-delay", "0.5")
+_RUNS = itertools.count()
+
+
+def _log(proc) -> str:
+    return proc.log.read_text()[-2000:]
+
+
+def test_sigkill_mid_epoch_then_resume_gives_the_bit_identical_adapter(tmp_path, fork_server):
+    reference = _train(fork_server, tmp_path / "reference")
+    killed = _train(fork_server, tmp_path / "killed", "--step-delay", "0.5")
     # 6 batches per epoch. last.ckpt is written after each step's own file, so once step 4's file exists
     # last.ckpt holds step 3 or 4: a kill now is mid-epoch whatever the timing.
     _wait_for(tmp_path / "killed" / "ckpt" / "epoch=0-step=4.ckpt", killed)
@@ -56,9 +71,9 @@ def test_sigkill_mid_epoch_then_resume_gives_the_bit_identical_adapter(tmp_path)
     checkpoint = torch.load(last, weights_only=True)  # plain tensors and types: no pickled code needed
     assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["epoch"] == 0
     assert 3 <= checkpoint["global_step"] < 6
-    resumed = _train(tmp_path / "killed", "--resume")
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
-    assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()[-2000:]
+    resumed = _train(fork_server, tmp_path / "killed", "--resume")
+    assert resumed.wait(timeout=300) == 0, _log(resumed)
+    assert reference.wait(timeout=300) == 0, _log(reference)
     want = load_file(tmp_path / "reference" / "adapter" / ADAPTER_WEIGHTS_NAME)
     got = load_file(tmp_path / "killed" / "adapter" / ADAPTER_WEIGHTS_NAME)
     assert want.keys() == got.keys() and len(want) == 8

@@ -53,14 +53,15 @@ RUNNER = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
-    """The four scripts below, two to a process (one gloo rank each), the two processes started side by side: a
-    process is mostly imports, so two scripts in one cost little more than one."""
+def runs(tmp_path_factory, fork_server) -> dict:
+    """The four scripts below, two to a process (one gloo rank each), the two processes started side by side, each
+    a fork of the session's warm process (``python -c``)."""
     full = tmp_path_factory.mktemp("fsdp1") / "full.pt"
     scripts = {"restore": CODE, "strategy": CODE_STRATEGY, "as_lightning": CODE_AS_LIGHTNING, "round_trip": CODE_FULL_ROUND_TRIP}
     code = PRELUDE + f"SCRIPTS = {scripts!r}\n" + RUNNER
     processes = {"restore+strategy": ["restore", "strategy"], "as_lightning+round_trip": ["as_lightning", "round_trip"]}
-    results = run_side_by_side({key: [sys.executable, "-c", code, str(full), *names] for key, names in processes.items()}, timeout=300)
+    results = run_side_by_side({key: [sys.executable, "-c", code, str(full), *names] for key, names in processes.items()}, timeout=300,
+                               forks=fork_server)
     return {name: results[key] for key, names in processes.items() for name in names}
 
 

@@ -1,9 +1,10 @@
 """sharding.gather_full_tensor: FSDP2's DTensors gathered through the process group (not full_tensor's functional
 collective, which crashed gloo ranks sharing one GPU), on 3 gloo ranks: uneven rows, fewer rows than ranks, 1-D."""
 
-import subprocess
 import sys
 import textwrap
+
+from _processes import Queue, free_ports
 
 CODE = textwrap.dedent(
     """
@@ -31,16 +32,14 @@ CODE = textwrap.dedent(
 )
 
 
-def test_gather_full_tensor_equals_the_full_tensor_on_three_ranks(tmp_path) -> None:
+def test_gather_full_tensor_equals_the_full_tensor_on_three_ranks(tmp_path, fork_server) -> None:
+    # Each rank a fork of the session's warm process with torchrun's variables (test_multi_node_examples runs torchrun).
     script = tmp_path / "gather.py"
     script.write_text(CODE)
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port", str(port), str(script), str(tmp_path)]
-    result = subprocess.run(torchrun, capture_output=True, text=True, timeout=300)
+    queue = Queue()
+    queue.add_ranks("gather", [sys.executable, str(script), str(tmp_path)], world=3, port=free_ports(1)[0], style="torchrun",
+                    forks=fork_server, env=fork_server.env)
+    result = queue.run(timeout=300)["gather"]
     assert result.returncode == 0, result.stderr[-3000:]
     lines = sorted((tmp_path / f"rank{r}.txt").read_text() for r in range(3))
     assert lines == [f"RANK {r} True 0" for r in range(3)]

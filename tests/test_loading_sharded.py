@@ -198,13 +198,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(world: int, args: list[str], layers: int, cuda: bool = False, port: int | None = None) -> tuple[list[str], dict[str, str]]:
-    """The command and environment that run ``_sharded_worker.py`` on ``world`` gloo ranks."""
-    env = {**os.environ, "LL_WORKER_LAYERS": str(layers), "OMP_NUM_THREADS": "1", "LL_WORKER_CUDA": "1" if cuda else "0"}
+def _worker(args: list[str], layers: int, cuda: bool = False) -> tuple[list[str], dict[str, str]]:
+    """One rank's ``_sharded_worker.py`` command, and the variables it reads."""
+    return [sys.executable, str(TESTS / "_sharded_worker.py"), *args], {"LL_WORKER_LAYERS": str(layers), "LL_WORKER_CUDA": "1" if cuda else "0"}
+
+
+def _torchrun(world: int, worker: tuple[list[str], dict[str, str]]) -> tuple[list[str], dict[str, str]]:
+    """The command and environment that run ``worker`` on ``world`` gloo ranks through torchrun."""
+    command, variables = worker
+    env = {**os.environ, **variables, "OMP_NUM_THREADS": "1"}
     for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_addr=127.0.0.1",
-           f"--master_port={port or _free_port()}", str(TESTS / "_sharded_worker.py"), *args]
+           f"--master_port={_free_port()}", *command[1:]]
     return cmd, env
 
 
@@ -214,13 +220,15 @@ def _assert_ran(result: subprocess.CompletedProcess) -> None:
 
 def check_sharded_builds(tmp_path: Path, world: int, layers: int, device: str = "cpu") -> None:
     """``world`` gloo ranks (all on cuda:0 with device='cuda') build FSDP2 and FSDP1 models, random and from a checkpoint, like the 1-rank build."""
-    expected, (cmd, env) = prepare_sharded_builds(tmp_path, world, layers, device)
+    expected, worker = prepare_sharded_builds(tmp_path, world, layers, device)
+    cmd, env = _torchrun(world, worker)
     _assert_ran(subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600))
     check_built(**expected)
 
 
-def prepare_sharded_builds(tmp_path: Path, world: int, layers: int, device: str = "cpu", port: int | None = None) -> tuple[dict, tuple]:
-    """The checkpoint and the 1-rank references (``check_built``'s arguments), and the torchrun launch (command, env) to check."""
+def prepare_sharded_builds(tmp_path: Path, world: int, layers: int, device: str = "cpu") -> tuple[dict, tuple]:
+    """The checkpoint and the 1-rank references (``check_built``'s arguments), and the worker to run on ``world``
+    ranks (``_worker``: one rank's command, the variables it reads)."""
     config = _config(layers)
     state = _plain_checkpoint(tmp_path / "ckpt", config)
     references = {"random": _reference(config, device=device), "ckpt": _reference(config, tmp_path / "ckpt", device=device)}
@@ -229,7 +237,7 @@ def prepare_sharded_builds(tmp_path: Path, world: int, layers: int, device: str 
     out.mkdir()
     pairs = ["fsdp2", "random", "fsdp2", str(tmp_path / "ckpt"), "fsdp1", "random", "fsdp1", str(tmp_path / "ckpt")]
     expected = dict(out=out, world=world, layers=layers, device=device, references=references, state=state)
-    return expected, _torchrun(world, [str(out), *pairs], layers, cuda=device == "cuda", port=port)
+    return expected, _worker([str(out), *pairs], layers, cuda=device == "cuda")
 
 
 def check_built(out: Path, world: int, layers: int, device: str, references: dict, state: dict[str, torch.Tensor]) -> None:
@@ -282,21 +290,25 @@ _LAUNCHES = {
 
 
 @pytest.fixture(scope="module")
-def launches(request, tmp_path_factory) -> dict[str, tuple]:
-    """The launches this session's tests read, in one queue, as many at a time as there are cores (a Lightning launch
-    leaves a core idle while its first rank imports alone, a torchrun launcher while its ranks import). Each:
-    (what its test checks the result against, the finished process)."""
+def launches(request, tmp_path_factory, fork_server) -> dict[str, tuple]:
+    """The launches this session's tests read, in one queue, as many at a time as there are cores. Each launch's
+    ranks are forks of the session's warm process, started with the variables torchrun (the worker) or Lightning's
+    launcher (the Lightning run) sets; the GPU test runs the worker through torchrun itself. Each: (what its test
+    checks the result against, the finished ranks)."""
     wanted = [name for name, test in _LAUNCHES.items()
               if any(item.module is request.module and item.originalname == test for item in request.session.items)]  # fmt: skip
     queue, expected = Queue(), {}
     for name, port in zip(wanted, free_ports(len(wanted))):
         tmp = tmp_path_factory.mktemp(name)
         if name == "lightning":
-            expected[name], (cmd, env) = _lightning_fsdp2(tmp, port)
+            expected[name], command = _lightning_fsdp2(tmp)
+            queue.add_ranks(name, command, world=2, port=port, style="lightning", forks=fork_server,
+                            env=fork_server.environment(LL_TESTS_DIR=str(TESTS)))
         else:
             world, layers = (4, 6) if name == "four" else (2, 2)
-            expected[name], (cmd, env) = prepare_sharded_builds(tmp, world, layers, port=port)
-        queue.add(name, cmd, env=env)
+            expected[name], (command, variables) = prepare_sharded_builds(tmp, world, layers)
+            queue.add_ranks(name, command, world=world, port=port, style="torchrun", forks=fork_server,
+                            env=fork_server.environment(**variables))
     results = queue.run(timeout=600)
     return {name: (expected[name], results[name]) for name in wanted}
 
@@ -396,13 +408,11 @@ if trainer.is_global_zero:
 '''
 
 
-def _lightning_fsdp2(tmp_path: Path, port: int) -> tuple[Path, tuple[list[str], dict[str, str]]]:
-    """Where ``_LIGHTNING_FSDP2`` writes its result, and its launch (command, env)."""
+def _lightning_fsdp2(tmp_path: Path) -> tuple[Path, list[str]]:
+    """Where ``_LIGHTNING_FSDP2`` writes its result, and the command of its ranks (they read ``LL_TESTS_DIR``)."""
     script = tmp_path / "fsdp2_lightning.py"
     script.write_text(_LIGHTNING_FSDP2)
-    env = {**os.environ, "LL_TESTS_DIR": str(TESTS), "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-    env.pop("LOCAL_RANK", None)
-    return tmp_path / "out.pt", ([sys.executable, str(script), str(tmp_path / "out.pt")], env)
+    return tmp_path / "out.pt", [sys.executable, str(script), str(tmp_path / "out.pt")]
 
 
 def test_model_parallel_strategy_builds_sharded_in_configure_model_and_trains(launches):

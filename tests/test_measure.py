@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
+from _processes import ForkServer, Queue
 from lightning_lora import measure as measure_module
 from lightning_lora.estimate import estimate_memory
 from lightning_lora.measure import MeasuredMemory, _device, _make_spec, measure_memory
@@ -22,28 +24,42 @@ RUN = dict(r=16, batch_size=1, seq_len=32, activation_checkpointing=True, steps=
 LORA_TENSORS = 2 * 7 * 2  # layers x projections x (A, B)
 
 
-_MEASURED: dict[str, MeasuredMemory] = {}  # a measurement's spec (as JSON) -> what its subprocess measured
-_measure_in_a_subprocess = measure_module._measure
+_MEASURED: dict[str, MeasuredMemory] = {}  # a measurement's spec (as JSON) -> what its process measured
+_measure_in_a_subprocess = measure_module._measure  # the library's own: the fixture below replaces it in this module
 
 
-def _measure_once(spec: dict, timeout: float | None) -> MeasuredMemory:
-    """``measure._measure``, run once per spec and module: `estimate --measure` below asks for a set-up the fixture measured."""
+def _measure_once(spec: dict, timeout: float | None, forks: ForkServer) -> MeasuredMemory:
+    """``measure._measure``, run once per spec and module (`estimate --measure` below asks for a set-up the fixture
+    measured), its ``python -m lightning_lora.measure SPEC`` a fork of the session's warm process: no process group
+    and no allocator statistics exist there yet, as in the fresh process ``_measure`` starts."""
     key = json.dumps(spec, sort_keys=True)
     if key not in _MEASURED:
-        _MEASURED[key] = _measure_in_a_subprocess(spec, timeout)
+        queue = Queue()
+        queue.add("measure", measure_module._command(spec), forks=forks)
+        _MEASURED[key] = measure_module._read_result(queue.run(timeout)["measure"])
     return _MEASURED[key]
 
 
+def test_the_measurement_runs_in_a_process_of_its_own_and_a_timeout_says_what_to_do():
+    # _measure itself (the other tests replace it): its process killed at the timeout, the error naming the fix.
+    spec = _make_spec(TINY, strategy="fsdp2", num_gpus=2, quantization="nf4", double_quant=True, r=16, target_modules="all-linear",
+                      batch_size=1, seq_len=32, activation_checkpointing=True, offload_activations=False, lora_dtype="fp32", steps=2,
+                      device="cpu")  # fmt: skip
+    assert _measure_in_a_subprocess.__module__ == "lightning_lora.measure"
+    with pytest.raises(RuntimeError, match=r"did not finish within `timeout`=0\.05 s; give it more time or a smaller model"):
+        _measure_in_a_subprocess(spec, 0.05)
+
+
 @pytest.fixture(scope="module", autouse=True)
-def _each_set_up_measured_once():
+def _each_set_up_measured_once(fork_server):
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(measure_module, "_measure", _measure_once)
+        patch.setattr(measure_module, "_measure", functools.partial(_measure_once, forks=fork_server))
         yield
 
 
 @pytest.fixture(scope="module")
 def measured(_each_set_up_measured_once) -> dict[tuple[str, int], MeasuredMemory]:
-    # Each measurement is its own subprocess (mostly imports, on one core): two at a time use both cores of CI.
+    # Each measurement is its own process (a fork: no imports), on one core: two at a time use both cores of CI.
     runs = [(s, w) for s in ("fsdp2", "fsdp") for w in (2, 4)]
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = pool.map(lambda run: measure_memory(TINY, num_gpus=run[1], strategy=run[0], **RUN), runs)

