@@ -450,6 +450,13 @@ def estimate_memory(
     _check_choice("dtype", dtype, _BYTES)
     _check_choice("lora_dtype", lora_dtype, _BYTES)
     _check_choice("optimizer", optimizer, _OPTIMIZER_STATES)
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"`double_quant` must be True or False, got {double_quant!r}.")
+    if not double_quant and quantization in ("none", "int8"):  # as QuantizationConfig refuses an option that changes nothing
+        raise ValueError(
+            f"`double_quant`=False has no effect with `quantization`={quantization!r}: only 4-bit scales are double-quantized. "
+            "Drop it (leave it at True), or use quantization='nf4' / 'fp4'."
+        )
     if strategy == "single" and num_gpus > 1:
         raise ValueError(
             f"`num_gpus`={num_gpus!r} needs a distributed strategy: pass strategy='ddp', strategy='fsdp' or strategy='fsdp2', or num_gpus=1."

@@ -247,6 +247,8 @@ def test_table_and_dict_agree_with_total():
         (dict(num_gpus=2), ["`num_gpus`", "2", "strategy='fsdp'", "strategy='fsdp2'"]),
         (dict(strategy="fsdp2", num_gpus=2, quantization="int8"), ["`quantization`", "'int8'", "'nf4'", "'ddp'"]),
         (dict(target_modules=["lm_head"]), ["`target_modules`", "'lm_head'", "q_proj"]),
+        (dict(quantization="int8", double_quant=False), ["`double_quant`=False", "`quantization`='int8'", "leave it at True", "'nf4'"]),
+        (dict(quantization="none", double_quant=False), ["`double_quant`=False", "`quantization`='none'", "leave it at True"]),
     ],
 )
 def test_bad_arguments_raise_actionable_errors(kwargs, words):
@@ -254,6 +256,13 @@ def test_bad_arguments_raise_actionable_errors(kwargs, words):
         estimate_memory(LLAMA_7B, **kwargs)
     for word in words:
         assert word in str(info.value)
+
+
+def test_double_quant_is_a_bool_and_counts_only_for_4bit():
+    with pytest.raises(TypeError, match=r"`double_quant` must be True or False, got 'no'"):
+        estimate_memory(LLAMA_7B, double_quant="no")
+    for mode in ("nf4", "fp4"):  # 4-bit: double quantization shrinks the scales
+        assert estimate_memory(LLAMA_7B, quantization=mode, double_quant=False).base_weights > estimate_memory(LLAMA_7B, quantization=mode).base_weights
 
 
 def test_config_without_hidden_size():
