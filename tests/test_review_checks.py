@@ -186,6 +186,27 @@ def test_a_bad_quantize_is_refused_by_the_callbacks_name(value, hint):
     assert str(info.value) == expected
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "shown"),
+    [(dict(r=4), "`r`=4 is"), (dict(target_modules=["q_proj"], quantize="nf4"), "`target_modules`=['q_proj'], `quantize`='nf4' are"),
+     (dict(use_dora=True), "`use_dora`=True is"), (dict(double_quant=False, quantize="nf4"), "`quantize`='nf4', `double_quant`=False are")],
+)
+def test_from_backbone_refuses_lora_and_quantization_arguments_it_would_drop(kwargs, shown):
+    with pytest.raises(ValueError) as info:
+        LoRACallback(from_backbone=True, backbone="model", **kwargs)
+    assert str(info.value) == (
+        f"{shown} not used with `from_backbone`=True: the LoRA and quantization configs come from the backbone "
+        "(build_lora_model). Drop them, or set from_backbone=False to have the backbone checked against them."
+    )
+    LoRACallback(from_backbone=False, backbone="model", **kwargs)  # without it, they are this callback's config
+
+
+def test_from_backbone_takes_defaults_and_the_options_it_does_not_own():
+    callback = LoRACallback(from_backbone=True, backbone="model", alpha=16, target_modules="all-linear", adapter_name="sql",
+                            lora_plus_ratio=16.0, compile_blocks=True, export_dir="out")  # alpha 16 == the default 16.0
+    assert callback.lora_config is None and callback.controller.adapter_name == "sql"
+
+
 def test_a_mode_in_another_case_is_refused_with_the_spelling_to_use():
     with pytest.raises(ValueError) as info:
         QuantizationConfig(mode="FP4")

@@ -22,6 +22,29 @@ def _as_dict(pattern_map: Any) -> Any:
     return dict(pattern_map) if isinstance(pattern_map, Mapping) else pattern_map
 
 
+def _refuse_dropped_by_from_backbone(given: dict[str, Any]) -> None:
+    """With ``from_backbone=True`` the LoRA and quantization configs come from the backbone: refuse any of those
+    arguments set away from its default, which would otherwise be dropped without a word."""
+    import inspect
+
+    defaults = inspect.signature(LoRACallback.__init__).parameters
+    changed = [name for name, value in given.items() if not _same(value, defaults[name].default)]
+    if changed:
+        shown = ", ".join(f"`{name}`={given[name]!r}" for name in changed)
+        raise ValueError(
+            f"{shown} {'is' if len(changed) == 1 else 'are'} not used with `from_backbone`=True: the LoRA and quantization "
+            "configs come from the backbone (build_lora_model). Drop them, or set from_backbone=False to have the backbone "
+            "checked against them."
+        )
+
+
+def _same(value: Any, default: Any) -> bool:
+    try:
+        return bool(value == default)
+    except Exception:  # noqa: BLE001 - a value that cannot be compared (a tensor of ids) is not the default
+        return False
+
+
 class LoRACallback(Callback):
     """Inject LoRA (optionally on a 4-bit or 8-bit backbone), keep checkpoints adapter-only, export the adapter.
 
@@ -115,8 +138,9 @@ class LoRACallback(Callback):
                 during training) over chunks of this many tokens and never forms the full logits (`output.logits` is
                 then None; validation and generation return them as usual). 1024 to 8192 is typical.
             from_backbone: The backbone comes with LoRA in it (``lightning_lora.sharded_loading.build_lora_model``): take
-                its LoRA and quantization configs, so they are written once; the LoRA and quantization arguments above are
-                then unused. Without it, a backbone that comes with LoRA must have been built with this callback's config.
+                its LoRA and quantization configs, so they are written once; the LoRA and quantization arguments above
+                must then stay at their defaults (another value is refused). Without it, a backbone that comes with LoRA
+                must have been built with this callback's config.
             serving_targets: Before the export writes, say which of 'vllm', 'llama.cpp' will refuse or mis-scale the adapter.
             strict_serving: Make such a finding an error (nothing is written).
             vllm_max_lora_rank: The --max-lora-rank the vLLM server runs with (vLLM's default 16).
@@ -155,6 +179,12 @@ class LoRACallback(Callback):
         # Checked (under the names given here) even when from_backbone then drops it, as the LoRA config above is.
         quantization = quantization_from_options(quantize, double_quant, compute_dtype, quant_storage)
         if from_backbone:
+            _refuse_dropped_by_from_backbone(dict(
+                r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, exclude_modules=exclude_modules, bias=bias,
+                modules_to_save=modules_to_save, use_rslora=use_rslora, init=init, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                target_parameters=target_parameters, trainable_token_indices=trainable_token_indices, use_dora=use_dora,
+                quantize=quantize, double_quant=double_quant, compute_dtype=compute_dtype, quant_storage=quant_storage,
+            ))  # fmt: skip
             lora_config = quantization = None
         self.controller = LoRAController(
             lora_config, quantization, backbone, adapter_only_checkpoint, skip_nonfinite, max_nonfinite_steps, compile_blocks,
