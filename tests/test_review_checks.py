@@ -203,7 +203,8 @@ def test_from_backbone_refuses_lora_and_quantization_arguments_it_would_drop(kwa
 
 def test_from_backbone_takes_defaults_and_the_options_it_does_not_own():
     callback = LoRACallback(from_backbone=True, backbone="model", alpha=16, target_modules="all-linear", adapter_name="sql",
-                            lora_plus_ratio=16.0, compile_blocks=True, export_dir="out")  # alpha 16 == the default 16.0
+                            lora_plus_ratio=16.0, compile_blocks=True, export_dir="out", rank_pattern={},
+                            modules_to_save=[])  # alpha 16 == the default 16.0; {} and [] mean the default None: nothing
     assert callback.lora_config is None and callback.controller.adapter_name == "sql"
 
 

@@ -39,6 +39,9 @@ def _refuse_dropped_by_from_backbone(given: dict[str, Any]) -> None:
 
 
 def _same(value: Any, default: Any) -> bool:
+    """``value`` means what ``default`` means (an empty mapping or list where the default is None: nothing)."""
+    if default is None and isinstance(value, (Mapping, list, tuple)) and len(value) == 0:
+        return True
     try:
         return bool(value == default)
     except Exception:  # noqa: BLE001 - a value that cannot be compared (a tensor of ids) is not the default
