@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -25,8 +26,6 @@ def _as_dict(pattern_map: Any) -> Any:
 def _refuse_dropped_by_from_backbone(given: dict[str, Any]) -> None:
     """With ``from_backbone=True`` the LoRA and quantization configs come from the backbone: refuse any of those
     arguments set away from its default, which would otherwise be dropped without a word."""
-    import inspect
-
     defaults = inspect.signature(LoRACallback.__init__).parameters
     changed = [name for name, value in given.items() if not _same(value, defaults[name].default)]
     if changed:
