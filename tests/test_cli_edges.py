@@ -56,7 +56,7 @@ def test_a_gloo_run_leaves_its_process_group_before_returning(tmp_path: Path, fo
         """
     )
     queue = Queue()
-    queue.add("fit", [sys.executable, "-c", code], cwd=tmp_path, forks=fork_server, env=fork_server.env)
+    queue.add("fit", [sys.executable, "-c", code], cwd=tmp_path, forks=fork_server)
     result = queue.run(timeout=300)["fit"]
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "GROUP False"

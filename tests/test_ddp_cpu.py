@@ -23,7 +23,7 @@ def runs(tmp_path_factory, fork_server) -> dict:
     queue, dirs = Queue(), {mode: tmp_path_factory.mktemp(f"ddp-{mode}") for mode in MODES}
     for mode, port in zip(MODES, free_ports(len(MODES))):
         queue.add_ranks(mode, [sys.executable, str(SCRIPT), str(dirs[mode]), mode], world=2, port=port, style="lightning",
-                        forks=fork_server, env=fork_server.env)
+                        forks=fork_server)
     results = queue.run(timeout=600)
     return {mode: (dirs[mode], results[mode]) for mode in MODES}
 

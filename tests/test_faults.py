@@ -48,7 +48,7 @@ def _train(forks: ForkServer, out: Path, *args: str):
     the file ``proc.log``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.parent / f"{out.name}.{next(_RUNS)}.log"
-    proc = forks.start([sys.executable, str(SCRIPT), str(out), *args], str(log), env=forks.env)
+    proc = forks.start([sys.executable, str(SCRIPT), str(out), *args], str(log))  # the server's environment
     proc.log = log
     return proc
 

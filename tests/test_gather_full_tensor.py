@@ -38,7 +38,7 @@ def test_gather_full_tensor_equals_the_full_tensor_on_three_ranks(tmp_path, fork
     script.write_text(CODE)
     queue = Queue()
     queue.add_ranks("gather", [sys.executable, str(script), str(tmp_path)], world=3, port=free_ports(1)[0], style="torchrun",
-                    forks=fork_server, env=fork_server.env)
+                    forks=fork_server)
     result = queue.run(timeout=300)["gather"]
     assert result.returncode == 0, result.stderr[-3000:]
     lines = sorted((tmp_path / f"rank{r}.txt").read_text() for r in range(3))

@@ -34,7 +34,7 @@ def test_a_piped_fit_prints_progress_lines_and_no_progress_bar(tmp_path: Path, f
         "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_steps", "3", "--data.init_args.limit", "24",
     ]  # fmt: skip
     queue = Queue()
-    queue.add("fit", command, cwd=tmp_path, forks=fork_server, env=fork_server.env)
+    queue.add("fit", command, cwd=tmp_path, forks=fork_server)
     result = queue.run(timeout=600)["fit"]
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()

@@ -144,7 +144,7 @@ def _queue_config(queue: Queue, forks: ForkServer, config_path: Path, tmp: Path)
 
     # The server's environment: one thread per run (two runs share the cores at a time, and with more threads each
     # waits on the other's: benchmarks/cpu_threads.py), tests/scripts (kill_after.py) importable. Output: one text.
-    run = dict(env=forks.env, cwd=tmp, forks=forks, stderr=subprocess.STDOUT)
+    run = dict(cwd=tmp, forks=forks, stderr=subprocess.STDOUT)
     queue.add(f"{config_path.stem}/killed", fit(dying, tmp / "dying.yaml"), then=seen_before_the_resume, **run)
     resumed = fit(killed_config, tmp / "killed.yaml", "--ckpt_path", "last")
     queue.add(f"{config_path.stem}/resumed", resumed, after=f"{config_path.stem}/killed", **run)
