@@ -113,7 +113,8 @@ def step_times(model: torch.nn.Module, steps: int, warmup: int = 2, ids: torch.T
 
 def train_raw(model: torch.nn.Module, steps: int, warmup: int = 2) -> dict:
     times, loss = step_times(model, steps, warmup)
-    return {"tokens_per_s": BATCH * SEQ / (sum(times) / len(times)), "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": loss}
+    return {"tokens_per_s": BATCH * SEQ / (sum(times) / len(times)), "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": loss,
+            "steps_ms": [t * 1e3 for t in times]}
 
 
 def train_lightning(layers: int, steps: int, gc_on: bool, compile_blocks: bool = False) -> dict:
@@ -154,7 +155,8 @@ def train_lightning(layers: int, steps: int, gc_on: bool, compile_blocks: bool =
     torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, data)
     times = module.times[warmup:]
-    return {"tokens_per_s": BATCH * SEQ / (sum(times) / len(times)), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return {"tokens_per_s": BATCH * SEQ / (sum(times) / len(times)), "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "steps_ms": [t * 1e3 for t in times]}
 
 
 @torch.no_grad()

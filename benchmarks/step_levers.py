@@ -1,9 +1,11 @@
 """What each candidate lever for a faster compiled QLoRA step would buy, measured on one GPU (issue 17.2).
 
-Three parts, each in this one process:
+Four parts, each in this one process:
 
 * ``gemm``: the base matmuls of projections that share an input (q/k/v; gate/up) as one matmul over the
   concatenated weights against one matmul each, forward (``x @ W^T``) and input-gradient (``sum g_i @ W_i``);
+* ``lora_shared``: LoRA's A-side products for projections that share an input, one per projection against one
+  over the stacked A matrices (forward, A's gradient, the input-gradient term);
 * ``dequant``: bitsandbytes' nf4 dequantize (double quant: three kernels) against ``lightning_lora.nf4_kernel``
   (one Triton kernel): bit-identical output and time per call;
 * ``model``: the 16-layer 7B-shape nf4 model of ``profile_step.py``, every block compiled: ``bnb_addmm``
@@ -22,7 +24,7 @@ Three parts, each in this one process:
   compiles its blocks with ``mode='reduce-overhead'`` (CUDA graphs replayed by inductor's cudagraph trees, each
   step marked as a new generation). ``--trace-variant`` names the variant whose step is traced.
 
-    python benchmarks/step_levers.py --out levers.json [--parts gemm dequant model] [--trace trace.json.gz]
+    python benchmarks/step_levers.py --out levers.json [--parts gemm lora_shared dequant model] [--trace trace.json.gz]
 """
 
 from __future__ import annotations
@@ -93,6 +95,41 @@ def gemm_part(tokens: int = 4096, hidden: int = 4096, inter: int = 11008) -> dic
         }
         row["forward_gain"] = row["forward_separate_ms"] / row["forward_one_ms"] - 1
         row["grad_gain_with_cat"] = row["grad_separate_ms"] / row["grad_cat_then_one_ms"] - 1
+        out[name] = row
+        print(name, json.dumps({k: round(v, 4) for k, v in row.items()}), flush=True)
+    return out
+
+
+def lora_shared_part(tokens: int = 4096, hidden: int = 4096, r: int = 16) -> dict:
+    """LoRA's A side for projections that share an input (q/k/v: 3; gate/up: 2): one ``(tokens, r)`` product each
+    against one ``(tokens, n * r)`` product over the stacked A matrices, forward (``x @ A^T``) and backward (A's
+    gradient ``grad_h^T @ x``, and the input-gradient term ``grad_h @ A`` added into the base's input gradient)."""
+    out = {}
+    dtype = torch.bfloat16
+    for name, n in (("q/k/v", 3), ("gate/up", 2)):
+        x = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
+        grad_x = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
+        a = [torch.randn(r, hidden, device="cuda", dtype=dtype) / 64 for _ in range(n)]
+        gh = [torch.randn(tokens, r, device="cuda", dtype=dtype) for _ in range(n)]
+        a_cat, gh_cat = torch.cat(a), torch.cat(gh, dim=1)
+
+        def separate_backward() -> None:
+            for g, w in zip(gh, a):
+                torch.mm(g.t(), x)
+                grad_x.addmm_(g, w)
+
+        def shared_backward() -> None:
+            torch.mm(gh_cat.t(), x)
+            grad_x.addmm_(gh_cat, a_cat)
+
+        row = {
+            "forward_separate_ms": cuda_ms(lambda: [torch.mm(x, w.t()) for w in a]),
+            "forward_shared_ms": cuda_ms(lambda: torch.mm(x, a_cat.t())),
+            "backward_separate_ms": cuda_ms(separate_backward),
+            "backward_shared_ms": cuda_ms(shared_backward),
+        }
+        separate = row["forward_separate_ms"] + row["backward_separate_ms"]
+        row["saved_ms_per_layer"] = separate - row["forward_shared_ms"] - row["backward_shared_ms"]
         out[name] = row
         print(name, json.dumps({k: round(v, 4) for k, v in row.items()}), flush=True)
     return out
@@ -229,6 +266,8 @@ def main() -> None:
     results: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
     if "gemm" in args.parts:
         results["gemm"] = gemm_part()
+    if "lora_shared" in args.parts:
+        results["lora_shared"] = lora_shared_part()
     if "dequant" in args.parts:
         try:
             results["dequant"] = dequant_part()

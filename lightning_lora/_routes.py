@@ -171,24 +171,24 @@ class _FrozenNF4LoRA(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: Any, a: torch.Tensor,
                 b: torch.Tensor, scale: float) -> torch.Tensor:  # fmt: skip
         x2 = x.reshape(-1, x.shape[-1])
-        a_c, b_c = a.to(x.dtype), b.to(x.dtype)
-        h = torch.mm(x2, a_c.t())  # (tokens, r)
-        out = nf4_kernel.linear_plus_update(x2, nf4_kernel.dequantize(weight, state, x.dtype), bias, h, b_c, scale)
-        ctx.state, ctx.scale, ctx.a_dtype, ctx.b_dtype = state, scale, a.dtype, b.dtype
-        # x, not its 2-D view: dynamo refuses to save a view of an input made inside the node. The packed weight is
-        # the parameter itself: no memory.
-        ctx.save_for_backward(weight, x, h, a_c, b_c)
+        # One opaque call: the adapter's casts, h = x @ A^T (tokens, r), the base matmul and the update added in place.
+        out, h = nf4_kernel.linear_plus_update(x2, nf4_kernel.dequantize(weight, state, x.dtype), bias, a, b, scale)
+        ctx.state, ctx.scale = state, scale
+        # x, not its 2-D view: dynamo refuses to save a view of an input made inside the node. The packed weight and
+        # A, B are the parameters themselves: no memory (backward casts A and B again, two small kernels).
+        ctx.save_for_backward(weight, x, h, a, b)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        weight, x, h, a_c, b_c = ctx.saved_tensors
+        weight, x, h, a, b = ctx.saved_tensors
         x2 = x.reshape(-1, x.shape[-1])
         needs_x, _, _, _, needs_a, needs_b, _ = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
+        a_c, b_c = _cast(a, x2.dtype), _cast(b, x2.dtype)
         grad_h = torch.mm(g, b_c) * ctx.scale  # (tokens, r)
-        grad_a = torch.mm(grad_h.t(), x2).to(ctx.a_dtype) if needs_a else None
-        grad_b = (torch.mm(g.t(), h) * ctx.scale).to(ctx.b_dtype) if needs_b else None
+        grad_a = torch.mm(grad_h.t(), x2).to(a.dtype) if needs_a else None
+        grad_b = (torch.mm(g.t(), h) * ctx.scale).to(b.dtype) if needs_b else None
         grad_x = None
         if needs_x:  # as bitsandbytes: dequantized in the weight's own dtype, then cast
             w = nf4_kernel.dequantize(weight, ctx.state, ctx.state.dtype, pass_id=1).to(g.dtype)

@@ -9,10 +9,10 @@ with the multiply and the add rounded separately, as bitsandbytes' separate kern
 ``mul.rn.f32``, which the compiler never fuses into an FMA). ``tests/gpu/test_gpu_nf4_kernel.py`` compares it with
 bitsandbytes on CUDA.
 
-Next to it, ``linear_plus_update`` (no Triton in it): ``x @ W^T (+ bias) + scale * h @ B^T`` as one opaque op that
-adds the LoRA update into the base output in place. In a functional graph the same ``addmm`` first copies the base
-output into a new buffer (one device-to-device copy per LoRA layer and step); ``_routes.frozen_nf4_lora_linear``
-uses it for a compiled nf4 layer with its LoRA update.
+Next to it, ``linear_plus_update`` (no Triton in it): ``x @ W^T (+ bias) + scale * (x @ A^T) @ B^T`` as one opaque
+op that adds the LoRA update into the base output in place (and returns ``x @ A^T`` for the backward). In a
+functional graph the same ``addmm`` first copies the base output into a new buffer (one device-to-device copy per
+LoRA layer and step); ``_routes.frozen_nf4_lora_linear`` uses it for a compiled nf4 layer with its LoRA update.
 
 ``LIGHTNING_LORA_NF4_KERNEL=0`` in the environment (or ``nf4_kernel.ENABLED = False`` before the first compiled
 step) turns it off. On one H200 it took a compiled 16-layer 7B QLoRA step from 151.4 to 127.7 ms at the same peak
@@ -33,6 +33,7 @@ ENABLED = os.environ.get("LIGHTNING_LORA_NF4_KERNEL", "1") != "0"
 _OP: list[Any] = []  # the registered op, built on first use (Triton is imported then, not at import time)
 _UNAVAILABLE: list[bool] = []  # [True] once building failed
 _LINEAR: list[Any] = []  # ``linear_plus_update``'s op, registered by ``prepare`` (it needs no Triton)
+_LIBRARY: list[Any] = []  # the ``torch.library.Library`` fragment that defines it
 _BLOCK = [1024]  # packed bytes per program (2,048 output values); a list so that benchmarks can try others
 
 
@@ -73,18 +74,34 @@ def _build_linear() -> Any:
         return torch.ops.lightning_lora.linear_plus_update.default
     except (AttributeError, RuntimeError):
         pass
+    # Defined through a plain ``torch.library.Library`` fragment, not ``torch.library.custom_op``: a compiled graph
+    # calls the op once per LoRA layer and forward, and custom_op's Python wrapper costs more host time per call
+    # (39 against 20 us for the same body on the development VM's CPU).
+    library = torch.library.Library("lightning_lora", "FRAGMENT")
+    library.define(_LINEAR_SCHEMA)
+    library.impl("linear_plus_update", _linear_plus_update, "CompositeExplicitAutograd")
+    torch.library.register_fake("lightning_lora::linear_plus_update", _linear_plus_update_fake, lib=library)
+    _LIBRARY.append(library)  # the registration lives as long as the fragment object
+    return torch.ops.lightning_lora.linear_plus_update.default
 
-    @torch.library.custom_op("lightning_lora::linear_plus_update", mutates_args=())
-    def linear_plus_update(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor,
-                           b: torch.Tensor, scale: float) -> torch.Tensor:  # fmt: skip
-        out = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
-        return out.addmm_(h, b.t(), alpha=scale)  # in place: the buffer is the op's own
 
-    @linear_plus_update.register_fake
-    def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-        return x.new_empty((x.shape[0], weight.shape[0]))
+_LINEAR_SCHEMA = "linear_plus_update(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor b, float scale) -> (Tensor, Tensor)"
 
-    return linear_plus_update
+
+def _linear_plus_update(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    # The adapter's casts and ``x @ A^T`` are here rather than in the graph, where each is one more launch from the
+    # graph's Python per layer (a cast is a Triton kernel there).
+    a_c = a if a.dtype == x.dtype else a.to(x.dtype)
+    b_c = b if b.dtype == x.dtype else b.to(x.dtype)
+    h = torch.mm(x, a_c.t())  # (tokens, r)
+    out = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    return out.addmm_(h, b_c.t(), alpha=scale), h  # in place: the buffer is the op's own
+
+
+def _linear_plus_update_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], a.shape[0]))
 
 
 def linear_plus_update_ready() -> bool:
@@ -92,14 +109,15 @@ def linear_plus_update_ready() -> bool:
     return len(_LINEAR) > 0 and _LINEAR[0] is not None
 
 
-def linear_plus_update(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor, b: torch.Tensor,
-                       scale: float) -> torch.Tensor:  # fmt: skip
-    """``x @ weight^T (+ bias) + scale * h @ b^T`` for 2-D ``x`` (tokens, in), ``weight`` (out, in), ``h`` (tokens, r),
-    ``b`` (out, r), all of one dtype, with no autograd (call it inside an ``autograd.Function``); ``prepare`` first."""
+def linear_plus_update(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(x @ weight^T (+ bias) + scale * h @ b^T, h)`` with ``h = x @ a^T``, for 2-D ``x`` (tokens, in) and
+    ``weight`` (out, in) of one dtype, ``a`` (r, in) and ``b`` (out, r) of any (cast to ``x``'s), with no autograd
+    (call it inside an ``autograd.Function``); ``prepare`` first. ``h`` is what the backward needs of the forward."""
     if not linear_plus_update_ready():
         raise RuntimeError("Call `nf4_kernel.prepare()` before `linear_plus_update` (compile_blocks does); "
                            "check `linear_plus_update_ready()`.")  # fmt: skip
-    return _LINEAR[0](x, weight, bias, h, b, scale)
+    return _LINEAR[0](x, weight, bias, a, b, scale)
 
 
 def _build() -> Any:

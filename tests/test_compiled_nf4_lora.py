@@ -25,13 +25,28 @@ def test_op_schema_fake_and_autograd_registration() -> None:
     op = torch.ops.lightning_lora.linear_plus_update.default
     torch.manual_seed(1)
     for dtype in (torch.float32, torch.bfloat16):
-        x, w, h, b = (torch.randn(s, dtype=dtype) for s in ((64, 32), (96, 32), (64, 8), (96, 8)))
-        for bias in (None, torch.randn(96, dtype=dtype)):
-            torch.library.opcheck(op, (x, w, bias, h, b, 0.5), test_utils=("test_schema", "test_faketensor"))
-            want = x @ w.t() + (0 if bias is None else bias) + 0.5 * h @ b.t()
-            got = nf4_kernel.linear_plus_update(x, w, bias, h, b, 0.5)
-            tol = 1e-5 if dtype == torch.float32 else 2e-2
-            assert got.dtype == dtype and _close(got.float(), want.float(), tol)
+        x, w = torch.randn(64, 32, dtype=dtype), torch.randn(96, 32, dtype=dtype)
+        for adapter_dtype in (dtype, torch.float32):  # A and B in the compute dtype, or float32 and cast by the op
+            a, b = torch.randn(8, 32, dtype=adapter_dtype), torch.randn(96, 8, dtype=adapter_dtype)
+            for bias in (None, torch.randn(96, dtype=dtype)):
+                torch.library.opcheck(op, (x, w, bias, a, b, 0.5), test_utils=("test_schema", "test_faketensor"))
+                h_want = x @ a.to(dtype).t()
+                want = x @ w.t() + (0 if bias is None else bias) + 0.5 * h_want @ b.to(dtype).t()
+                got, h = nf4_kernel.linear_plus_update(x, w, bias, a, b, 0.5)
+                tol = 1e-5 if dtype == torch.float32 else 2e-2
+                assert got.dtype == h.dtype == dtype and got.shape == (64, 96) and h.shape == (64, 8)
+                assert torch.equal(h, h_want)  # the same matmul as the plain ops'
+                assert _close(got.float(), want.float(), tol)
+                assert h.data_ptr() not in (x.data_ptr(), a.data_ptr()) and got.data_ptr() != x.data_ptr()  # no aliasing
+
+
+def test_op_is_not_a_custom_op_wrapper() -> None:
+    """The op is defined through ``torch.library.Library`` (one dispatcher call into its Python kernel), not
+    ``torch.library.custom_op``, whose wrapper costs more host time per call in every compiled forward."""
+    nf4_kernel.prepare()
+    assert nf4_kernel._LIBRARY and nf4_kernel._LINEAR[0] is torch.ops.lightning_lora.linear_plus_update.default
+    assert not isinstance(nf4_kernel._LINEAR[0], torch._library.custom_ops.CustomOpDef)
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("lightning_lora::linear_plus_update", "CompositeExplicitAutograd")
 
 
 @pytest.mark.parametrize("bias", [False, True])

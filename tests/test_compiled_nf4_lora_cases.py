@@ -134,7 +134,7 @@ def test_op_that_cannot_be_registered_keeps_the_functional_route(kernel_stand_in
     nf4_kernel.prepare()
     assert not nf4_kernel.linear_plus_update_ready()
     with pytest.raises(RuntimeError, match="prepare"):
-        nf4_kernel.linear_plus_update(*(torch.ones(2, 2) for _ in range(5)), 1.0)
+        nf4_kernel.linear_plus_update(*(torch.ones(2, 2) for _ in range(5)), 1.0)  # x, weight, bias, a, b
     model = _model()
     x = torch.randn(2, ROWS // 2, 64, dtype=torch.bfloat16)
     want_out, want = grads(model, model, x)
@@ -157,10 +157,11 @@ def test_reload_finds_the_registered_op() -> None:
         module.prepare()
         assert module.linear_plus_update_ready()
         torch.manual_seed(2)
-        x, w, h, b = (torch.randn(s) for s in ((16, 8), (12, 8), (16, 4), (12, 4)))
+        x, w, a, b = (torch.randn(s) for s in ((16, 8), (12, 8), (4, 8), (12, 4)))
         bias = torch.randn(12)
-        got = module.linear_plus_update(x, w, bias, h, b, 0.25)
-        torch.testing.assert_close(got, x @ w.t() + bias + 0.25 * h @ b.t())
+        got, h = module.linear_plus_update(x, w, bias, a, b, 0.25)
+        torch.testing.assert_close(h, x @ a.t())
+        torch.testing.assert_close(got, x @ w.t() + bias + 0.25 * (x @ a.t()) @ b.t())
     finally:
         importlib.reload(nf4_kernel)
         nf4_kernel._OP[:], nf4_kernel._UNAVAILABLE[:] = registered, unavailable
