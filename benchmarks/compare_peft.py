@@ -4,7 +4,9 @@ Llama-2-7B shape with random weights, nf4 + double quant, LoRA r=16 alpha=32 on 
 batch 2 x 2048, AdamW, bf16 autocast. Each configuration builds the same model from the same seed in
 this one process, runs 2 warm-up and ``--steps`` timed optimizer steps, and reports tokens/s, peak
 memory and MFU against a bf16 matmul ceiling measured in the same run. Also the unmerged/merged
-inference overhead of our LoRA layers against the quantized base. Prints a table, writes JSON.
+inference overhead of our LoRA layers against the quantized base. Prints a table, writes JSON, with every timed
+step's time (``steps_ms``) and what happened in it besides its work (``step_events``: generation-2 garbage
+collections, graphs dynamo compiled).
 
     python benchmarks/compare_peft.py --out results.json [--steps 8] [--layers 32]
 """
@@ -94,27 +96,69 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: to
     return loss.detach()
 
 
-def step_times(model: torch.nn.Module, steps: int, warmup: int = 2, ids: torch.Tensor | None = None) -> tuple[list[float], float]:
-    """Seconds of each timed step after ``warmup`` untimed ones, and the last loss; resets the peak memory first."""
+class StepWatch:
+    """What happened besides the step's own work, step by step: the generation-2 garbage collections (their
+    milliseconds) and the graphs dynamo compiled. ``mark()`` after each step returns both since the last mark."""
+
+    def __init__(self) -> None:
+        self._gc_ms: list[float] = []
+        self._start = 0.0
+        self._graphs = self._compiled()
+        gc.callbacks.append(self._callback)
+
+    @staticmethod
+    def _compiled() -> int:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"].get("unique_graphs", 0))
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif info.get("generation") == 2:
+            self._gc_ms.append((time.perf_counter() - self._start) * 1e3)
+
+    def mark(self) -> dict:
+        graphs = self._compiled()
+        found = {"gc_gen2_ms": [round(ms, 1) for ms in self._gc_ms], "graphs_compiled": graphs - self._graphs}
+        self._gc_ms, self._graphs = [], graphs
+        return found
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._callback)
+
+
+def step_times(model: torch.nn.Module, steps: int, warmup: int = 2, ids: torch.Tensor | None = None,
+               events: list[dict] | None = None) -> tuple[list[float], float]:  # fmt: skip
+    """Seconds of each timed step after ``warmup`` untimed ones, and the last loss; resets the peak memory first.
+    ``events``, if given, gets each timed step's ``StepWatch.mark()``."""
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, 32000, (BATCH, SEQ), device="cuda") if ids is None else ids
     torch.cuda.reset_peak_memory_stats()
     times = []
-    for step in range(steps + warmup):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        loss = train_step(model, optimizer, ids)
-        torch.cuda.synchronize()
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
+    watch = StepWatch()
+    try:
+        for step in range(steps + warmup):
+            torch.cuda.synchronize()
+            watch.mark()
+            start = time.perf_counter()
+            loss = train_step(model, optimizer, ids)
+            torch.cuda.synchronize()
+            if step >= warmup:
+                times.append(time.perf_counter() - start)
+                if events is not None:
+                    events.append(watch.mark())
+    finally:
+        watch.close()
     return times, float(loss)
 
 
 def train_raw(model: torch.nn.Module, steps: int, warmup: int = 2) -> dict:
-    times, loss = step_times(model, steps, warmup)
+    events: list[dict] = []
+    times, loss = step_times(model, steps, warmup, events=events)
     return {"tokens_per_s": BATCH * SEQ / (sum(times) / len(times)), "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": loss,
-            "steps_ms": [t * 1e3 for t in times]}
+            "steps_ms": [t * 1e3 for t in times], "step_events": events}
 
 
 def train_lightning(layers: int, steps: int, gc_on: bool, compile_blocks: bool = False) -> dict:
@@ -130,6 +174,7 @@ def train_lightning(layers: int, steps: int, gc_on: bool, compile_blocks: bool =
             if gc_on:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.times: list[float] = []
+            self.events: list[dict] = []
 
         def training_step(self, batch, batch_idx):
             (ids,) = batch
@@ -137,11 +182,13 @@ def train_lightning(layers: int, steps: int, gc_on: bool, compile_blocks: bool =
 
         def on_train_batch_start(self, batch, batch_idx):
             torch.cuda.synchronize()
+            watch.mark()  # what happened between steps is not the step's
             self._t = time.perf_counter()
 
         def on_train_batch_end(self, outputs, batch, batch_idx):
             torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self._t)
+            self.events.append(watch.mark())
 
         def configure_optimizers(self):
             return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-4)
@@ -153,10 +200,15 @@ def train_lightning(layers: int, steps: int, gc_on: bool, compile_blocks: bool =
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[LoRACallback(r=R, alpha=ALPHA, target_modules=TARGETS, backbone="model", compile_blocks=compile_blocks)])
     torch.cuda.reset_peak_memory_stats()
-    trainer.fit(module, data)
+    watch = StepWatch()
+    try:
+        trainer.fit(module, data)
+    finally:
+        watch.close()
     times = module.times[warmup:]
+    # Per timed step: generation-2 collections inside it and graphs compiled in it (a late recompile, a GC pause).
     return {"tokens_per_s": BATCH * SEQ / (sum(times) / len(times)), "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "steps_ms": [t * 1e3 for t in times]}
+            "steps_ms": [t * 1e3 for t in times], "step_events": module.events[warmup:]}
 
 
 @torch.no_grad()
