@@ -98,7 +98,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: to
 
 class StepWatch:
     """What happened besides the step's own work, step by step: the generation-2 garbage collections (their
-    milliseconds) and the graphs dynamo compiled. ``mark()`` after each step returns both since the last mark."""
+    milliseconds) and the graphs dynamo compiled. ``mark()`` after each step returns both since the last mark.
+    Only dynamo's graphs are counted: a backward that AOT autograd compiles lazily, or inductor's autotuning, is
+    not."""
 
     def __init__(self) -> None:
         self._gc_ms: list[float] = []

@@ -7,9 +7,9 @@ together (``compare_peft.py``'s Llama-2-7B shape, nf4 + double quant, r=16 on al
 2048, AdamW, bf16 autocast, every block compiled, a plain PyTorch loop) and the timed steps alternate: ours, PEFT,
 PEFT, ours, ... so that a drift slows both alike. Prints a table and writes JSON: each model's median step,
 tokens/s and MFU (4 x parameters x tokens/s against the higher of the bf16 matmul ceilings measured before and
-after), the ratio
-of the medians and of each round's pair, and each model's peak memory (its step's peak less the other models' resident
-memory). ``--with-before`` adds a third model: ours with the compiled nf4 route of before 2026-12-03 (the adapter's
+after), the ratio of the medians and of each round's pair, and each model's peak memory (its step's peak less the
+other models' resident memory; what the process allocates once for all, such as cuBLAS workspaces, counts in the
+resident memory of the first model built, ours, so ours' peak includes it and the others' do not). ``--with-before`` adds a third model: ours with the compiled nf4 route of before 2026-12-03 (the adapter's
 casts and ``x @ A^T`` in the graph, the rest in a ``torch.library.custom_op``). ``--batch`` / ``--seq`` change the
 shape (at 1 x 512 a compiled step waits on the host's launches).
 
@@ -140,8 +140,8 @@ def main() -> None:
     losses: dict[str, float] = {}
     op_calls: dict[str, int] = dict.fromkeys(names, 0)
     for index in range(args.rounds):
-        order = names[index % len(names):] + names[:index % len(names)]
-        for name in order if index % 2 == 0 else order[::-1]:
+        # Rotated each round: with two models ours, PEFT / PEFT, ours / ...; with three, each takes each place in turn.
+        for name in names[index % len(names):] + names[:index % len(names)]:
             other = sum(v for k, v in resident.items() if k != name)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -167,8 +167,10 @@ def main() -> None:
     if args.with_before:
         results["before_over_ours"] = results["ours_before"]["step_ms"] / results["ours"]["step_ms"]
         results["before_op_calls_per_step"] = {name: op_calls[name] / args.rounds for name in names}
-        if op_calls["ours"] or op_calls["peft"] or not op_calls["ours_before"]:
-            results["before_error"] = "a model ran another's graph: the comparison does not hold"
+        # Every LoRA layer (seven per block) must have run the old route's op in every step of ours_before, and none
+        # in the other models' steps.
+        if op_calls["ours"] or op_calls["peft"] or op_calls["ours_before"] != 7 * args.layers * args.rounds:
+            results["before_error"] = "a model ran another's graph, or not every layer took the route: the comparison does not hold"
     import bitsandbytes
     import peft
     import transformers

@@ -3,8 +3,9 @@
 Each configuration builds the model of ``compare_peft.py`` (Llama-2-7B shape, nf4 + double quant, r=16 on all seven
 projections, batch 2 x 2048, AdamW, bf16 autocast, every block compiled) in this one process, times ``--steps``
 steps after the warm-up (the median), then profiles one more step with CPU and CUDA activities. From that trace it
-reports the GPU's busy time (the kernels, copies and memsets of the step), the step's wall time less that (the time
-the GPU waits for the host), and the idle gaps of 10 us or more charged to the host op that launched the kernel
+reports the GPU's busy time (the kernels, copies and memsets of the step), the median unprofiled step less that
+(an estimate of the time the GPU waits for the host: the profiled step's GPU work is not the timed steps', and the
+GPU's speed drifts, so it can come out negative), and the idle gaps of 10 us or more charged to the host op that launched the kernel
 ending each gap (``trace_gaps.analyse``). Configurations:
 
 * ``trainer``: ``Trainer`` + ``LoRACallback(compile_blocks=True)``, as ``compare_peft.py``'s
@@ -214,6 +215,7 @@ def main() -> None:
     for name in args.only or CONFIGS:
         trace = os.path.join(args.out, f"{name}.trace.json.gz")
         torch._dynamo.reset()
+        model = None
         try:
             if name.startswith("trainer"):
                 results[name] = run_trainer(setup, args.steps, warmup, trace, skip_nonfinite=name != "trainer_no_guard",
@@ -236,9 +238,10 @@ def main() -> None:
                 elif setup.compile:
                     compare_peft.compiled(model)
                 results[name] = run_raw(setup, model, args.steps, warmup, trace)
-                model = None
         except Exception as err:  # one failing configuration must not hide the others
             results[name] = {"error": f"{type(err).__name__}: {err}"[:800]}
+        finally:
+            model = None  # a failed configuration's model must not stay on the GPU into the next
         print(name, json.dumps({k: v for k, v in results[name].items() if k not in ("largest_gaps", "steps_ms")}), flush=True)
         gc.collect()
         if setup.device == "cuda":

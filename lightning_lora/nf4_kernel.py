@@ -33,7 +33,9 @@ ENABLED = os.environ.get("LIGHTNING_LORA_NF4_KERNEL", "1") != "0"
 _OP: list[Any] = []  # the registered op, built on first use (Triton is imported then, not at import time)
 _UNAVAILABLE: list[bool] = []  # [True] once building failed
 _LINEAR: list[Any] = []  # ``linear_plus_update``'s op, registered by ``prepare`` (it needs no Triton)
-_LIBRARY: list[Any] = []  # the ``torch.library.Library`` fragment that defines it
+# The ``torch.library.Library`` fragment that defines it: the op lives as long as the fragment object, so a reload of
+# this module keeps the list it had (a fresh one would drop the op until ``prepare`` defined it again).
+_LIBRARY: list[Any] = globals().get("_LIBRARY") or []
 _BLOCK = [1024]  # packed bytes per program (2,048 output values); a list so that benchmarks can try others
 
 
@@ -70,10 +72,14 @@ def usable(packed: torch.Tensor, quant_state: Any) -> bool:
 
 
 def _build_linear() -> Any:
-    try:  # registered already (by this module before a reload): torch keeps one op per name
-        return torch.ops.lightning_lora.linear_plus_update.default
+    try:  # registered already (by this module before a reload, whose fragment ``_LIBRARY`` keeps)
+        op = torch.ops.lightning_lora.linear_plus_update.default
     except (AttributeError, RuntimeError):
-        pass
+        op = None
+    if op is not None:
+        if str(op._schema) != "lightning_lora::" + _LINEAR_SCHEMA:
+            raise RuntimeError(f"`lightning_lora::linear_plus_update` is registered with another schema: {op._schema}")
+        return op
     # Defined through a plain ``torch.library.Library`` fragment, not ``torch.library.custom_op``: a compiled graph
     # calls the op once per LoRA layer and forward, and custom_op's Python wrapper costs more host time per call
     # (39 against 20 us for the same body on the development VM's CPU).

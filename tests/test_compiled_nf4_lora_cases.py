@@ -147,18 +147,21 @@ def test_op_that_cannot_be_registered_keeps_the_functional_route(kernel_stand_in
 
 
 def test_reload_finds_the_registered_op() -> None:
-    """A reload of ``nf4_kernel`` (as ``test_environment_switch_turns_it_off`` does) does not register the op twice:
-    ``prepare`` finds the registered one, which still computes the update."""
+    """A reload of ``nf4_kernel`` (as ``test_environment_switch_turns_it_off`` does) does not register the op twice
+    and does not drop it: the fragment that defines it survives the reload, so a handle taken before (a compiled
+    graph's) still runs, and ``prepare`` finds the registered op, which still computes the update."""
     nf4_kernel.prepare()
     registered, unavailable = list(nf4_kernel._OP), list(nf4_kernel._UNAVAILABLE)
+    handle = torch.ops.lightning_lora.linear_plus_update.default
+    torch.manual_seed(2)
+    x, w, a, b = (torch.randn(s) for s in ((16, 8), (12, 8), (4, 8), (12, 4)))
+    bias = torch.randn(12)
     try:
         module = importlib.reload(nf4_kernel)
-        assert not module.linear_plus_update_ready()  # a fresh module: prepare registers it again
+        assert not module.linear_plus_update_ready()  # a fresh module: prepare looks the op up again
+        torch.testing.assert_close(handle(x, w, bias, a, b, 0.25)[1], x @ a.t())  # not unregistered meanwhile
         module.prepare()
-        assert module.linear_plus_update_ready()
-        torch.manual_seed(2)
-        x, w, a, b = (torch.randn(s) for s in ((16, 8), (12, 8), (4, 8), (12, 4)))
-        bias = torch.randn(12)
+        assert module.linear_plus_update_ready() and module._LINEAR[0] is handle
         got, h = module.linear_plus_update(x, w, bias, a, b, 0.25)
         torch.testing.assert_close(h, x @ a.t())
         torch.testing.assert_close(got, x @ w.t() + bias + 0.25 * (x @ a.t()) @ b.t())
@@ -166,3 +169,15 @@ def test_reload_finds_the_registered_op() -> None:
         importlib.reload(nf4_kernel)
         nf4_kernel._OP[:], nf4_kernel._UNAVAILABLE[:] = registered, unavailable
         nf4_kernel.prepare()
+
+
+def test_op_registered_with_another_schema_is_not_used(monkeypatch) -> None:
+    """An op of that name with another schema (another version of this module in the process) is refused by
+    ``prepare``, which then keeps the functional route, rather than called with the wrong arguments."""
+    nf4_kernel.prepare()
+    monkeypatch.setattr(nf4_kernel, "_LINEAR_SCHEMA", nf4_kernel._LINEAR_SCHEMA.replace("Tensor a,", "Tensor h,"))
+    with pytest.raises(RuntimeError, match="another schema"):
+        nf4_kernel._build_linear()
+    monkeypatch.setattr(nf4_kernel, "_LINEAR", [])
+    nf4_kernel.prepare()
+    assert not nf4_kernel.linear_plus_update_ready()
