@@ -98,8 +98,7 @@ def _linear_plus_update(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     # The adapter's casts and ``x @ A^T`` are here rather than in the graph, where each is one more launch from the
     # graph's Python per layer (a cast is a Triton kernel there).
-    a_c = a if a.dtype == x.dtype else a.to(x.dtype)
-    b_c = b if b.dtype == x.dtype else b.to(x.dtype)
+    a_c, b_c = a.to(x.dtype), b.to(x.dtype)  # no-ops where A and B are in x's dtype already
     h = torch.mm(x, a_c.t())  # (tokens, r)
     out = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
     return out.addmm_(h, b_c.t(), alpha=scale), h  # in place: the buffer is the op's own
