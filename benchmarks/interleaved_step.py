@@ -9,8 +9,8 @@ PEFT, ours, ... so that a drift slows both alike. Prints a table and writes JSON
 tokens/s and MFU (4 x parameters x tokens/s against the higher of the bf16 matmul ceilings measured before and
 after), the ratio of the medians and of each round's pair, and each model's peak memory (its step's peak less the
 other models' resident memory; what the process allocates once for all, such as cuBLAS workspaces, counts in the
-resident memory of the first model built, ours, so ours' peak includes it and the others' do not). ``--with-before`` adds a third model: ours with the compiled nf4 route of before 2026-12-03 (the adapter's
-casts and ``x @ A^T`` in the graph, the rest in a ``torch.library.custom_op``). ``--batch`` / ``--seq`` change the
+resident memory of the first model built, ours, so ours' peak includes it and the others' do not). ``--with-before`` adds a model: ours with the compiled nf4 route of commit ``1e41e31`` (the base
+product first, the update added into it; the input gradient summed in the graph). ``--batch`` / ``--seq`` change the
 shape (at 1 x 512 a compiled step waits on the host's launches).
 
     python benchmarks/interleaved_step.py --out interleaved.json [--layers 32] [--rounds 10] [--with-before] [--batch 1 --seq 512]
@@ -33,11 +33,15 @@ import compare_peft  # noqa: E402
 
 
 class _Before:
-    """The compiled nf4 LoRA route as it was before 2026-12-03, for ``ours_before``: the adapter's casts and
-    ``x @ A^T`` in the graph, the base matmul and in-place update one ``torch.library.custom_op``."""
+    """The compiled nf4 LoRA route as it was at commit ``1e41e31`` (2026-12-03), for ``ours_before``: one opaque op
+    (a ``torch.library.Library`` fragment, as the library's) that casts the adapter, computes ``h = x @ A^T`` and
+    the base product and then adds the update into the base output in place; its backward sums ``g @ W`` and
+    ``grad_h @ A`` in the graph. The library's route now writes the update first and lets the base product
+    accumulate into it, forward and backward (``nf4_kernel.matmul_sum``)."""
 
     op = None
     calls = [0]  # calls of that op: ``ours_before``'s steps must make them, the other models' none
+    library: list = []
 
     @classmethod
     def register(cls) -> None:
@@ -46,38 +50,43 @@ class _Before:
         if cls.op is not None:
             return
 
-        @torch.library.custom_op("lightning_lora_bench::linear_plus_update", mutates_args=())
-        def op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor, b: torch.Tensor,
-               scale: float) -> torch.Tensor:  # fmt: skip
+        def kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
             cls.calls[0] += 1
+            a_c, b_c = a.to(x.dtype), b.to(x.dtype)
+            h = torch.mm(x, a_c.t())
             out = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
-            return out.addmm_(h, b.t(), alpha=scale)
+            return out.addmm_(h, b_c.t(), alpha=scale), h
 
-        @op.register_fake
-        def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor, b: torch.Tensor,
-              scale: float) -> torch.Tensor:  # fmt: skip
-            return x.new_empty((x.shape[0], weight.shape[0]))
+        def fake(x, weight, bias, a, b, scale):  # noqa: ANN001, ANN202 - the op's signature
+            return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], a.shape[0]))
+
+        library = torch.library.Library("lightning_lora_bench", "FRAGMENT")
+        library.define("linear_plus_update_1e41e31(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor b, float scale) -> (Tensor, Tensor)")
+        library.impl("linear_plus_update_1e41e31", kernel, "CompositeExplicitAutograd")
+        torch.library.register_fake("lightning_lora_bench::linear_plus_update_1e41e31", fake, lib=library)
+        cls.library.append(library)
+        op = torch.ops.lightning_lora_bench.linear_plus_update_1e41e31.default
 
         class Function(torch.autograd.Function):
             @staticmethod
             def forward(ctx, x, weight, bias, state, a, b, scale):  # noqa: ANN001, ANN205 - the route's signature
                 x2 = x.reshape(-1, x.shape[-1])
-                a_c, b_c = a.to(x.dtype), b.to(x.dtype)
-                h = torch.mm(x2, a_c.t())
-                out = op(x2, nf4_kernel.dequantize(weight, state, x.dtype), bias, h, b_c, scale)
-                ctx.state, ctx.scale, ctx.a_dtype, ctx.b_dtype = state, scale, a.dtype, b.dtype
-                ctx.save_for_backward(weight, x, h, a_c, b_c)
+                out, h = op(x2, nf4_kernel.dequantize(weight, state, x.dtype), bias, a, b, scale)
+                ctx.state, ctx.scale = state, scale
+                ctx.save_for_backward(weight, x, h, a, b)
                 return out.view(*x.shape[:-1], out.shape[-1])
 
             @staticmethod
             def backward(ctx, grad):  # noqa: ANN001, ANN205
-                weight, x, h, a_c, b_c = ctx.saved_tensors
+                weight, x, h, a, b = ctx.saved_tensors
                 x2 = x.reshape(-1, x.shape[-1])
                 needs_x, _, _, _, needs_a, needs_b, _ = ctx.needs_input_grad
                 g = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
+                a_c, b_c = a.to(x2.dtype), b.to(x2.dtype)
                 grad_h = torch.mm(g, b_c) * ctx.scale
-                grad_a = torch.mm(grad_h.t(), x2).to(ctx.a_dtype) if needs_a else None
-                grad_b = (torch.mm(g.t(), h) * ctx.scale).to(ctx.b_dtype) if needs_b else None
+                grad_a = torch.mm(grad_h.t(), x2).to(a.dtype) if needs_a else None
+                grad_b = (torch.mm(g.t(), h) * ctx.scale).to(b.dtype) if needs_b else None
                 grad_x = None
                 if needs_x:
                     w = nf4_kernel.dequantize(weight, ctx.state, ctx.state.dtype, pass_id=1).to(g.dtype)
@@ -94,8 +103,8 @@ def build(name: str, layers: int) -> torch.nn.Module:
 
 
 def steps(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor, count: int = 1) -> torch.Tensor:
-    """``count`` training steps; ``ours_before`` runs (and compiles, on its first steps) with the route of before
-    2026-12-03 in the current one's place, which dynamo's guards tell apart from the other model's graphs."""
+    """``count`` training steps; ``ours_before`` runs (and compiles, on its first steps) with the route of commit
+    ``1e41e31`` in the current one's place, which dynamo's guards tell apart from the other model's graphs."""
     from lightning_lora import _routes
 
     current = _routes._FrozenNF4LoRA
@@ -117,7 +126,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--with-before", action="store_true",
-                        help="a third model: ours with the compiled route of before 2026-12-03")
+                        help="a third model: ours with the compiled route of commit 1e41e31")
     parser.add_argument("--batch", type=int, default=compare_peft.BATCH)
     parser.add_argument("--seq", type=int, default=compare_peft.SEQ)
     args = parser.parse_args()
@@ -169,7 +178,7 @@ def main() -> None:
         results["before_op_calls_per_step"] = {name: op_calls[name] / args.rounds for name in names}
         # Every LoRA layer (seven per block) must have run the old route's op in every step of ours_before, and none
         # in the other models' steps.
-        if op_calls["ours"] or op_calls["peft"] or op_calls["ours_before"] != 7 * args.layers * args.rounds:
+        if any(op_calls[n] for n in names if n != "ours_before") or op_calls["ours_before"] != 7 * args.layers * args.rounds:
             results["before_error"] = "a model ran another's graph, or not every layer took the route: the comparison does not hold"
     import bitsandbytes
     import peft
@@ -177,15 +186,15 @@ def main() -> None:
 
     results["versions"] = {"torch": torch.__version__, "peft": peft.__version__, "transformers": transformers.__version__,
                            "bitsandbytes": bitsandbytes.__version__, "gpu": torch.cuda.get_device_name(0)}
-    print(f"{'model':8}{'step ms':>9}{'tokens/s':>10}{'MFU':>7}{'peak GiB':>10}")
+    print(f"{'model':12}{'step ms':>9}{'tokens/s':>10}{'MFU':>7}{'peak GiB':>10}")
     for name in names:
         r = results[name]
-        print(f"{name:8}{r['step_ms']:>9.1f}{r['tokens_per_s']:>10.0f}{r['mfu']:>7.1%}{r['peak_gib']:>10.2f}")
+        print(f"{name:12}{r['step_ms']:>9.1f}{r['tokens_per_s']:>10.0f}{r['mfu']:>7.1%}{r['peak_gib']:>10.2f}")
     per_round = results["ratio_per_round"]
     print(f"ours / PEFT speed: {results['ratio_of_medians']:.3f}x (per round: median {per_round['median']:.3f}x, "
           f"{per_round['min']:.3f}-{per_round['max']:.3f}); ceiling {ceiling[0] / 1e12:.0f} / {ceiling[1] / 1e12:.0f} TFLOPS")
     if args.with_before:
-        print(f"the route of before 2026-12-03: step {results['before_over_ours']:.3f}x ours; its op's calls per step "
+        print(f"the route of commit 1e41e31: step {results['before_over_ours']:.3f}x ours; its op's calls per step "
               f"{results['before_op_calls_per_step']} {results.get('before_error', '')}")
     with open(args.out, "w") as handle:
         json.dump(results, handle, indent=2)

@@ -1,11 +1,14 @@
 """What each candidate lever for a faster compiled QLoRA step would buy, measured on one GPU (issue 17.2).
 
-Four parts, each in this one process:
+Five parts, each in this one process:
 
 * ``gemm``: the base matmuls of projections that share an input (q/k/v; gate/up) as one matmul over the
   concatenated weights against one matmul each, forward (``x @ W^T``) and input-gradient (``sum g_i @ W_i``);
 * ``lora_shared``: LoRA's A-side products for projections that share an input, one per projection against one
   over the stacked A matrices (forward, A's gradient, the input-gradient term);
+* ``update_order``: the LoRA update and the base matmul of one layer in two orders, forward (base first and the
+  update accumulated into its output, against the update first and the base matmul accumulating into it in its
+  epilogue) and input gradient (two products then a sum, against one product accumulating into the other);
 * ``dequant``: bitsandbytes' nf4 dequantize (double quant: three kernels) against ``lightning_lora.nf4_kernel``
   (one Triton kernel): bit-identical output and time per call;
 * ``model``: the 16-layer 7B-shape nf4 model of ``profile_step.py``, every block compiled: ``bnb_addmm``
@@ -24,7 +27,7 @@ Four parts, each in this one process:
   compiles its blocks with ``mode='reduce-overhead'`` (CUDA graphs replayed by inductor's cudagraph trees, each
   step marked as a new generation). ``--trace-variant`` names the variant whose step is traced.
 
-    python benchmarks/step_levers.py --out levers.json [--parts gemm lora_shared dequant model] [--trace trace.json.gz]
+    python benchmarks/step_levers.py --out levers.json [--parts gemm lora_shared update_order dequant model] [--trace trace.json.gz]
 """
 
 from __future__ import annotations
@@ -132,6 +135,55 @@ def lora_shared_part(tokens: int = 4096, hidden: int = 4096, r: int = 16) -> dic
         row["saved_ms_per_layer"] = separate - row["forward_shared_ms"] - row["backward_shared_ms"]
         out[name] = row
         print(name, json.dumps({k: round(v, 4) for k, v in row.items()}), flush=True)
+    return out
+
+
+def update_order_part(tokens: int = 4096, hidden: int = 4096, inter: int = 11008, r: int = 16, scale: float = 2.0) -> dict:
+    """One LoRA layer's forward ``x @ W^T + s * h @ B^T`` and input gradient ``g @ W + grad_h @ A`` at the 7B
+    shapes, GPU time from CUDA graphs. Forward: ``after`` (the base product, then the update accumulated into
+    it: a second pass over the output) against ``first`` (the update written, then the base product
+    accumulating into it in cuBLAS's epilogue, ``beta=1``). Input gradient: ``sum`` (two products and an add, the
+    add as a separate kernel, which a compiled graph fuses into the next elementwise kernel instead) against
+    ``first`` (``grad_h @ A`` written, then ``g @ W`` accumulating into it)."""
+    out = {}
+    dtype = torch.bfloat16
+    for name, (n_in, n_out) in (("4096->4096", (hidden, hidden)), ("4096->11008", (hidden, inter)), ("11008->4096", (inter, hidden))):
+        x = torch.randn(tokens, n_in, device="cuda", dtype=dtype)
+        w = torch.randn(n_out, n_in, device="cuda", dtype=dtype) / 64
+        a = torch.randn(r, n_in, device="cuda", dtype=dtype) / 64
+        b = torch.randn(n_out, r, device="cuda", dtype=dtype) / 8
+        h = torch.randn(tokens, r, device="cuda", dtype=dtype)
+        g = torch.randn(tokens, n_out, device="cuda", dtype=dtype)
+
+        def forward_after() -> torch.Tensor:
+            return torch.mm(x, w.t()).addmm_(h, b.t(), alpha=scale)
+
+        def forward_first() -> torch.Tensor:
+            return x.new_empty(tokens, n_out).addmm_(h, b.t(), beta=0, alpha=scale).addmm_(x, w.t())
+
+        def grad_sum() -> torch.Tensor:
+            return torch.mm(g, w) + torch.mm(h, a)
+
+        def grad_first() -> torch.Tensor:
+            return torch.mm(h, a).addmm_(g, w)
+
+        reference = (x.float() @ w.float().t() + scale * h.float() @ b.float().t())
+        row = {
+            "forward_after_ms": graph_ms(forward_after),
+            "forward_first_ms": graph_ms(forward_first),
+            "grad_sum_ms": graph_ms(grad_sum),
+            "grad_first_ms": graph_ms(grad_first),
+            "forward_after_rel_err": float((forward_after().float() - reference).norm() / reference.norm()),
+            "forward_first_rel_err": float((forward_first().float() - reference).norm() / reference.norm()),
+        }
+        row["forward_saved_ms"] = row["forward_after_ms"] - row["forward_first_ms"]
+        row["grad_saved_ms"] = row["grad_sum_ms"] - row["grad_first_ms"]
+        out[name] = row
+        print(name, json.dumps({k: round(v, 5) for k, v in row.items()}), flush=True)
+    # Per 7B decoder layer: q, k, v and o of the first shape, gate and up of the second, down of the third.
+    out["forward_saved_ms_per_layer"] = 4 * out["4096->4096"]["forward_saved_ms"] + 2 * out["4096->11008"]["forward_saved_ms"] + out["11008->4096"]["forward_saved_ms"]
+    out["grad_saved_ms_per_layer"] = 4 * out["4096->4096"]["grad_saved_ms"] + 2 * out["4096->11008"]["grad_saved_ms"] + out["11008->4096"]["grad_saved_ms"]
+    print("per layer", {k: round(out[k], 4) for k in ("forward_saved_ms_per_layer", "grad_saved_ms_per_layer")}, flush=True)
     return out
 
 
@@ -268,6 +320,8 @@ def main() -> None:
         results["gemm"] = gemm_part()
     if "lora_shared" in args.parts:
         results["lora_shared"] = lora_shared_part()
+    if "update_order" in args.parts:
+        results["update_order"] = update_order_part()
     if "dequant" in args.parts:
         try:
             results["dequant"] = dequant_part()

@@ -143,15 +143,17 @@ def unfused_training(layer: LoRALinear, adapter: Adapter, x: torch.Tensor, a: to
 
 
 def frozen_nf4_lora_linear(module: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor | None:
-    """Inside a compiled graph: ``quantization.frozen_nf4_linear(module, x) + scale * (x @ a^T) @ b^T``, the update
-    added into the base output in place by one opaque op (``nf4_kernel.linear_plus_update``); None where it does not
-    apply.
+    """Inside a compiled graph: ``quantization.frozen_nf4_linear(module, x) + scale * (x @ a^T) @ b^T`` by one opaque
+    op (``nf4_kernel.linear_plus_update``: the update written, the base product accumulated into it), and its input
+    gradient by another (``nf4_kernel.matmul_sum``); None where it does not apply.
 
     ``a`` (r, in) and ``b`` (out, r) are a LoRA adapter's matrices (without dropout: ``x`` feeds both paths). Written
     as ``torch.addmm(base_out, h, b^T)``, the functional graph copies the base output into a new buffer first (one
     device-to-device copy of a (tokens, out) matrix per layer and step, 2.6 ms of a 16-layer 7B step on an H200:
-    ``benchmarks/results/2026-12-02-step-profile-h200/``); the op computes the same kernels without it. Backward is
-    the same computation as the plain ops' (the weight dequantized again, nothing of it kept). None, besides where
+    ``benchmarks/results/2026-12-02-step-profile-h200/``); the ops compute without it. The sum is rounded
+    twice either way; here the first rounding falls on the small update rather than on the base product, which
+    is added to it in the matmul's float32 accumulator. Backward is the plain ops' computation otherwise (the weight
+    dequantized again, nothing of it kept). None, besides where
     ``quantization.frozen_nf4_linear`` is None, where ``x`` is not in the layer's compute dtype or autocast computes in another:
     the plain ops handle those casts.
     """
@@ -175,7 +177,7 @@ class _FrozenNF4LoRA(torch.autograd.Function):
         out, h = nf4_kernel.linear_plus_update(x2, nf4_kernel.dequantize(weight, state, x.dtype), bias, a, b, scale)
         ctx.state, ctx.scale = state, scale
         # x, not its 2-D view: dynamo refuses to save a view of an input made inside the node. The packed weight and
-        # A, B are the parameters themselves: no memory (backward casts A and B again, two small kernels).
+        # A, B are the parameters themselves: no memory (backward casts B again in the graph, A inside matmul_sum).
         ctx.save_for_backward(weight, x, h, a, b)
         return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -185,14 +187,14 @@ class _FrozenNF4LoRA(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         needs_x, _, _, _, needs_a, needs_b, _ = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
-        a_c, b_c = _cast(a, x2.dtype), _cast(b, x2.dtype)
-        grad_h = torch.mm(g, b_c) * ctx.scale  # (tokens, r)
+        grad_h = torch.mm(g, _cast(b, x2.dtype)) * ctx.scale  # (tokens, r)
         grad_a = torch.mm(grad_h.t(), x2).to(a.dtype) if needs_a else None
         grad_b = (torch.mm(g.t(), h) * ctx.scale).to(b.dtype) if needs_b else None
         grad_x = None
         if needs_x:  # as bitsandbytes: dequantized in the weight's own dtype, then cast
             w = nf4_kernel.dequantize(weight, ctx.state, ctx.state.dtype, pass_id=1).to(g.dtype)
-            grad_x = (torch.mm(g, w) + torch.mm(grad_h, a_c)).view(*grad.shape[:-1], x2.shape[-1])
+            # g @ W + grad_h @ A in one buffer: the small product written, the large one accumulated into it.
+            grad_x = nf4_kernel.matmul_sum(g, w, grad_h, a).view(*grad.shape[:-1], x2.shape[-1])
         return grad_x, None, None, None, grad_a, grad_b, None
 
 

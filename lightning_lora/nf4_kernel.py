@@ -9,10 +9,13 @@ with the multiply and the add rounded separately, as bitsandbytes' separate kern
 ``mul.rn.f32``, which the compiler never fuses into an FMA). ``tests/gpu/test_gpu_nf4_kernel.py`` compares it with
 bitsandbytes on CUDA.
 
-Next to it, ``linear_plus_update`` (no Triton in it): ``x @ W^T (+ bias) + scale * (x @ A^T) @ B^T`` as one opaque
-op that adds the LoRA update into the base output in place (and returns ``x @ A^T`` for the backward). In a
-functional graph the same ``addmm`` first copies the base output into a new buffer (one device-to-device copy per
-LoRA layer and step); ``_routes.frozen_nf4_lora_linear`` uses it for a compiled nf4 layer with its LoRA update.
+Next to it, two opaque ops with no Triton in them, for ``_routes.frozen_nf4_lora_linear`` (a compiled nf4 layer
+with its LoRA update): ``linear_plus_update``, ``x @ W^T (+ bias) + scale * (x @ A^T) @ B^T`` (and ``x @ A^T`` for
+the backward), and ``matmul_sum``, the input gradient ``g @ W + grad_h @ A``. Each writes the small product first
+and lets the large one accumulate into it in cuBLAS's epilogue (``beta=1``), so the output is written once and
+never read back by a separate pass. In a functional graph the same accumulation would first copy the buffer
+(``addmm`` is out of place there: one device-to-device copy per LoRA layer and step), and a sum of two products
+costs one more read of each.
 
 ``LIGHTNING_LORA_NF4_KERNEL=0`` in the environment (or ``nf4_kernel.ENABLED = False`` before the first compiled
 step) turns it off. On one H200 it took a compiled 16-layer 7B QLoRA step from 151.4 to 127.7 ms at the same peak
@@ -32,7 +35,7 @@ import torch
 ENABLED = os.environ.get("LIGHTNING_LORA_NF4_KERNEL", "1") != "0"
 _OP: list[Any] = []  # the registered op, built on first use (Triton is imported then, not at import time)
 _UNAVAILABLE: list[bool] = []  # [True] once building failed
-_LINEAR: list[Any] = []  # ``linear_plus_update``'s op, registered by ``prepare`` (it needs no Triton)
+_LINEAR: list[Any] = []  # ``{name: op}`` of the LoRA ops below, registered by ``prepare`` (they need no Triton)
 # The ``torch.library.Library`` fragment that defines it: the op lives as long as the fragment object, so a reload of
 # this module keeps the list it had (a fresh one would drop the op until ``prepare`` defined it again).
 _LIBRARY: list[Any] = globals().get("_LIBRARY") or []
@@ -40,9 +43,9 @@ _BLOCK = [1024]  # packed bytes per program (2,048 output values); a list so tha
 
 
 def prepare() -> bool:
-    """Register ``linear_plus_update``'s op, import Triton and register the kernel's op, each once; whether the
-    kernel's worked. ``compile_blocks`` calls it, so that a compiled graph finds the ops registered (registering one
-    while dynamo traces would break the graph)."""
+    """Register the LoRA ops (``linear_plus_update``, ``matmul_sum``), import Triton and register the kernel's op, each
+    once; whether the kernel's worked. ``compile_blocks`` calls it, so that a compiled graph finds the ops registered
+    (registering one while dynamo traces would break the graph)."""
     if not _LINEAR:
         try:
             _LINEAR.append(_build_linear())
@@ -71,27 +74,38 @@ def usable(packed: torch.Tensor, quant_state: Any) -> bool:
     return prepare()
 
 
-def _build_linear() -> Any:
-    try:  # registered already (by this module before a reload, whose fragment ``_LIBRARY`` keeps)
-        op = torch.ops.lightning_lora.linear_plus_update.default
-    except (AttributeError, RuntimeError):
-        op = None
-    if op is not None:
-        if str(op._schema) != "lightning_lora::" + _LINEAR_SCHEMA:
-            raise RuntimeError(f"`lightning_lora::linear_plus_update` is registered with another schema: {op._schema}")
-        return op
-    # Defined through a plain ``torch.library.Library`` fragment, not ``torch.library.custom_op``: a compiled graph
-    # calls the op once per LoRA layer and forward, and custom_op's Python wrapper costs more host time per call
-    # (39 against 20 us for the same body on the development VM's CPU).
-    library = torch.library.Library("lightning_lora", "FRAGMENT")
-    library.define(_LINEAR_SCHEMA)
-    library.impl("linear_plus_update", _linear_plus_update, "CompositeExplicitAutograd")
-    torch.library.register_fake("lightning_lora::linear_plus_update", _linear_plus_update_fake, lib=library)
-    _LIBRARY.append(library)  # the registration lives as long as the fragment object
-    return torch.ops.lightning_lora.linear_plus_update.default
+def _build_linear() -> dict[str, Any]:
+    """The registered ops by name (``linear_plus_update``, ``matmul_sum``), defined here unless registered already
+    (by this module before a reload, whose fragment ``_LIBRARY`` keeps); one registered with another schema is
+    refused."""
+    schemas = {"linear_plus_update": _LINEAR_SCHEMA, "matmul_sum": _SUM_SCHEMA}
+    kernels = {"linear_plus_update": (_linear_plus_update, _linear_plus_update_fake), "matmul_sum": (_matmul_sum, _matmul_sum_fake)}
+    ops = {}
+    for name, schema in schemas.items():
+        try:
+            op = getattr(torch.ops.lightning_lora, name).default
+        except (AttributeError, RuntimeError):
+            op = None
+        if op is not None:
+            if str(op._schema) != "lightning_lora::" + schema:
+                raise RuntimeError(f"`lightning_lora::{name}` is registered with another schema: {op._schema}")
+            ops[name] = op
+            continue
+        # Defined through a plain ``torch.library.Library`` fragment, not ``torch.library.custom_op``: a compiled
+        # graph calls the op once per LoRA layer and pass, and custom_op's Python wrapper costs more host time per
+        # call (39 against 20 us for the same body on the development VM's CPU).
+        library = torch.library.Library("lightning_lora", "FRAGMENT")
+        library.define(schema)
+        kernel, fake = kernels[name]
+        library.impl(name, kernel, "CompositeExplicitAutograd")
+        torch.library.register_fake("lightning_lora::" + name, fake, lib=library)
+        _LIBRARY.append(library)  # the registration lives as long as the fragment object
+        ops[name] = getattr(torch.ops.lightning_lora, name).default
+    return ops
 
 
 _LINEAR_SCHEMA = "linear_plus_update(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor b, float scale) -> (Tensor, Tensor)"
+_SUM_SCHEMA = "matmul_sum(Tensor g, Tensor weight, Tensor h, Tensor a) -> Tensor"
 
 
 def _linear_plus_update(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
@@ -100,8 +114,14 @@ def _linear_plus_update(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     # graph's Python per layer (a cast is a Triton kernel there).
     a_c, b_c = a.to(x.dtype), b.to(x.dtype)  # no-ops where A and B are in x's dtype already
     h = torch.mm(x, a_c.t())  # (tokens, r)
-    out = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
-    return out.addmm_(h, b_c.t(), alpha=scale), h  # in place: the buffer is the op's own
+    # The update first (beta=0: the new buffer's contents are never read), then the base product accumulated into
+    # it by the matmul's own epilogue: the output is written by the small product and read once by the large one,
+    # rather than written by the large one and read and written again by an update pass.
+    if bias is None:
+        out = x.new_empty((x.shape[0], weight.shape[0])).addmm_(h, b_c.t(), beta=0, alpha=scale)
+    else:
+        out = torch.addmm(bias, h, b_c.t(), alpha=scale)
+    return out.addmm_(x, weight.t()), h  # in place: the buffer is the op's own
 
 
 def _linear_plus_update_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
@@ -109,8 +129,17 @@ def _linear_plus_update_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], a.shape[0]))
 
 
+def _matmul_sum(g: torch.Tensor, weight: torch.Tensor, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    # ``h @ A`` (A cast to h's dtype, a no-op in the same) written first, ``g @ W`` accumulated into it in place.
+    return torch.mm(h, a.to(h.dtype)).addmm_(g, weight)
+
+
+def _matmul_sum_fake(g: torch.Tensor, weight: torch.Tensor, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    return g.new_empty((g.shape[0], weight.shape[1]))
+
+
 def linear_plus_update_ready() -> bool:
-    """Whether ``linear_plus_update``'s op is registered (``prepare`` registers it)."""
+    """Whether the LoRA ops (``linear_plus_update``, ``matmul_sum``) are registered (``prepare`` registers them)."""
     return len(_LINEAR) > 0 and _LINEAR[0] is not None
 
 
@@ -122,7 +151,18 @@ def linear_plus_update(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if not linear_plus_update_ready():
         raise RuntimeError("Call `nf4_kernel.prepare()` before `linear_plus_update` (compile_blocks does); "
                            "check `linear_plus_update_ready()`.")  # fmt: skip
-    return _LINEAR[0](x, weight, bias, a, b, scale)
+    return _LINEAR[0]["linear_plus_update"](x, weight, bias, a, b, scale)
+
+
+def matmul_sum(g: torch.Tensor, weight: torch.Tensor, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``g @ weight + h @ a`` for 2-D ``g`` (tokens, out), ``weight`` (out, in) in ``g``'s dtype, ``h`` (tokens, r)
+    and ``a`` (r, in) of any dtype (cast to ``h``'s): a LoRA layer's input gradient, with no autograd (call it in
+    an ``autograd.Function``'s backward); ``prepare`` first (``linear_plus_update_ready`` covers both ops)."""
+    if not linear_plus_update_ready():
+        raise RuntimeError("Call `nf4_kernel.prepare()` before `matmul_sum` (compile_blocks does); "
+                           "check `linear_plus_update_ready()`.")  # fmt: skip
+    return _LINEAR[0]["matmul_sum"](g, weight, h, a)
+
 
 
 def _build() -> Any:

@@ -62,3 +62,30 @@ def grads(model: nn.Module, fn, x: torch.Tensor, x_grad: bool = True, ctx=contex
 
 def rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm().clamp_min(1e-12))
+
+
+def float64_reference(model: nn.Module, x: torch.Tensor, x_grad: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``grads``' output and gradients for ``nf4_block``'s model computed in float64 from its dequantized weights
+    (the exact sum both orders of the compiled route round): what a route's error is measured against."""
+    layers = lora_layers(model)
+    leaves: dict[str, torch.Tensor] = {}
+
+    def leaf(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        leaves[name] = tensor.detach().double().requires_grad_(tensor.requires_grad)
+        return leaves[name]
+
+    def linear(name: str, x: torch.Tensor) -> torch.Tensor:
+        layer = layers[name]
+        base = layer.base_layer
+        weight = BF.dequantize_4bit(base.weight.data, base.weight.quant_state).double()
+        a, b = leaf(f"{name}.lora_a.weight", layer.lora_a.weight), leaf(f"{name}.lora_b.weight", layer.lora_b.weight)
+        out = x @ weight.t() + layer.scale * (x @ a.t()) @ b.t()
+        return out if base.bias is None else out + leaf(f"{name}.base_layer.bias", base.bias)
+
+    x64 = x.detach().double().requires_grad_(x_grad)
+    out = linear("down", torch.relu(linear("up", x64)))
+    out.square().mean().backward()
+    found = {n: t.grad for n, t in leaves.items() if t.grad is not None}
+    if x_grad:
+        found["x"] = x64.grad
+    return out.detach(), found

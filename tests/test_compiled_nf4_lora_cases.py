@@ -1,5 +1,5 @@
 """More cases of the compiled nf4 LoRA route (``_routes.frozen_nf4_lora_linear``) for cases
-``tests/test_compiled_nf4_lora.py`` does not cover: bit-for-bit equality with the functional ``addmm`` route it
+``tests/test_compiled_nf4_lora.py`` does not cover: agreement with the functional ``addmm`` route it
 replaces (frozen A or B, frozen input, 2-D and non-contiguous inputs, bias, autocast), switching adapters and scales
 after compiling, dynamic shapes, and the fallbacks when the op cannot be registered or the module is reloaded.
 
@@ -13,7 +13,7 @@ import importlib
 
 import pytest
 import torch
-from _nf4_route import ROWS, grads, kernel_stand_in, nf4_block, rel  # noqa: F401 - kernel_stand_in is a fixture
+from _nf4_route import ROWS, float64_reference, grads, kernel_stand_in, nf4_block, rel  # noqa: F401 - kernel_stand_in is a fixture
 from torch import nn
 from torch._dynamo.testing import AotEagerAndRecordGraphs
 
@@ -42,8 +42,11 @@ CASES = ["a_frozen", "b_frozen", "x_no_grad", "b_frozen_x_no_grad", "two_d", "no
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_route_equals_the_functional_addmm_bit_for_bit(kernel_stand_in, monkeypatch, case) -> None:
-    """The in-place route computes what the plain ops (``frozen_nf4_linear`` + ``addmm``) computed, to the bit."""
+def test_route_equals_the_functional_addmm(kernel_stand_in, monkeypatch, case) -> None:
+    """The route computes what the plain ops (``frozen_nf4_linear`` + ``addmm``) compute, up to the order of one
+    rounding (the ops sum the two products in one buffer): against the same computation in float64, the output
+    and every gradient are as close as the plain ops' (within a quarter of their error), none lost, and the
+    input gradient goes through ``matmul_sum`` wherever the input needs one."""
     model = _model(bias=case == "bias")
     for layer in lora_layers(model).values():
         if case.startswith("a_frozen"):
@@ -70,11 +73,18 @@ def test_route_equals_the_functional_addmm_bit_for_bit(kernel_stand_in, monkeypa
 
     assert "linear_plus_update" not in _forward_code(old_backend)
     assert _forward_code(new_backend).count("lightning_lora.linear_plus_update") == 2  # both layers took the route
-    assert torch.equal(new_out, old_out)
+    # The second layer's input always needs a gradient; the first's only where x does.
+    backward = "\n".join(g.code for g in new_backend.bw_graphs)
+    assert backward.count("lightning_lora.matmul_sum") == (2 if x_grad else 1), backward
+    exact_out, exact = float64_reference(model, x, x_grad)
+    assert rel(new_out.double(), exact_out) <= 1.25 * rel(old_out.double(), exact_out)
     assert new.keys() == old.keys() and len(new) == (4 if case == "x_no_grad" else 2 if case == "b_frozen_x_no_grad" else 3 if "frozen" in case else 5)
+    bias_grads = {f"{n}.base_layer.bias" for n in ("up", "down")}
+    assert new.keys() - bias_grads == exact.keys() - bias_grads, (new.keys(), exact.keys())
     for name in new:
         assert new[name].abs().sum() > 0, name
-        assert torch.equal(new[name], old[name]), (name, rel(new[name], old[name]))
+        errors = rel(new[name].double(), exact[name]), rel(old[name].double(), exact[name])
+        assert errors[0] <= 1.25 * errors[1] + 1e-4, (name, errors)
 
 
 def test_switching_adapter_and_scale_after_compiling(kernel_stand_in) -> None:
@@ -152,7 +162,7 @@ def test_reload_finds_the_registered_op() -> None:
     graph's) still runs, and ``prepare`` finds the registered op, which still computes the update."""
     nf4_kernel.prepare()
     registered, unavailable = list(nf4_kernel._OP), list(nf4_kernel._UNAVAILABLE)
-    handle = torch.ops.lightning_lora.linear_plus_update.default
+    handle, sum_handle = torch.ops.lightning_lora.linear_plus_update.default, torch.ops.lightning_lora.matmul_sum.default
     torch.manual_seed(2)
     x, w, a, b = (torch.randn(s) for s in ((16, 8), (12, 8), (4, 8), (12, 4)))
     bias = torch.randn(12)
@@ -160,8 +170,11 @@ def test_reload_finds_the_registered_op() -> None:
         module = importlib.reload(nf4_kernel)
         assert not module.linear_plus_update_ready()  # a fresh module: prepare looks the op up again
         torch.testing.assert_close(handle(x, w, bias, a, b, 0.25)[1], x @ a.t())  # not unregistered meanwhile
+        g, gh = torch.randn(16, 12), torch.randn(16, 4)
+        torch.testing.assert_close(sum_handle(g, w, gh, a), g @ w + gh @ a)
         module.prepare()
-        assert module.linear_plus_update_ready() and module._LINEAR[0] is handle
+        assert module.linear_plus_update_ready()
+        assert module._LINEAR[0]["linear_plus_update"] is handle and module._LINEAR[0]["matmul_sum"] is sum_handle
         got, h = module.linear_plus_update(x, w, bias, a, b, 0.25)
         torch.testing.assert_close(h, x @ a.t())
         torch.testing.assert_close(got, x @ w.t() + bias + 0.25 * (x @ a.t()) @ b.t())
@@ -171,11 +184,12 @@ def test_reload_finds_the_registered_op() -> None:
         nf4_kernel.prepare()
 
 
-def test_op_registered_with_another_schema_is_not_used(monkeypatch) -> None:
+@pytest.mark.parametrize("schema, old, new", [("_LINEAR_SCHEMA", "Tensor a,", "Tensor h,"), ("_SUM_SCHEMA", "Tensor h,", "Tensor grad_h,")])
+def test_op_registered_with_another_schema_is_not_used(monkeypatch, schema, old, new) -> None:
     """An op of that name with another schema (another version of this module in the process) is refused by
     ``prepare``, which then keeps the functional route, rather than called with the wrong arguments."""
     nf4_kernel.prepare()
-    monkeypatch.setattr(nf4_kernel, "_LINEAR_SCHEMA", nf4_kernel._LINEAR_SCHEMA.replace("Tensor a,", "Tensor h,"))
+    monkeypatch.setattr(nf4_kernel, schema, getattr(nf4_kernel, schema).replace(old, new))
     with pytest.raises(RuntimeError, match="another schema"):
         nf4_kernel._build_linear()
     monkeypatch.setattr(nf4_kernel, "_LINEAR", [])
