@@ -36,8 +36,8 @@ ENABLED = os.environ.get("LIGHTNING_LORA_NF4_KERNEL", "1") != "0"
 _OP: list[Any] = []  # the registered op, built on first use (Triton is imported then, not at import time)
 _UNAVAILABLE: list[bool] = []  # [True] once building failed
 _LINEAR: list[Any] = []  # ``{name: op}`` of the LoRA ops below, registered by ``prepare`` (they need no Triton)
-# The ``torch.library.Library`` fragment that defines it: the op lives as long as the fragment object, so a reload of
-# this module keeps the list it had (a fresh one would drop the op until ``prepare`` defined it again).
+# The ``torch.library.Library`` fragments that define them: an op lives as long as its fragment object, so a reload of
+# this module keeps the list it had (a fresh one would drop the ops until ``prepare`` defined them again).
 _LIBRARY: list[Any] = globals().get("_LIBRARY") or []
 _BLOCK = [1024]  # packed bytes per program (2,048 output values); a list so that benchmarks can try others
 
@@ -162,7 +162,6 @@ def matmul_sum(g: torch.Tensor, weight: torch.Tensor, h: torch.Tensor, a: torch.
         raise RuntimeError("Call `nf4_kernel.prepare()` before `matmul_sum` (compile_blocks does); "
                            "check `linear_plus_update_ready()`.")  # fmt: skip
     return _LINEAR[0]["matmul_sum"](g, weight, h, a)
-
 
 
 def _build() -> Any:
